@@ -1,0 +1,233 @@
+//! Agent configuration: a TOML file overridden by flags. Only `emberd`
+//! reads configuration; libraries take typed sub-configs.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use ember_common::parse_size;
+use ember_storage::EngineChoice;
+use ember_tracking::TrackingConfig;
+use serde::Deserialize;
+
+/// Where the control API listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiEndpoint {
+    /// `unix:/path` — the default; the socket is created mode 0600.
+    Unix(PathBuf),
+    /// `http://host:port` (TLS when `[api_tls]` is configured).
+    Tcp(SocketAddr),
+}
+
+impl ApiEndpoint {
+    /// Parses `unix:/path` or `http://host:port` / `https://host:port`.
+    ///
+    /// # Errors
+    /// A message naming the accepted forms.
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        if let Some(path) = raw.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("unix: endpoint needs a path".into());
+            }
+            return Ok(Self::Unix(PathBuf::from(path)));
+        }
+        let hostport = raw
+            .strip_prefix("http://")
+            .or_else(|| raw.strip_prefix("https://"))
+            .ok_or_else(|| {
+                format!("API endpoint {raw:?} must be unix:/path or http://host:port")
+            })?;
+        hostport
+            .trim_end_matches('/')
+            .parse()
+            .map(Self::Tcp)
+            .map_err(|e| format!("API endpoint {raw:?}: {e}"))
+    }
+}
+
+/// `[tracking]` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrackingSection {
+    /// Turn change tracking off (benchmarks only: a crash then needs a full resync).
+    pub enabled: bool,
+    /// Default bitmap granularity, e.g. "64K".
+    pub granularity: String,
+    /// Activity-log extent size, e.g. "4M".
+    pub al_extent: String,
+    /// Hot extents kept in the activity log.
+    pub al_extents: usize,
+}
+
+impl Default for TrackingSection {
+    fn default() -> Self {
+        let d = TrackingConfig::default();
+        Self {
+            enabled: true,
+            granularity: format!("{}K", d.granularity_bytes / 1024),
+            al_extent: format!("{}M", d.al_extent_bytes >> 20),
+            al_extents: d.al_extents,
+        }
+    }
+}
+
+/// `[api_tls]` section: serve the TCP API over TLS, optionally requiring
+/// client certificates signed by `client_ca`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiTls {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+    /// PEM CA bundle; when set, clients must present a certificate.
+    pub client_ca: Option<PathBuf>,
+}
+
+/// The whole agent configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where volumes and tracking state live.
+    pub data_dir: PathBuf,
+    /// Control API endpoint; default `unix:<data_dir>/api.sock`.
+    pub api: Option<String>,
+    /// NBD TCP listener, `host:port`.
+    pub nbd: String,
+    /// Optional NBD Unix-socket listener path.
+    pub nbd_unix: Option<PathBuf>,
+    /// Host clients should use in NBD URIs when `nbd` binds a wildcard.
+    pub nbd_advertise_host: Option<String>,
+    /// "auto", "io_uring" or "blocking".
+    pub io_engine: String,
+    /// Most NBD connections served at once.
+    pub max_nbd_connections: usize,
+    /// Change tracking.
+    pub tracking: TrackingSection,
+    /// TLS for a TCP control API.
+    pub api_tls: Option<ApiTls>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("/var/lib/ember"),
+            api: None,
+            nbd: "127.0.0.1:10809".into(),
+            nbd_unix: None,
+            nbd_advertise_host: None,
+            io_engine: "auto".into(),
+            max_nbd_connections: 4096,
+            tracking: TrackingSection::default(),
+            api_tls: None,
+        }
+    }
+}
+
+impl Config {
+    /// Parses a TOML document.
+    ///
+    /// # Errors
+    /// Unknown keys and type errors, with their location.
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// The control API endpoint after defaults.
+    ///
+    /// # Errors
+    /// A malformed endpoint string.
+    pub fn api_endpoint(&self) -> Result<ApiEndpoint, String> {
+        match &self.api {
+            Some(raw) => ApiEndpoint::parse(raw),
+            None => Ok(ApiEndpoint::Unix(self.data_dir.join("api.sock"))),
+        }
+    }
+
+    /// The I/O engine choice.
+    ///
+    /// # Errors
+    /// An unknown engine name.
+    pub fn engine_choice(&self) -> Result<EngineChoice, String> {
+        match self.io_engine.as_str() {
+            "auto" => Ok(EngineChoice::Auto),
+            "io_uring" | "uring" => Ok(EngineChoice::Uring),
+            "blocking" => Ok(EngineChoice::Blocking),
+            other => Err(format!(
+                "io_engine {other:?} must be auto, io_uring or blocking"
+            )),
+        }
+    }
+
+    /// Tracking parameters, or `None` when disabled.
+    ///
+    /// # Errors
+    /// Unparseable sizes or inconsistent values.
+    pub fn tracking_config(&self) -> Result<Option<TrackingConfig>, String> {
+        if !self.tracking.enabled {
+            return Ok(None);
+        }
+        let t = TrackingConfig {
+            granularity_bytes: parse_size(&self.tracking.granularity)
+                .map_err(|e| format!("tracking.granularity: {e}"))?,
+            al_extent_bytes: parse_size(&self.tracking.al_extent)
+                .map_err(|e| format!("tracking.al_extent: {e}"))?,
+            al_extents: self.tracking.al_extents,
+        };
+        t.validate().map_err(|e| format!("[tracking]: {e}"))?;
+        Ok(Some(t))
+    }
+
+    /// Checks everything that can be checked before binding anything.
+    ///
+    /// # Errors
+    /// The first problem found, in words an operator can act on.
+    pub fn validate(&self) -> Result<(), String> {
+        self.api_endpoint()?;
+        self.engine_choice()?;
+        self.tracking_config()?;
+        if self.nbd.parse::<SocketAddr>().is_err() {
+            return Err(format!(
+                "nbd {:?} must be host:port with a numeric host, e.g. 127.0.0.1:10809",
+                self.nbd
+            ));
+        }
+        if self.max_nbd_connections == 0 {
+            return Err("max_nbd_connections must be at least 1".into());
+        }
+        if self.api_tls.is_some() && matches!(self.api_endpoint()?, ApiEndpoint::Unix(_)) {
+            return Err("[api_tls] needs a TCP api endpoint (http://host:port)".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused_with_a_reason() {
+        assert!(
+            Config::from_toml("datadir = \"/x\"")
+                .unwrap_err()
+                .contains("unknown field")
+        );
+        let c = Config::from_toml("io_engine = \"fast\"").expect("parses");
+        assert!(c.validate().unwrap_err().contains("io_engine"));
+        let c = Config::from_toml("[tracking]\ngranularity = \"3K\"").expect("parses");
+        assert!(c.validate().unwrap_err().contains("granularity"));
+    }
+
+    #[test]
+    fn endpoints_parse() {
+        assert_eq!(
+            ApiEndpoint::parse("unix:/run/e.sock"),
+            Ok(ApiEndpoint::Unix("/run/e.sock".into()))
+        );
+        assert!(matches!(
+            ApiEndpoint::parse("http://127.0.0.1:7000"),
+            Ok(ApiEndpoint::Tcp(_))
+        ));
+        assert!(ApiEndpoint::parse("tcp:1").is_err());
+    }
+}

@@ -1,0 +1,383 @@
+//! The gRPC control service: argument validation, idempotency, and the one
+//! place store errors become gRPC statuses ([`status`]).
+
+use std::sync::Arc;
+
+use ember_proto::control::v1 as pb;
+use ember_proto::control::v1::ember_control_server::EmberControl;
+use ember_storage::StorageError;
+use ember_tracking::TrackingError;
+use ember_volume::{
+    Source, StoreError, Volume, VolumeMeta, VolumeStore, parse_snapshot, parse_volume,
+};
+use tonic::{Request, Response, Status};
+
+/// Where clients reach NBD exports, for building URIs.
+#[derive(Debug, Clone)]
+pub(crate) enum NbdAddress {
+    Tcp { host: String, port: u16 },
+}
+
+impl NbdAddress {
+    pub(crate) fn uri(&self, export: &str) -> String {
+        match self {
+            Self::Tcp { host, port } if host.contains(':') => {
+                format!("nbd://[{host}]:{port}/{export}")
+            }
+            Self::Tcp { host, port } => format!("nbd://{host}:{port}/{export}"),
+        }
+    }
+
+    pub(crate) fn display(&self) -> String {
+        match self {
+            Self::Tcp { host, port } => format!("{host}:{port}"),
+        }
+    }
+}
+
+/// The control service.
+#[derive(Debug)]
+pub(crate) struct ControlService {
+    pub(crate) store: Arc<VolumeStore>,
+    pub(crate) nbd: NbdAddress,
+}
+
+/// Maps store errors to gRPC statuses. Exhaustive: a new variant must pick
+/// its code here before it compiles.
+pub(crate) fn status(error: StoreError) -> Status {
+    let message = error.to_string();
+    match &error {
+        StoreError::InvalidName { .. } | StoreError::InvalidArgument(_) => {
+            Status::invalid_argument(message)
+        }
+        StoreError::NotFound { .. } => Status::not_found(message),
+        StoreError::AlreadyExists { .. } => Status::already_exists(message),
+        StoreError::FailedPrecondition(_) => Status::failed_precondition(message),
+        StoreError::Tracking(TrackingError::StaleCheckpoint { .. }) => {
+            Status::failed_precondition(message)
+        }
+        StoreError::Tracking(TrackingError::InvalidConfig(_)) => Status::invalid_argument(message),
+        StoreError::Tracking(TrackingError::ActivityLogFull { .. }) => Status::unavailable(message),
+        StoreError::Tracking(TrackingError::Io { .. } | TrackingError::Corrupt { .. }) => {
+            if error.is_no_space() {
+                Status::resource_exhausted(message)
+            } else {
+                Status::internal(message)
+            }
+        }
+        StoreError::Storage(StorageError::NoSpace { .. }) => Status::resource_exhausted(message),
+        StoreError::Storage(StorageError::OutOfRange { .. }) => Status::out_of_range(message),
+        StoreError::Storage(StorageError::ReadOnly) => Status::failed_precondition(message),
+        StoreError::Storage(StorageError::Unsupported { .. }) => Status::unimplemented(message),
+        StoreError::Storage(StorageError::Tracking(_) | StorageError::Io { .. }) => {
+            Status::internal(message)
+        }
+        StoreError::Io { .. } if error.is_no_space() => Status::resource_exhausted(message),
+        StoreError::Io { .. } | StoreError::CorruptMetadata { .. } => Status::internal(message),
+    }
+}
+
+impl ControlService {
+    fn volume_pb(&self, meta: &VolumeMeta, volume: &Volume) -> pb::Volume {
+        pb::Volume {
+            name: meta.name.clone(),
+            size_bytes: meta.size_bytes,
+            allocated_bytes: volume.device().allocated_bytes(),
+            nbd_uri: self.nbd.uri(&meta.name),
+            tracking_granularity_bytes: meta.tracking_granularity_bytes,
+            dirty_bytes: volume.tracker().map_or(0, |t| t.dirty_bytes()),
+            created_at_unix: meta.created_at_unix,
+            origin: meta.origin.clone(),
+            snapshot_count: self
+                .store
+                .list_snapshots(&meta.name)
+                .map_or(0, |s| s.len() as u32),
+            nbd_connections: volume.connections(),
+        }
+    }
+
+    fn lookup(&self, name: &str) -> Result<(VolumeMeta, Arc<Volume>), Status> {
+        parse_volume(name).map_err(status)?;
+        self.store
+            .get(name)
+            .ok_or_else(|| Status::not_found(format!("volume {name} not found")))
+    }
+}
+
+#[tonic::async_trait]
+impl EmberControl for ControlService {
+    #[tracing::instrument(skip_all)]
+    async fn get_capabilities(
+        &self,
+        _: Request<pb::GetCapabilitiesRequest>,
+    ) -> Result<Response<pb::GetCapabilitiesResponse>, Status> {
+        let capacity = self.store.capacity();
+        let mut features = vec![
+            "snapshots",
+            "clones",
+            "resize",
+            "nbd-structured-replies",
+            "nbd-block-status",
+            "nbd-fast-zero",
+        ];
+        if self.store.tracking_enabled() {
+            features.extend(["dirty-tracking", "nbd-dirty-bitmap"]);
+        }
+        Ok(Response::new(pb::GetCapabilitiesResponse {
+            version: env!("CARGO_PKG_VERSION").into(),
+            backend_id: self.store.backend_id().into(),
+            capacity_total_bytes: capacity.total_bytes,
+            capacity_free_bytes: capacity.free_bytes,
+            features: features.into_iter().map(String::from).collect(),
+            io_engine: self.store.engine().name().into(),
+            nbd_address: self.nbd.display(),
+            volume_count: self.store.list().len() as u32,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(volume_id = %request.get_ref().name))]
+    async fn create_volume(
+        &self,
+        request: Request<pb::CreateVolumeRequest>,
+    ) -> Result<Response<pb::CreateVolumeResponse>, Status> {
+        let req = request.into_inner();
+        let source = match req.source {
+            None => Source::Empty,
+            Some(pb::create_volume_request::Source::FromSnapshot(s)) => Source::Snapshot(
+                parse_volume(&s.volume).map_err(status)?,
+                parse_snapshot(&s.snapshot).map_err(status)?,
+            ),
+            Some(pb::create_volume_request::Source::CloneOfVolume(v)) => {
+                Source::Volume(parse_volume(&v).map_err(status)?)
+            }
+        };
+        if matches!(source, Source::Empty) && req.size_bytes == 0 {
+            return Err(Status::invalid_argument(
+                "size_bytes must be greater than zero",
+            ));
+        }
+        let granularity =
+            (req.tracking_granularity_bytes != 0).then_some(req.tracking_granularity_bytes);
+        let (meta, volume, created) = self
+            .store
+            .create(&req.name, req.size_bytes, granularity, source)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::CreateVolumeResponse {
+            volume: Some(self.volume_pb(&meta, &volume)),
+            created,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(volume_id = %request.get_ref().name))]
+    async fn delete_volume(
+        &self,
+        request: Request<pb::DeleteVolumeRequest>,
+    ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
+        let deleted = self
+            .store
+            .delete(&request.get_ref().name)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::DeleteVolumeResponse { deleted }))
+    }
+
+    #[tracing::instrument(skip_all, fields(volume_id = %request.get_ref().name))]
+    async fn resize_volume(
+        &self,
+        request: Request<pb::ResizeVolumeRequest>,
+    ) -> Result<Response<pb::ResizeVolumeResponse>, Status> {
+        let req = request.into_inner();
+        let meta = self
+            .store
+            .resize(&req.name, req.size_bytes)
+            .await
+            .map_err(status)?;
+        let (_, volume) = self.lookup(&meta.name)?;
+        Ok(Response::new(pb::ResizeVolumeResponse {
+            volume: Some(self.volume_pb(&meta, &volume)),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(volume_id = %request.get_ref().name))]
+    async fn get_volume(
+        &self,
+        request: Request<pb::GetVolumeRequest>,
+    ) -> Result<Response<pb::GetVolumeResponse>, Status> {
+        let (meta, volume) = self.lookup(&request.get_ref().name)?;
+        Ok(Response::new(pb::GetVolumeResponse {
+            volume: Some(self.volume_pb(&meta, &volume)),
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_volumes(
+        &self,
+        _: Request<pb::ListVolumesRequest>,
+    ) -> Result<Response<pb::ListVolumesResponse>, Status> {
+        let volumes = self
+            .store
+            .list()
+            .iter()
+            .map(|(m, v)| self.volume_pb(m, v))
+            .collect();
+        Ok(Response::new(pb::ListVolumesResponse { volumes }))
+    }
+
+    #[tracing::instrument(skip_all, fields(volume_id = %request.get_ref().volume))]
+    async fn create_snapshot(
+        &self,
+        request: Request<pb::CreateSnapshotRequest>,
+    ) -> Result<Response<pb::CreateSnapshotResponse>, Status> {
+        let req = request.into_inner();
+        let (meta, created) = self
+            .store
+            .create_snapshot(&req.volume, &req.name)
+            .await
+            .map_err(status)?;
+        let export = format!("{}@{}", req.volume, meta.name);
+        let allocated = self
+            .store
+            .export(&export)
+            .map_or(0, |v| v.device().allocated_bytes());
+        Ok(Response::new(pb::CreateSnapshotResponse {
+            snapshot: Some(pb::Snapshot {
+                volume: req.volume,
+                name: meta.name,
+                size_bytes: meta.size_bytes,
+                allocated_bytes: allocated,
+                created_at_unix: meta.created_at_unix,
+                nbd_uri: self.nbd.uri(&export),
+            }),
+            created,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(volume_id = %request.get_ref().volume))]
+    async fn delete_snapshot(
+        &self,
+        request: Request<pb::DeleteSnapshotRequest>,
+    ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
+        let req = request.into_inner();
+        let deleted = self
+            .store
+            .delete_snapshot(&req.volume, &req.name)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::DeleteSnapshotResponse { deleted }))
+    }
+
+    #[tracing::instrument(skip_all, fields(volume_id = %request.get_ref().volume))]
+    async fn list_snapshots(
+        &self,
+        request: Request<pb::ListSnapshotsRequest>,
+    ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
+        let vol = request.into_inner().volume;
+        let snapshots = self
+            .store
+            .list_snapshots(&vol)
+            .map_err(status)?
+            .into_iter()
+            .map(|(m, allocated)| pb::Snapshot {
+                nbd_uri: self.nbd.uri(&format!("{vol}@{}", m.name)),
+                volume: vol.clone(),
+                name: m.name,
+                size_bytes: m.size_bytes,
+                allocated_bytes: allocated,
+                created_at_unix: m.created_at_unix,
+            })
+            .collect();
+        Ok(Response::new(pb::ListSnapshotsResponse { snapshots }))
+    }
+
+    #[tracing::instrument(skip_all, fields(volume_id = %request.get_ref().volume))]
+    async fn get_dirty_extents(
+        &self,
+        request: Request<pb::GetDirtyExtentsRequest>,
+    ) -> Result<Response<pb::GetDirtyExtentsResponse>, Status> {
+        let (meta, volume) = self.lookup(&request.get_ref().volume)?;
+        let tracker = volume.tracker().ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "change tracking is disabled on this agent (volume {})",
+                meta.name
+            ))
+        })?;
+        let report = tracker.dirty_extents();
+        Ok(Response::new(pb::GetDirtyExtentsResponse {
+            extents: report
+                .extents
+                .iter()
+                .map(|e| pb::DirtyExtent {
+                    offset: e.offset,
+                    length: e.length,
+                })
+                .collect(),
+            checkpoint_id: report.checkpoint_id,
+            granularity_bytes: tracker.config().granularity_bytes,
+            dirty_bytes: report.dirty_bytes,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(volume_id = %request.get_ref().volume))]
+    async fn clear_dirty_extents(
+        &self,
+        request: Request<pb::ClearDirtyExtentsRequest>,
+    ) -> Result<Response<pb::ClearDirtyExtentsResponse>, Status> {
+        let req = request.into_inner();
+        let (meta, volume) = self.lookup(&req.volume)?;
+        let tracker = volume.tracker().cloned().ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "change tracking is disabled on this agent (volume {})",
+                meta.name
+            ))
+        })?;
+        let remaining = tokio::task::spawn_blocking(move || tracker.clear(req.checkpoint_id))
+            .await
+            .map_err(|e| Status::internal(format!("clear task failed: {e}")))?
+            .map_err(|e| status(StoreError::Tracking(e)))?;
+        Ok(Response::new(pb::ClearDirtyExtentsResponse {
+            remaining_dirty_bytes: remaining,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uris_are_what_qemu_and_libnbd_accept() {
+        let tcp = NbdAddress::Tcp {
+            host: "127.0.0.1".into(),
+            port: 10809,
+        };
+        assert_eq!(tcp.uri("vol1"), "nbd://127.0.0.1:10809/vol1");
+        let v6 = NbdAddress::Tcp {
+            host: "::1".into(),
+            port: 10809,
+        };
+        assert_eq!(v6.uri("v"), "nbd://[::1]:10809/v");
+    }
+
+    #[test]
+    fn errors_map_to_precise_codes() {
+        use tonic::Code;
+        let nf = StoreError::NotFound {
+            what: "volume",
+            name: "x".into(),
+        };
+        assert_eq!(status(nf).code(), Code::NotFound);
+        assert_eq!(
+            status(StoreError::Storage(StorageError::NoSpace { op: "write" })).code(),
+            Code::ResourceExhausted
+        );
+        assert_eq!(
+            status(StoreError::FailedPrecondition("busy".into())).code(),
+            Code::FailedPrecondition
+        );
+        assert_eq!(
+            status(StoreError::InvalidArgument("size".into())).code(),
+            Code::InvalidArgument
+        );
+    }
+}

@@ -1,0 +1,204 @@
+//! [`run`]: builds the store, binds NBD and API listeners, serves until the
+//! shutdown future resolves, then drains.
+//!
+//! Shutdown order (why): stop accepting API calls and NBD clients → let
+//! in-flight NBD requests finish (they were admitted, clients wait for
+//! their replies) → flush data and persist tracking state (a clean point:
+//! restart needs no activity-log replay) → return.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use ember_nbd::{NbdServer, ServerLimits};
+use ember_proto::control::v1::ember_control_server::EmberControlServer;
+use ember_storage::IoEngine;
+use ember_volume::{StoreConfig, VolumeStore};
+use tokio::net::{TcpListener, UnixListener};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+use crate::config::{ApiEndpoint, Config};
+use crate::control::{ControlService, NbdAddress};
+use crate::registry::StoreRegistry;
+
+/// Pre-bound listeners (tests bind port 0 themselves); `None` binds from config.
+#[derive(Debug, Default)]
+pub struct Listeners {
+    /// NBD TCP listener.
+    pub nbd: Option<TcpListener>,
+}
+
+/// Runs the agent until `shutdown` resolves.
+///
+/// # Errors
+/// Invalid configuration, unusable data dir, listeners that cannot bind.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    config
+        .validate()
+        .map_err(anyhow::Error::msg)
+        .context("invalid configuration")?;
+    let engine =
+        IoEngine::new(config.engine_choice().map_err(anyhow::Error::msg)?).context("I/O engine")?;
+    tracing::info!(io_engine = engine.name(), "I/O engine selected");
+    let tracking = config.tracking_config().map_err(anyhow::Error::msg)?;
+    if tracking.is_none() {
+        tracing::warn!(
+            "change tracking is OFF: after a crash, replication would need a full resync"
+        );
+    }
+    let data_dir = config.data_dir.clone();
+    let store = Arc::new(
+        tokio::task::spawn_blocking(move || {
+            VolumeStore::open(
+                StoreConfig {
+                    root: data_dir,
+                    tracking,
+                },
+                engine,
+            )
+        })
+        .await
+        .context("store open task")?
+        .with_context(|| format!("opening data dir {}", config.data_dir.display()))?,
+    );
+
+    let nbd_listener = match listeners.nbd {
+        Some(l) => l,
+        None => TcpListener::bind(&config.nbd)
+            .await
+            .with_context(|| format!("binding NBD listener {}", config.nbd))?,
+    };
+    let nbd_local: SocketAddr = nbd_listener.local_addr()?;
+    let advertise = config
+        .nbd_advertise_host
+        .clone()
+        .unwrap_or_else(|| match nbd_local.ip() {
+            ip if ip.is_unspecified() => "127.0.0.1".to_owned(),
+            ip => ip.to_string(),
+        });
+    let nbd_address = NbdAddress::Tcp {
+        host: advertise,
+        port: nbd_local.port(),
+    };
+
+    let cancel = CancellationToken::new();
+    let limits = ServerLimits {
+        max_connections: config.max_nbd_connections,
+        ..ServerLimits::default()
+    };
+    let nbd = NbdServer::new(
+        Arc::new(StoreRegistry(store.clone())),
+        limits,
+        cancel.child_token(),
+    );
+    let mut nbd_tasks = vec![tokio::spawn(nbd.clone().serve_tcp(nbd_listener))];
+    if let Some(path) = &config.nbd_unix {
+        let _ = std::fs::remove_file(path);
+        let l = UnixListener::bind(path)
+            .with_context(|| format!("binding NBD socket {}", path.display()))?;
+        nbd_tasks.push(tokio::spawn(nbd.clone().serve_unix(l)));
+    }
+    tracing::info!(nbd = %nbd_local, nbd_unix = ?config.nbd_unix, "NBD listening");
+
+    let control = ControlService {
+        store: store.clone(),
+        nbd: nbd_address,
+    };
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<EmberControlServer<ControlService>>()
+        .await;
+    let api_cancel = cancel.clone();
+    let api = match config.api_endpoint().map_err(anyhow::Error::msg)? {
+        ApiEndpoint::Unix(path) => {
+            let listener = bind_private_socket(&path)?;
+            tracing::info!(api = %format!("unix:{}", path.display()), "control API listening");
+            let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+            tokio::spawn(
+                Server::builder()
+                    .add_service(health)
+                    .add_service(EmberControlServer::new(control))
+                    .serve_with_incoming_shutdown(incoming, api_cancel.cancelled_owned()),
+            )
+        }
+        ApiEndpoint::Tcp(addr) => {
+            let mut builder = Server::builder();
+            if let Some(tls) = &config.api_tls {
+                builder = builder
+                    .tls_config(tls_config(tls)?)
+                    .context("API TLS configuration")?;
+            }
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding API {addr}"))?;
+            tracing::info!(api = %addr, tls = config.api_tls.is_some(), "control API listening");
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            tokio::spawn(
+                builder
+                    .add_service(health)
+                    .add_service(EmberControlServer::new(control))
+                    .serve_with_incoming_shutdown(incoming, api_cancel.cancelled_owned()),
+            )
+        }
+    };
+
+    tracing::info!(backend_id = store.backend_id(), "emberd ready");
+    shutdown.await;
+    tracing::info!("shutting down: draining NBD I/O");
+    cancel.cancel();
+    for t in nbd_tasks {
+        let _ = t.await;
+    }
+    nbd.drained().await;
+    store.shutdown().await;
+    match api.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "control API ended with an error"),
+        Err(e) => tracing::warn!(error = %e, "control API task failed"),
+    }
+    if let Some(path) = &config.nbd_unix {
+        let _ = std::fs::remove_file(path);
+    }
+    tracing::info!("emberd stopped cleanly");
+    Ok(())
+}
+
+/// Binds a Unix socket readable and writable only by its owner.
+fn bind_private_socket(path: &PathBuf) -> anyhow::Result<UnixListener> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!("{} is in use by a running agent", path.display());
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("binding API socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("restricting {}", path.display()))?;
+    Ok(listener)
+}
+
+fn tls_config(tls: &crate::config::ApiTls) -> anyhow::Result<ServerTlsConfig> {
+    let cert =
+        std::fs::read(&tls.cert).with_context(|| format!("reading {}", tls.cert.display()))?;
+    let key = std::fs::read(&tls.key).with_context(|| format!("reading {}", tls.key.display()))?;
+    let mut cfg = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+    if let Some(ca) = &tls.client_ca {
+        let ca = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+        cfg = cfg.client_ca_root(Certificate::from_pem(ca));
+    }
+    Ok(cfg)
+}

@@ -1,0 +1,281 @@
+//! `emberctl`: every control-API operation from the shell, human tables by
+//! default and `--json` for scripts, plus `lab` to run a local lab.
+
+mod client;
+mod lab;
+mod output;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use ember_common::parse_size;
+use ember_proto::control::v1 as pb;
+
+use crate::output::{Out, volume_json};
+
+/// Ember's admin command line.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Agent API endpoint: unix:/path or http://host:port.
+    #[arg(
+        long,
+        global = true,
+        env = "EMBER_API",
+        default_value = "unix:/var/lib/ember/api.sock"
+    )]
+    api: String,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Agent identity, capacity, features.
+    Status,
+    /// Volume operations.
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+    /// Snapshot operations.
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
+    /// A local lab: an agent with a demo volume, in one command.
+    #[command(subcommand)]
+    Lab(lab::LabCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum VolumeCmd {
+    /// Create a volume (empty, from a snapshot, or a clone). Idempotent.
+    Create {
+        name: String,
+        /// Size, e.g. 10G (defaults to the source's size for copies).
+        #[arg(long)]
+        size: Option<String>,
+        /// Copy of snapshot VOLUME@SNAPSHOT.
+        #[arg(long, conflicts_with = "clone_of")]
+        from_snapshot: Option<String>,
+        /// Point-in-time copy of another volume.
+        #[arg(long)]
+        clone_of: Option<String>,
+        /// Dirty-bitmap granularity, e.g. 64K.
+        #[arg(long)]
+        granularity: Option<String>,
+    },
+    /// List volumes.
+    List,
+    /// Show one volume.
+    Show { name: String },
+    /// Delete a volume and its snapshots (missing is fine).
+    Delete { name: String },
+    /// Grow a volume.
+    Resize {
+        name: String,
+        #[arg(long)]
+        size: String,
+    },
+    /// Dirty extents since the last cleared checkpoint (opens a checkpoint).
+    Dirty {
+        name: String,
+        /// Also print the checkpoint id (JSON: an object instead of a list).
+        #[arg(long)]
+        with_checkpoint: bool,
+    },
+    /// Forget dirty extents reported at CHECKPOINT (keeps later writes).
+    ClearDirty { name: String, checkpoint: u64 },
+}
+
+#[derive(Debug, Subcommand)]
+enum SnapshotCmd {
+    /// Take a read-only point-in-time snapshot (exported as VOLUME@SNAPSHOT).
+    Create { volume: String, name: String },
+    /// List a volume's snapshots.
+    List { volume: String },
+    /// Delete a snapshot (missing is fine).
+    Delete { volume: String, name: String },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("building a tokio runtime");
+    if let Err(e) = runtime.block_on(dispatch(cli)) {
+        eprintln!("emberctl: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn size_arg(raw: &str) -> anyhow::Result<u64> {
+    parse_size(raw).map_err(anyhow::Error::msg)
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    let out = Out { json: cli.json };
+    if let Command::Lab(cmd) = cli.command {
+        return lab::run(cmd, out).await;
+    }
+    let mut api = client::connect(&cli.api).await?;
+    match cli.command {
+        Command::Lab(_) => unreachable!("handled above"),
+        Command::Status => {
+            let caps = api
+                .get_capabilities(pb::GetCapabilitiesRequest {})
+                .await?
+                .into_inner();
+            out.capabilities(&caps);
+        }
+        Command::Volume(cmd) => match cmd {
+            VolumeCmd::Create {
+                name,
+                size,
+                from_snapshot,
+                clone_of,
+                granularity,
+            } => {
+                let source = match (from_snapshot, clone_of) {
+                    (Some(s), _) => {
+                        let (volume, snapshot) = s
+                            .split_once('@')
+                            .context("--from-snapshot takes VOLUME@SNAPSHOT")?;
+                        Some(pb::create_volume_request::Source::FromSnapshot(
+                            pb::SnapshotRef {
+                                volume: volume.into(),
+                                snapshot: snapshot.into(),
+                            },
+                        ))
+                    }
+                    (None, Some(v)) => Some(pb::create_volume_request::Source::CloneOfVolume(v)),
+                    (None, None) => None,
+                };
+                if source.is_none() && size.is_none() {
+                    anyhow::bail!("--size is required for an empty volume");
+                }
+                let resp = api
+                    .create_volume(pb::CreateVolumeRequest {
+                        name,
+                        size_bytes: size.as_deref().map(size_arg).transpose()?.unwrap_or(0),
+                        tracking_granularity_bytes: granularity
+                            .as_deref()
+                            .map(size_arg)
+                            .transpose()?
+                            .unwrap_or(0),
+                        source,
+                    })
+                    .await?
+                    .into_inner();
+                let v = resp.volume.context("agent returned no volume")?;
+                if out.json {
+                    let mut j = volume_json(&v);
+                    j["created"] = resp.created.into();
+                    out.print_json(&j);
+                } else {
+                    println!(
+                        "{} volume {} ({}) at {}",
+                        if resp.created { "created" } else { "exists:" },
+                        v.name,
+                        ember_common::format_size(v.size_bytes),
+                        v.nbd_uri
+                    );
+                }
+            }
+            VolumeCmd::List => {
+                let vols = api
+                    .list_volumes(pb::ListVolumesRequest {})
+                    .await?
+                    .into_inner()
+                    .volumes;
+                out.volumes(&vols);
+            }
+            VolumeCmd::Show { name } => {
+                let v = api
+                    .get_volume(pb::GetVolumeRequest { name })
+                    .await?
+                    .into_inner()
+                    .volume
+                    .context("no volume")?;
+                out.volume(&v);
+            }
+            VolumeCmd::Delete { name } => {
+                let deleted = api
+                    .delete_volume(pb::DeleteVolumeRequest { name: name.clone() })
+                    .await?
+                    .into_inner()
+                    .deleted;
+                out.deleted("volume", &name, deleted);
+            }
+            VolumeCmd::Resize { name, size } => {
+                let v = api
+                    .resize_volume(pb::ResizeVolumeRequest {
+                        name,
+                        size_bytes: size_arg(&size)?,
+                    })
+                    .await?
+                    .into_inner()
+                    .volume
+                    .context("no volume")?;
+                out.volume(&v);
+            }
+            VolumeCmd::Dirty {
+                name,
+                with_checkpoint,
+            } => {
+                let r = api
+                    .get_dirty_extents(pb::GetDirtyExtentsRequest { volume: name })
+                    .await?
+                    .into_inner();
+                out.dirty(&r, with_checkpoint);
+            }
+            VolumeCmd::ClearDirty { name, checkpoint } => {
+                let r = api
+                    .clear_dirty_extents(pb::ClearDirtyExtentsRequest {
+                        volume: name,
+                        checkpoint_id: checkpoint,
+                    })
+                    .await?
+                    .into_inner();
+                if out.json {
+                    out.print_json(
+                        &serde_json::json!({ "remaining_dirty_bytes": r.remaining_dirty_bytes }),
+                    );
+                } else {
+                    println!(
+                        "cleared; {} still dirty",
+                        ember_common::format_size(r.remaining_dirty_bytes)
+                    );
+                }
+            }
+        },
+        Command::Snapshot(cmd) => match cmd {
+            SnapshotCmd::Create { volume, name } => {
+                let r = api
+                    .create_snapshot(pb::CreateSnapshotRequest { volume, name })
+                    .await?
+                    .into_inner();
+                out.snapshots(&[r.snapshot.context("no snapshot")?]);
+            }
+            SnapshotCmd::List { volume } => {
+                let r = api
+                    .list_snapshots(pb::ListSnapshotsRequest { volume })
+                    .await?
+                    .into_inner();
+                out.snapshots(&r.snapshots);
+            }
+            SnapshotCmd::Delete { volume, name } => {
+                let deleted = api
+                    .delete_snapshot(pb::DeleteSnapshotRequest {
+                        volume: volume.clone(),
+                        name: name.clone(),
+                    })
+                    .await?
+                    .into_inner()
+                    .deleted;
+                out.deleted("snapshot", &format!("{volume}@{name}"), deleted);
+            }
+        },
+    }
+    Ok(())
+}

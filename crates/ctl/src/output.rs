@@ -1,0 +1,193 @@
+//! Rendering: aligned tables for people, JSON for scripts.
+
+use ember_common::format_size;
+use ember_proto::control::v1 as pb;
+use serde_json::{Value, json};
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Out {
+    pub(crate) json: bool,
+}
+
+pub(crate) fn volume_json(v: &pb::Volume) -> Value {
+    json!({
+        "name": v.name,
+        "size_bytes": v.size_bytes,
+        "allocated_bytes": v.allocated_bytes,
+        "nbd_uri": v.nbd_uri,
+        "tracking_granularity_bytes": v.tracking_granularity_bytes,
+        "dirty_bytes": v.dirty_bytes,
+        "created_at_unix": v.created_at_unix,
+        "origin": v.origin,
+        "snapshot_count": v.snapshot_count,
+        "nbd_connections": v.nbd_connections,
+    })
+}
+
+fn snapshot_json(s: &pb::Snapshot) -> Value {
+    json!({
+        "volume": s.volume, "name": s.name, "size_bytes": s.size_bytes,
+        "allocated_bytes": s.allocated_bytes, "created_at_unix": s.created_at_unix, "nbd_uri": s.nbd_uri,
+    })
+}
+
+fn table(headers: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_owned()
+    };
+    println!("{}", line(headers.iter().map(|h| h.to_string()).collect()));
+    for r in rows {
+        println!("{}", line(r));
+    }
+}
+
+impl Out {
+    pub(crate) fn print_json(&self, v: &Value) {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(v).expect("JSON values serialize")
+        );
+    }
+
+    pub(crate) fn capabilities(&self, c: &pb::GetCapabilitiesResponse) {
+        if self.json {
+            return self.print_json(&json!({
+                "version": c.version, "backend_id": c.backend_id,
+                "capacity_total_bytes": c.capacity_total_bytes, "capacity_free_bytes": c.capacity_free_bytes,
+                "features": c.features, "io_engine": c.io_engine, "nbd_address": c.nbd_address,
+                "volume_count": c.volume_count,
+            }));
+        }
+        table(
+            &["FIELD", "VALUE"],
+            vec![
+                vec!["version".into(), c.version.clone()],
+                vec!["backend id".into(), c.backend_id.clone()],
+                vec![
+                    "capacity".into(),
+                    format!(
+                        "{} free of {}",
+                        format_size(c.capacity_free_bytes),
+                        format_size(c.capacity_total_bytes)
+                    ),
+                ],
+                vec!["volumes".into(), c.volume_count.to_string()],
+                vec!["nbd".into(), c.nbd_address.clone()],
+                vec!["io engine".into(), c.io_engine.clone()],
+                vec!["features".into(), c.features.join(", ")],
+            ],
+        );
+    }
+
+    pub(crate) fn volumes(&self, vols: &[pb::Volume]) {
+        if self.json {
+            return self.print_json(&Value::Array(vols.iter().map(volume_json).collect()));
+        }
+        table(
+            &[
+                "NAME",
+                "SIZE",
+                "ALLOCATED",
+                "DIRTY",
+                "CONNS",
+                "SNAPS",
+                "NBD URI",
+            ],
+            vols.iter()
+                .map(|v| {
+                    vec![
+                        v.name.clone(),
+                        format_size(v.size_bytes),
+                        format_size(v.allocated_bytes),
+                        format_size(v.dirty_bytes),
+                        v.nbd_connections.to_string(),
+                        v.snapshot_count.to_string(),
+                        v.nbd_uri.clone(),
+                    ]
+                })
+                .collect(),
+        );
+    }
+
+    pub(crate) fn volume(&self, v: &pb::Volume) {
+        if self.json {
+            return self.print_json(&volume_json(v));
+        }
+        self.volumes(std::slice::from_ref(v));
+    }
+
+    pub(crate) fn snapshots(&self, snaps: &[pb::Snapshot]) {
+        if self.json {
+            return self.print_json(&Value::Array(snaps.iter().map(snapshot_json).collect()));
+        }
+        table(
+            &["VOLUME", "SNAPSHOT", "SIZE", "ALLOCATED", "NBD URI"],
+            snaps
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.volume.clone(),
+                        s.name.clone(),
+                        format_size(s.size_bytes),
+                        format_size(s.allocated_bytes),
+                        s.nbd_uri.clone(),
+                    ]
+                })
+                .collect(),
+        );
+    }
+
+    pub(crate) fn deleted(&self, what: &str, name: &str, deleted: bool) {
+        if self.json {
+            return self.print_json(&json!({ "name": name, "deleted": deleted }));
+        }
+        if deleted {
+            println!("deleted {what} {name}")
+        } else {
+            println!("{what} {name} did not exist")
+        }
+    }
+
+    pub(crate) fn dirty(&self, r: &pb::GetDirtyExtentsResponse, with_checkpoint: bool) {
+        let extents: Vec<Value> = r
+            .extents
+            .iter()
+            .map(|e| json!({ "offset": e.offset, "length": e.length }))
+            .collect();
+        if self.json {
+            if with_checkpoint {
+                return self.print_json(&json!({
+                    "checkpoint_id": r.checkpoint_id, "granularity_bytes": r.granularity_bytes,
+                    "dirty_bytes": r.dirty_bytes, "extents": extents,
+                }));
+            }
+            return self.print_json(&Value::Array(extents));
+        }
+        table(
+            &["OFFSET", "LENGTH"],
+            r.extents
+                .iter()
+                .map(|e| vec![e.offset.to_string(), e.length.to_string()])
+                .collect(),
+        );
+        println!(
+            "{} dirty in {} extent(s); checkpoint {}",
+            format_size(r.dirty_bytes),
+            r.extents.len(),
+            r.checkpoint_id
+        );
+    }
+}

@@ -1,0 +1,30 @@
+//! Generated code for Ember's gRPC APIs, compiled from `proto/` at build
+//! time. Nothing hand-written lives here: conversions to domain types belong
+//! to the crates that own those types.
+#![allow(missing_docs, unreachable_pub, clippy::all)]
+
+/// `ember.control.v1`: the agent's control API.
+pub mod control {
+    pub mod v1 {
+        tonic::include_proto!("ember.control.v1");
+    }
+}
+
+/// Encoded `FileDescriptorSet` of every Ember proto, for reflection and tooling.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("ember_descriptor");
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn descriptor_set_decodes_and_names_the_control_service() {
+        let set = <prost_types_shim::FileDescriptorSet as prost::Message>::decode(
+            super::FILE_DESCRIPTOR_SET,
+        )
+        .expect("descriptor set decodes");
+        assert!(set.file.iter().any(|f| f.package() == "ember.control.v1"));
+    }
+
+    mod prost_types_shim {
+        pub use prost_types::FileDescriptorSet;
+    }
+}

@@ -1,0 +1,227 @@
+//! [`FileDevice`]: a volume's bytes in a sparse file (or a raw block device).
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::engine::{IoEngine, blocking};
+use crate::error::{Result, StorageError};
+
+/// One run of [`FileDevice::allocation`]: `length` bytes that are a hole or data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AllocationRun {
+    /// Bytes in the run.
+    pub length: u64,
+    /// True when the run is unallocated (reads as zeros).
+    pub hole: bool,
+}
+
+/// A volume's backing file. All I/O goes through the agent's [`IoEngine`].
+#[derive(Debug, Clone)]
+pub struct FileDevice {
+    file: Arc<File>,
+    path: PathBuf,
+    engine: IoEngine,
+}
+
+impl FileDevice {
+    /// Creates a sparse file of `size_bytes` (fails if it exists).
+    ///
+    /// # Errors
+    /// I/O errors, including the file already existing.
+    pub fn create(path: &Path, size_bytes: u64, engine: IoEngine) -> Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|e| StorageError::from_io("create backing file", e))?;
+        file.set_len(size_bytes)
+            .map_err(|e| StorageError::from_io("size backing file", e))?;
+        Ok(Self::wrap(file, path, engine))
+    }
+
+    /// Opens an existing backing file or block device.
+    ///
+    /// # Errors
+    /// I/O errors opening it.
+    pub fn open(path: &Path, read_only: bool, engine: IoEngine) -> Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|e| StorageError::from_io("open backing file", e))?;
+        Ok(Self::wrap(file, path, engine))
+    }
+
+    fn wrap(file: File, path: &Path, engine: IoEngine) -> Self {
+        Self {
+            file: Arc::new(file),
+            path: path.to_owned(),
+            engine,
+        }
+    }
+
+    /// Path of the backing file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads `len` bytes at `offset` (no range check: the caller's job).
+    ///
+    /// # Errors
+    /// [`StorageError::Io`] from the backing store.
+    pub async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
+        self.engine
+            .read_at(&self.file, offset, len)
+            .await
+            .map_err(|e| StorageError::from_io("read", e))
+    }
+
+    /// Writes `buf` at `offset`; `durable` makes it FUA.
+    ///
+    /// # Errors
+    /// [`StorageError::NoSpace`] when the file system is full, else `Io`.
+    pub async fn write(&self, offset: u64, buf: Vec<u8>, durable: bool) -> Result<()> {
+        self.engine
+            .write_at(&self.file, offset, buf, durable)
+            .await
+            .map(drop)
+            .map_err(|e| StorageError::from_io("write", e))
+    }
+
+    /// Makes every completed write durable.
+    ///
+    /// # Errors
+    /// [`StorageError::Io`] from the backing store.
+    pub async fn flush(&self) -> Result<()> {
+        self.engine
+            .sync(&self.file)
+            .await
+            .map_err(|e| StorageError::from_io("flush", e))
+    }
+
+    /// Zeroes `[offset, offset+len)`; deallocates it unless `keep_allocated`.
+    /// Both are metadata operations on ext4/xfs (fast).
+    ///
+    /// # Errors
+    /// [`StorageError::Unsupported`] when the file system cannot do it.
+    pub async fn zero(&self, offset: u64, len: u64, keep_allocated: bool) -> Result<()> {
+        let file = self.file.clone();
+        let mode = if keep_allocated {
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+        } else {
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+        };
+        blocking(move || {
+            // SAFETY: plain syscall on a descriptor we own.
+            let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset as i64, len as i64) };
+            if rc == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        })
+        .await
+        .map_err(|e| {
+            StorageError::from_io(
+                if keep_allocated {
+                    "zero range"
+                } else {
+                    "punch hole"
+                },
+                e,
+            )
+        })
+    }
+
+    /// Hole/data runs covering `[offset, offset+len)`, from `SEEK_DATA` /
+    /// `SEEK_HOLE`. Where the file system cannot tell, everything is data.
+    /// Cheap metadata calls, done inline.
+    pub fn allocation(&self, offset: u64, len: u64) -> Vec<AllocationRun> {
+        let end = offset + len;
+        let fd = self.file.as_raw_fd();
+        let mut runs = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            // SAFETY: lseek on a descriptor we own.
+            let data = unsafe { libc::lseek(fd, pos as i64, libc::SEEK_DATA) };
+            let next_data = if data < 0 {
+                match std::io::Error::last_os_error().raw_os_error() {
+                    Some(libc::ENXIO) => end, // no data after pos: all hole
+                    _ => {
+                        runs.push(AllocationRun {
+                            length: end - pos,
+                            hole: false,
+                        });
+                        break;
+                    }
+                }
+            } else {
+                (data as u64).min(end)
+            };
+            if next_data > pos {
+                runs.push(AllocationRun {
+                    length: next_data - pos,
+                    hole: true,
+                });
+                pos = next_data;
+                continue;
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(fd, pos as i64, libc::SEEK_HOLE) };
+            let next_hole = if hole < 0 {
+                end
+            } else {
+                (hole as u64).min(end)
+            };
+            runs.push(AllocationRun {
+                length: next_hole.max(pos + 1) - pos,
+                hole: false,
+            });
+            pos = next_hole.max(pos + 1);
+        }
+        runs
+    }
+
+    /// Bytes allocated on disk.
+    pub fn allocated_bytes(&self) -> u64 {
+        self.file.metadata().map(|m| m.blocks() * 512).unwrap_or(0)
+    }
+
+    /// Resizes the backing file (grow only is the caller's policy).
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn set_len(&self, size_bytes: u64) -> Result<()> {
+        self.file
+            .set_len(size_bytes)
+            .map_err(|e| StorageError::from_io("resize backing file", e))
+    }
+
+    /// Size of the backing file or block device in bytes.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn len(&self) -> Result<u64> {
+        let meta = self
+            .file
+            .metadata()
+            .map_err(|e| StorageError::from_io("stat backing file", e))?;
+        if meta.file_type().is_file() {
+            return Ok(meta.len());
+        }
+        // Block device: its size is where SEEK_END lands.
+        // SAFETY: lseek on a descriptor we own.
+        let end = unsafe { libc::lseek(self.file.as_raw_fd(), 0, libc::SEEK_END) };
+        if end < 0 {
+            return Err(StorageError::from_io(
+                "size block device",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(end as u64)
+    }
+}

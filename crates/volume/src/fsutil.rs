@@ -1,0 +1,106 @@
+//! Crash-safe file-system helpers: atomic JSON replace, directory fsync,
+//! sparse copies that move only allocated bytes.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+use crate::error::{Result, StoreError, io};
+
+/// fsyncs a directory so renames and creations inside it are durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("sync directory", dir))
+}
+
+/// Writes `value` as JSON to `path` atomically: temp file, fsync, rename,
+/// fsync of the directory. A crash leaves the old or the new file, whole.
+pub(crate) fn write_json_atomic<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    let body = serde_json::to_vec_pretty(value).expect("metadata serializes");
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(io("create metadata", &tmp))?;
+    f.write_all(&body).map_err(io("write metadata", &tmp))?;
+    f.sync_all().map_err(io("sync metadata", &tmp))?;
+    std::fs::rename(&tmp, path).map_err(io("rename metadata", path))?;
+    sync_dir(path.parent().expect("metadata lives in a directory"))
+}
+
+/// Reads a JSON metadata file.
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let body = std::fs::read(path).map_err(io("read metadata", path))?;
+    serde_json::from_slice(&body).map_err(|e| StoreError::CorruptMetadata {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+/// Copies `src` into the new file `dst` of `size` bytes, moving only the
+/// allocated ranges (`SEEK_DATA`/`SEEK_HOLE`) with `copy_file_range`, so
+/// the copy costs the allocated bytes, not the volume size, and holes stay
+/// holes. Syncs `dst`. Blocking.
+pub(crate) fn copy_sparse(src: &Path, dst: &Path, size: u64) -> Result<u64> {
+    let from = File::open(src).map_err(io("open copy source", src))?;
+    let to = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(dst)
+        .map_err(io("create copy target", dst))?;
+    to.set_len(size).map_err(io("size copy target", dst))?;
+    let src_len = from
+        .metadata()
+        .map_err(io("stat copy source", src))?
+        .len()
+        .min(size);
+    let (fi, fo) = (from.as_raw_fd(), to.as_raw_fd());
+    let mut copied = 0u64;
+    let mut pos = 0u64;
+    while pos < src_len {
+        // SAFETY: lseek on descriptors we own.
+        let data = unsafe { libc::lseek(fi, pos as i64, libc::SEEK_DATA) };
+        if data < 0 {
+            break; // ENXIO: only holes remain
+        }
+        let hole = unsafe { libc::lseek(fi, data, libc::SEEK_HOLE) };
+        let end = if hole < 0 {
+            src_len
+        } else {
+            (hole as u64).min(src_len)
+        };
+        let mut off_in = data;
+        let mut off_out = data;
+        while (off_in as u64) < end {
+            let want = (end - off_in as u64).min(1 << 30) as usize;
+            // SAFETY: offsets are valid locals; descriptors are ours.
+            let n = unsafe { libc::copy_file_range(fi, &mut off_in, fo, &mut off_out, want, 0) };
+            if n < 0 {
+                return Err(StoreError::Io {
+                    op: "copy data",
+                    path: dst.to_owned(),
+                    source: std::io::Error::last_os_error(),
+                });
+            }
+            if n == 0 {
+                break;
+            }
+            copied += n as u64;
+        }
+        pos = end;
+    }
+    to.sync_all().map_err(io("sync copy target", dst))?;
+    Ok(copied)
+}
+
+/// Seconds since the Unix epoch.
+pub(crate) fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}

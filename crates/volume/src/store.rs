@@ -1,0 +1,692 @@
+//! [`VolumeStore`]: the data dir and every volume in it.
+//!
+//! Layout:
+//! ```text
+//! DATA/backend-id                       stable identity of this agent
+//! DATA/volumes/NAME/volume.json         VolumeMeta (atomic replace)
+//! DATA/volumes/NAME/data.img            sparse data file
+//! DATA/volumes/NAME/dirty.bitmap        change tracking (ember-tracking)
+//! DATA/volumes/NAME/activity.log
+//! DATA/volumes/NAME/snapshots/SNAP/{snapshot.json,data.img}
+//! DATA/volumes/.creating-*, .deleting-* interrupted operations, removed at start
+//! ```
+//! Creation builds everything in `.creating-NAME` and renames it into place;
+//! deletion renames to `.deleting-NAME` first. Either way a crash leaves the
+//! object wholly present or wholly absent.
+//!
+//! Snapshot and clone cost: a sparse copy of the allocated bytes
+//! (`copy_file_range` over `SEEK_DATA` runs; ext4 has no reflink), during
+//! which writes to the source volume wait. Space and time are proportional
+//! to the allocated data, not the volume size. See `docs/volumes.md`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use ember_common::{SECTOR_BYTES, SnapshotName, VolumeName};
+use ember_nbd::Export;
+use ember_storage::{FileDevice, IoEngine};
+use ember_tracking::{Tracker, TrackingConfig};
+
+use crate::error::{Result, StoreError, io};
+use crate::fsutil::{copy_sparse, now_unix, read_json, sync_dir, write_json_atomic};
+use crate::meta::{SnapshotMeta, VolumeMeta};
+use crate::volume::Volume;
+
+const DATA_FILE: &str = "data.img";
+const VOLUME_META: &str = "volume.json";
+const SNAPSHOT_META: &str = "snapshot.json";
+const SNAPSHOTS_DIR: &str = "snapshots";
+
+/// How the store is set up.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// The data dir.
+    pub root: PathBuf,
+    /// Change tracking defaults; `None` turns tracking off (benchmarks only:
+    /// without it a crash forces a full resync).
+    pub tracking: Option<TrackingConfig>,
+}
+
+/// File-system capacity of the data dir.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capacity {
+    /// Total bytes.
+    pub total_bytes: u64,
+    /// Bytes available to us.
+    pub free_bytes: u64,
+}
+
+/// Where a new volume's contents come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// All zeros.
+    Empty,
+    /// A copy of a snapshot.
+    Snapshot(VolumeName, SnapshotName),
+    /// A point-in-time copy of another volume.
+    Volume(VolumeName),
+}
+
+impl Source {
+    fn origin(&self) -> String {
+        match self {
+            Self::Empty => String::new(),
+            Self::Snapshot(v, s) => format!("snapshot:{v}@{s}"),
+            Self::Volume(v) => format!("volume:{v}"),
+        }
+    }
+}
+
+/// All volumes of one agent.
+#[derive(Debug)]
+pub struct VolumeStore {
+    config: StoreConfig,
+    engine: IoEngine,
+    backend_id: String,
+    volumes: Mutex<BTreeMap<String, (VolumeMeta, Arc<Volume>)>>,
+    snapshot_exports: Mutex<HashMap<String, Arc<Volume>>>,
+    /// Serialises control-plane mutations (create, delete, resize, snapshot).
+    ops: tokio::sync::Mutex<()>,
+}
+
+impl VolumeStore {
+    /// Opens the data dir, creating it if needed, removing leftovers of
+    /// interrupted operations and recovering every volume's tracking state.
+    ///
+    /// # Errors
+    /// I/O errors, corrupt metadata, tracking recovery failures.
+    pub fn open(config: StoreConfig, engine: IoEngine) -> Result<Self> {
+        let vols = config.root.join("volumes");
+        std::fs::create_dir_all(&vols).map_err(io("create data dir", &vols))?;
+        let id_path = config.root.join("backend-id");
+        let backend_id = match std::fs::read_to_string(&id_path) {
+            Ok(id) => id.trim().to_owned(),
+            Err(_) => {
+                let id = generate_backend_id();
+                write_atomic(&id_path, id.as_bytes())?;
+                id
+            }
+        };
+        let mut volumes = BTreeMap::new();
+        for entry in std::fs::read_dir(&vols).map_err(io("list volumes", &vols))? {
+            let entry = entry.map_err(io("list volumes", &vols))?;
+            let file_name = entry.file_name().to_string_lossy().into_owned();
+            if file_name.starts_with(".creating-") || file_name.starts_with(".deleting-") {
+                tracing::info!(path = %entry.path().display(), "removing leftover of an interrupted operation");
+                std::fs::remove_dir_all(entry.path())
+                    .map_err(io("remove leftover", &entry.path()))?;
+                continue;
+            }
+            let meta: VolumeMeta = read_json(&entry.path().join(VOLUME_META))?;
+            let volume = open_volume(&entry.path(), &meta, &config, &engine)?;
+            volumes.insert(meta.name.clone(), (meta, Arc::new(volume)));
+        }
+        sync_dir(&vols)?;
+        tracing::info!(volumes = volumes.len(), root = %config.root.display(), %backend_id, "volume store opened");
+        Ok(Self {
+            config,
+            engine,
+            backend_id,
+            volumes: Mutex::new(volumes),
+            snapshot_exports: Mutex::new(HashMap::new()),
+            ops: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Stable identity of this data dir.
+    pub fn backend_id(&self) -> &str {
+        &self.backend_id
+    }
+
+    /// The I/O engine in use.
+    pub fn engine(&self) -> &IoEngine {
+        &self.engine
+    }
+
+    /// Whether change tracking is on.
+    pub fn tracking_enabled(&self) -> bool {
+        self.config.tracking.is_some()
+    }
+
+    fn volumes_dir(&self) -> PathBuf {
+        self.config.root.join("volumes")
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, (VolumeMeta, Arc<Volume>)>> {
+        self.volumes
+            .lock()
+            .expect("volume map lock poisoned by a panic")
+    }
+
+    /// The live volume called `name`.
+    pub fn get(&self, name: &str) -> Option<(VolumeMeta, Arc<Volume>)> {
+        self.map().get(name).cloned()
+    }
+
+    /// Every volume, by name.
+    pub fn list(&self) -> Vec<(VolumeMeta, Arc<Volume>)> {
+        self.map().values().cloned().collect()
+    }
+
+    /// Looks up a volume, or `VOLUME@SNAPSHOT` for a read-only snapshot.
+    pub fn export(&self, name: &str) -> Option<Arc<Volume>> {
+        if let Some((vol, snap)) = name.split_once('@') {
+            return self.snapshot_export(vol, snap).ok();
+        }
+        self.map().get(name).map(|(_, v)| v.clone())
+    }
+
+    fn snapshot_export(&self, vol: &str, snap: &str) -> Result<Arc<Volume>> {
+        let key = format!("{vol}@{snap}");
+        if let Some(v) = self
+            .snapshot_exports
+            .lock()
+            .expect("snapshot map lock")
+            .get(&key)
+        {
+            return Ok(v.clone());
+        }
+        let vol = parse_volume(vol)?;
+        let snap = parse_snapshot(snap)?;
+        let dir = self.snapshot_dir(&vol, &snap);
+        let meta: SnapshotMeta =
+            read_json(&dir.join(SNAPSHOT_META)).map_err(|_| not_found_snapshot(&vol, &snap))?;
+        let device = FileDevice::open(&dir.join(DATA_FILE), true, self.engine.clone())?;
+        let export = Arc::new(Volume::new(
+            key.clone(),
+            device,
+            None,
+            meta.size_bytes,
+            true,
+        ));
+        self.snapshot_exports
+            .lock()
+            .expect("snapshot map lock")
+            .insert(key, export.clone());
+        Ok(export)
+    }
+
+    fn snapshot_dir(&self, vol: &VolumeName, snap: &SnapshotName) -> PathBuf {
+        self.volumes_dir()
+            .join(vol.as_str())
+            .join(SNAPSHOTS_DIR)
+            .join(snap.as_str())
+    }
+
+    /// Creates a volume. Idempotent: the same name, size and source return
+    /// the existing volume with `created == false`.
+    ///
+    /// # Errors
+    /// `InvalidArgument` for sizes that are zero or not multiples of 4 KiB,
+    /// `AlreadyExists` when the name is taken by a different spec,
+    /// `NotFound` for a missing source, `Io`/`Storage` on disk errors
+    /// (including a full disk, after which nothing is left behind).
+    pub async fn create(
+        &self,
+        name: &str,
+        size_bytes: u64,
+        granularity: Option<u64>,
+        source: Source,
+    ) -> Result<(VolumeMeta, Arc<Volume>, bool)> {
+        let name = parse_volume(name)?;
+        let _op = self.ops.lock().await;
+        let origin = source.origin();
+        if let Some((meta, vol)) = self.get(name.as_str()) {
+            let same_size = size_bytes == 0 || meta.size_bytes == size_bytes;
+            if same_size && meta.origin == origin {
+                return Ok((meta, vol, false));
+            }
+            return Err(StoreError::AlreadyExists {
+                what: "volume",
+                name: name.to_string(),
+                detail: format!(
+                    "existing: {} bytes from {:?}; requested: {size_bytes} bytes from {origin:?}",
+                    meta.size_bytes, meta.origin
+                ),
+            });
+        }
+        let tracking = self.tracking_for(granularity)?;
+        let (source_path, source_size, source_volume) = self.resolve_source(&source)?;
+        let size_bytes = match (size_bytes, source_size) {
+            (0, Some(s)) => s,
+            (0, None) => {
+                return Err(StoreError::InvalidArgument(
+                    "size_bytes must be greater than zero".into(),
+                ));
+            }
+            (n, Some(s)) if n < s => {
+                return Err(StoreError::InvalidArgument(format!(
+                    "size {n} is smaller than the source ({s} bytes)"
+                )));
+            }
+            (n, _) => n,
+        };
+        check_size(size_bytes)?;
+
+        let vols = self.volumes_dir();
+        let tmp = vols.join(format!(".creating-{name}"));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let result = async {
+            std::fs::create_dir(&tmp).map_err(io("create volume dir", &tmp))?;
+            let data = tmp.join(DATA_FILE);
+            match (&source_path, &source_volume) {
+                (Some(src), Some(vol)) => {
+                    // Clone of a live volume: a point in time, so hold writes off.
+                    let _quiet = vol.quiesce().await;
+                    vol.device().flush().await?;
+                    copy_blocking(src.clone(), data.clone(), size_bytes).await?;
+                }
+                (Some(src), None) => {
+                    copy_blocking(src.clone(), data.clone(), size_bytes).await?;
+                }
+                _ => {
+                    FileDevice::create(&data, size_bytes, self.engine.clone())?;
+                }
+            }
+            let meta = VolumeMeta {
+                name: name.to_string(),
+                size_bytes,
+                tracking_granularity_bytes: tracking.map_or(0, |t| t.granularity_bytes),
+                created_at_unix: now_unix(),
+                origin: origin.clone(),
+            };
+            write_json_atomic(&tmp.join(VOLUME_META), &meta)?;
+            let dest = vols.join(name.as_str());
+            std::fs::rename(&tmp, &dest).map_err(io("publish volume", &dest))?;
+            sync_dir(&vols)?;
+            Ok::<_, StoreError>((meta, dest))
+        }
+        .await;
+        let (meta, dest) = match result {
+            Ok(ok) => ok,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                return Err(e);
+            }
+        };
+        let volume = Arc::new(open_volume(&dest, &meta, &self.config, &self.engine)?);
+        self.map()
+            .insert(meta.name.clone(), (meta.clone(), volume.clone()));
+        tracing::info!(volume_id = %name, size_bytes, origin = %origin, "volume created");
+        Ok((meta, volume, true))
+    }
+
+    fn tracking_for(&self, granularity: Option<u64>) -> Result<Option<TrackingConfig>> {
+        let Some(mut t) = self.config.tracking else {
+            return Ok(None);
+        };
+        if let Some(g) = granularity.filter(|g| *g != 0) {
+            t.granularity_bytes = g;
+            t.al_extent_bytes = t.al_extent_bytes.max(g);
+        }
+        t.validate()
+            .map_err(|e| StoreError::InvalidArgument(e.to_string()))?;
+        Ok(Some(t))
+    }
+
+    fn resolve_source(
+        &self,
+        source: &Source,
+    ) -> Result<(Option<PathBuf>, Option<u64>, Option<Arc<Volume>>)> {
+        match source {
+            Source::Empty => Ok((None, None, None)),
+            Source::Snapshot(vol, snap) => {
+                let dir = self.snapshot_dir(vol, snap);
+                let meta: SnapshotMeta = read_json(&dir.join(SNAPSHOT_META))
+                    .map_err(|_| not_found_snapshot(vol, snap))?;
+                Ok((Some(dir.join(DATA_FILE)), Some(meta.size_bytes), None))
+            }
+            Source::Volume(vol) => {
+                let (meta, volume) = self
+                    .get(vol.as_str())
+                    .ok_or_else(|| not_found_volume(vol.as_str()))?;
+                Ok((
+                    Some(volume.device().path().to_owned()),
+                    Some(meta.size_bytes),
+                    Some(volume),
+                ))
+            }
+        }
+    }
+
+    /// Deletes a volume and its snapshots. Returns false when it did not exist.
+    ///
+    /// # Errors
+    /// `FailedPrecondition` while NBD clients are attached; I/O errors.
+    pub async fn delete(&self, name: &str) -> Result<bool> {
+        let name = parse_volume(name)?;
+        let _op = self.ops.lock().await;
+        let Some((_, volume)) = self.get(name.as_str()) else {
+            return Ok(false);
+        };
+        let attached = volume.connections() + self.snapshot_connections(name.as_str());
+        if attached > 0 {
+            return Err(StoreError::FailedPrecondition(format!(
+                "volume {name} has {attached} NBD connection(s) attached; detach them first"
+            )));
+        }
+        let vols = self.volumes_dir();
+        let doomed = vols.join(format!(".deleting-{name}"));
+        std::fs::rename(vols.join(name.as_str()), &doomed)
+            .map_err(io("unpublish volume", &doomed))?;
+        sync_dir(&vols)?;
+        self.map().remove(name.as_str());
+        self.snapshot_exports
+            .lock()
+            .expect("snapshot map lock")
+            .retain(|k, _| !k.starts_with(&format!("{name}@")));
+        std::fs::remove_dir_all(&doomed).map_err(io("remove volume", &doomed))?;
+        tracing::info!(volume_id = %name, "volume deleted");
+        Ok(true)
+    }
+
+    fn snapshot_connections(&self, vol: &str) -> u32 {
+        let prefix = format!("{vol}@");
+        self.snapshot_exports
+            .lock()
+            .expect("snapshot map lock")
+            .iter()
+            .filter(|(k, _)| k.starts_with(&prefix))
+            .map(|(_, v)| v.connections())
+            .sum()
+    }
+
+    /// Grows a volume. Same size is a no-op; shrinking is refused.
+    ///
+    /// # Errors
+    /// `NotFound`, `InvalidArgument` (alignment), `FailedPrecondition` (shrink).
+    pub async fn resize(&self, name: &str, size_bytes: u64) -> Result<VolumeMeta> {
+        let name = parse_volume(name)?;
+        check_size(size_bytes)?;
+        let _op = self.ops.lock().await;
+        let (mut meta, volume) = self
+            .get(name.as_str())
+            .ok_or_else(|| not_found_volume(name.as_str()))?;
+        if size_bytes < meta.size_bytes {
+            return Err(StoreError::FailedPrecondition(format!(
+                "volume {name} is {} bytes; shrinking to {size_bytes} would lose data and is not supported",
+                meta.size_bytes
+            )));
+        }
+        if size_bytes == meta.size_bytes {
+            return Ok(meta);
+        }
+        volume.device().set_len(size_bytes)?;
+        if let Some(t) = volume.tracker() {
+            t.resize(size_bytes)?;
+        }
+        meta.size_bytes = size_bytes;
+        write_json_atomic(
+            &self.volumes_dir().join(name.as_str()).join(VOLUME_META),
+            &meta,
+        )?;
+        volume.set_size(size_bytes);
+        self.map().insert(meta.name.clone(), (meta.clone(), volume));
+        tracing::info!(volume_id = %name, size_bytes, "volume resized");
+        Ok(meta)
+    }
+
+    /// Takes a point-in-time, read-only snapshot. Idempotent by name.
+    ///
+    /// # Errors
+    /// `NotFound` for the volume; I/O errors (a full disk leaves nothing).
+    pub async fn create_snapshot(&self, vol: &str, snap: &str) -> Result<(SnapshotMeta, bool)> {
+        let vol = parse_volume(vol)?;
+        let snap = parse_snapshot(snap)?;
+        let _op = self.ops.lock().await;
+        let (meta, volume) = self
+            .get(vol.as_str())
+            .ok_or_else(|| not_found_volume(vol.as_str()))?;
+        let dir = self.snapshot_dir(&vol, &snap);
+        if let Ok(existing) = read_json::<SnapshotMeta>(&dir.join(SNAPSHOT_META)) {
+            return Ok((existing, false));
+        }
+        let parent = dir.parent().expect("snapshot dir has a parent").to_owned();
+        std::fs::create_dir_all(&parent).map_err(io("create snapshots dir", &parent))?;
+        let tmp = parent.join(format!(".creating-{snap}"));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let result = async {
+            std::fs::create_dir(&tmp).map_err(io("create snapshot dir", &tmp))?;
+            let quiet = volume.quiesce().await;
+            volume.device().flush().await?;
+            copy_blocking(
+                volume.device().path().to_owned(),
+                tmp.join(DATA_FILE),
+                meta.size_bytes,
+            )
+            .await?;
+            drop(quiet);
+            let smeta = SnapshotMeta {
+                name: snap.to_string(),
+                size_bytes: meta.size_bytes,
+                created_at_unix: now_unix(),
+            };
+            write_json_atomic(&tmp.join(SNAPSHOT_META), &smeta)?;
+            std::fs::rename(&tmp, &dir).map_err(io("publish snapshot", &dir))?;
+            sync_dir(&parent)?;
+            Ok::<_, StoreError>(smeta)
+        }
+        .await;
+        match result {
+            Ok(smeta) => {
+                tracing::info!(volume_id = %vol, snapshot = %snap, "snapshot created");
+                Ok((smeta, true))
+            }
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                Err(e)
+            }
+        }
+    }
+
+    /// Deletes a snapshot; false when it did not exist.
+    ///
+    /// # Errors
+    /// `FailedPrecondition` while it is exported to clients; I/O errors.
+    pub async fn delete_snapshot(&self, vol: &str, snap: &str) -> Result<bool> {
+        let vol = parse_volume(vol)?;
+        let snap = parse_snapshot(snap)?;
+        let _op = self.ops.lock().await;
+        let dir = self.snapshot_dir(&vol, &snap);
+        if !dir.exists() {
+            return Ok(false);
+        }
+        let key = format!("{vol}@{snap}");
+        {
+            let mut exports = self.snapshot_exports.lock().expect("snapshot map lock");
+            if let Some(e) = exports.get(&key) {
+                if e.connections() > 0 {
+                    return Err(StoreError::FailedPrecondition(format!(
+                        "snapshot {key} has {} NBD connection(s) attached",
+                        e.connections()
+                    )));
+                }
+            }
+            exports.remove(&key);
+        }
+        let parent = dir.parent().expect("snapshot dir has a parent").to_owned();
+        let doomed = parent.join(format!(".deleting-{snap}"));
+        std::fs::rename(&dir, &doomed).map_err(io("unpublish snapshot", &dir))?;
+        sync_dir(&parent)?;
+        std::fs::remove_dir_all(&doomed).map_err(io("remove snapshot", &doomed))?;
+        tracing::info!(volume_id = %vol, snapshot = %snap, "snapshot deleted");
+        Ok(true)
+    }
+
+    /// Snapshots of a volume, with their allocated bytes.
+    ///
+    /// # Errors
+    /// `NotFound` for the volume; I/O errors.
+    pub fn list_snapshots(&self, vol: &str) -> Result<Vec<(SnapshotMeta, u64)>> {
+        let vol = parse_volume(vol)?;
+        if self.get(vol.as_str()).is_none() {
+            return Err(not_found_volume(vol.as_str()));
+        }
+        let dir = self.volumes_dir().join(vol.as_str()).join(SNAPSHOTS_DIR);
+        let mut out = Vec::new();
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Ok(out);
+        };
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with('.') {
+                continue;
+            }
+            let meta: SnapshotMeta = read_json(&entry.path().join(SNAPSHOT_META))?;
+            let allocated = std::fs::metadata(entry.path().join(DATA_FILE))
+                .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+                .unwrap_or(0);
+            out.push((meta, allocated));
+        }
+        out.sort_by(|a, b| {
+            a.0.created_at_unix
+                .cmp(&b.0.created_at_unix)
+                .then(a.0.name.cmp(&b.0.name))
+        });
+        Ok(out)
+    }
+
+    /// File-system capacity of the data dir.
+    pub fn capacity(&self) -> Capacity {
+        let path = std::ffi::CString::new(self.config.root.as_os_str().as_encoded_bytes())
+            .expect("data dir path has no NUL");
+        // SAFETY: statvfs writes into a zeroed local struct.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+            return Capacity {
+                total_bytes: 0,
+                free_bytes: 0,
+            };
+        }
+        Capacity {
+            total_bytes: st.f_blocks * st.f_frsize,
+            free_bytes: st.f_bavail * st.f_frsize,
+        }
+    }
+
+    /// Clean shutdown: flushes data and persists every tracker's bitmap with
+    /// an empty activity log. Call after NBD connections have drained.
+    pub async fn shutdown(&self) {
+        for (meta, volume) in self.list() {
+            if let Err(e) = volume.flush().await {
+                tracing::error!(volume_id = %meta.name, error = %e, "flush at shutdown failed");
+            }
+            if let Some(t) = volume.tracker().cloned() {
+                let name = meta.name.clone();
+                match tokio::task::spawn_blocking(move || t.persist_clean()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::error!(volume_id = %name, error = %e, "persisting tracking state failed; next start recovers from the activity log")
+                    }
+                    Err(e) => tracing::error!(volume_id = %name, error = %e, "persist task failed"),
+                }
+            }
+        }
+        tracing::info!("volume store shut down cleanly");
+    }
+}
+
+fn open_volume(
+    dir: &Path,
+    meta: &VolumeMeta,
+    config: &StoreConfig,
+    engine: &IoEngine,
+) -> Result<Volume> {
+    let device = FileDevice::open(&dir.join(DATA_FILE), false, engine.clone())?;
+    let tracker = match config.tracking {
+        Some(mut t) => {
+            if meta.tracking_granularity_bytes != 0 {
+                t.granularity_bytes = meta.tracking_granularity_bytes;
+                t.al_extent_bytes = t.al_extent_bytes.max(t.granularity_bytes);
+            }
+            Some(Arc::new(Tracker::open(dir, meta.size_bytes, t)?))
+        }
+        None => None,
+    };
+    Ok(Volume::new(
+        meta.name.clone(),
+        device,
+        tracker,
+        meta.size_bytes,
+        false,
+    ))
+}
+
+async fn copy_blocking(src: PathBuf, dst: PathBuf, size: u64) -> Result<u64> {
+    tokio::task::spawn_blocking(move || copy_sparse(&src, &dst, size))
+        .await
+        .map_err(|e| StoreError::InvalidArgument(format!("copy task failed: {e}")))?
+}
+
+fn write_atomic(path: &Path, body: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(io("create", &tmp))?;
+    f.write_all(body)
+        .and_then(|()| f.sync_all())
+        .map_err(io("write", &tmp))?;
+    std::fs::rename(&tmp, path).map_err(io("rename", path))?;
+    sync_dir(path.parent().expect("file in a directory"))
+}
+
+fn generate_backend_id() -> String {
+    let mut bytes = [0u8; 16];
+    // SAFETY: getrandom fills the local buffer.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n != bytes.len() as isize {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        bytes = t.to_le_bytes();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn check_size(size: u64) -> Result<()> {
+    if size == 0 || size % SECTOR_BYTES != 0 {
+        return Err(StoreError::InvalidArgument(format!(
+            "size {size} must be a positive multiple of {SECTOR_BYTES} bytes"
+        )));
+    }
+    Ok(())
+}
+
+/// Parses and validates a volume name.
+///
+/// # Errors
+/// `InvalidName`.
+pub fn parse_volume(name: &str) -> Result<VolumeName> {
+    VolumeName::new(name).map_err(|source| StoreError::InvalidName {
+        what: "volume",
+        source,
+    })
+}
+
+/// Parses and validates a snapshot name.
+///
+/// # Errors
+/// `InvalidName`.
+pub fn parse_snapshot(name: &str) -> Result<SnapshotName> {
+    SnapshotName::new(name).map_err(|source| StoreError::InvalidName {
+        what: "snapshot",
+        source,
+    })
+}
+
+fn not_found_volume(name: &str) -> StoreError {
+    StoreError::NotFound {
+        what: "volume",
+        name: name.to_owned(),
+    }
+}
+
+fn not_found_snapshot(vol: &VolumeName, snap: &SnapshotName) -> StoreError {
+    StoreError::NotFound {
+        what: "snapshot",
+        name: format!("{vol}@{snap}"),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,152 @@
+//! Store tests: idempotency, validation, snapshot and clone contents,
+//! crash-leftover cleanup.
+
+use super::*;
+use ember_nbd::Export;
+use ember_storage::EngineChoice;
+
+const MIB: u64 = 1 << 20;
+
+async fn store(dir: &Path) -> VolumeStore {
+    let engine = IoEngine::new(EngineChoice::Auto).expect("engine");
+    VolumeStore::open(
+        StoreConfig {
+            root: dir.to_owned(),
+            tracking: Some(TrackingConfig::default()),
+        },
+        engine,
+    )
+    .expect("open store")
+}
+
+#[tokio::test]
+async fn create_is_idempotent_and_conflicts_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = store(dir.path()).await;
+    let (_, _, created) = s
+        .create("v1", 8 * MIB, None, Source::Empty)
+        .await
+        .expect("create");
+    assert!(created);
+    let (_, _, created) = s
+        .create("v1", 8 * MIB, None, Source::Empty)
+        .await
+        .expect("re-create");
+    assert!(!created);
+    assert!(matches!(
+        s.create("v1", 16 * MIB, None, Source::Empty).await,
+        Err(StoreError::AlreadyExists { .. })
+    ));
+    assert!(matches!(
+        s.create("../x", MIB, None, Source::Empty).await,
+        Err(StoreError::InvalidName { .. })
+    ));
+    assert!(matches!(
+        s.create("odd", 1000, None, Source::Empty).await,
+        Err(StoreError::InvalidArgument(_))
+    ));
+    assert!(s.delete("v1").await.expect("delete"));
+    assert!(!s.delete("v1").await.expect("delete again is fine"));
+}
+
+#[tokio::test]
+async fn snapshot_and_clone_hold_the_point_in_time_contents() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = store(dir.path()).await;
+    let (_, v, _) = s
+        .create("src", 16 * MIB, None, Source::Empty)
+        .await
+        .expect("create");
+    let pattern: Vec<u8> = (0..MIB as usize).map(|i| (i % 253) as u8).collect();
+    v.write(3 * MIB, pattern.clone(), false)
+        .await
+        .expect("write");
+    s.create_snapshot("src", "s1").await.expect("snapshot");
+    // Writes after the snapshot must not show in it.
+    v.write(3 * MIB, vec![0xAA; 4096], false)
+        .await
+        .expect("overwrite");
+    let snap = s.export("src@s1").expect("snapshot export");
+    assert!(snap.read_only());
+    assert_eq!(
+        snap.read(3 * MIB, MIB as u32).await.expect("read snap"),
+        pattern
+    );
+    let (_, from_snap, _) = s
+        .create(
+            "restored",
+            0,
+            None,
+            Source::Snapshot(
+                parse_volume("src").expect("name"),
+                parse_snapshot("s1").expect("name"),
+            ),
+        )
+        .await
+        .expect("from snapshot");
+    assert_eq!(from_snap.size(), 16 * MIB);
+    assert_eq!(
+        from_snap.read(3 * MIB, MIB as u32).await.expect("read"),
+        pattern
+    );
+    let (_, clone, _) = s
+        .create(
+            "clone",
+            32 * MIB,
+            None,
+            Source::Volume(parse_volume("src").expect("name")),
+        )
+        .await
+        .expect("clone");
+    assert_eq!(clone.size(), 32 * MIB);
+    assert_eq!(
+        clone.read(3 * MIB, 4096).await.expect("read"),
+        vec![0xAA; 4096]
+    );
+    // Sparse: the clone allocates about what was written, not 32 MiB.
+    assert!(
+        clone.device().allocated_bytes() < 4 * MIB,
+        "clone allocated {} bytes",
+        clone.device().allocated_bytes()
+    );
+}
+
+#[tokio::test]
+async fn interrupted_creates_are_cleaned_and_volumes_survive_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let s = store(dir.path()).await;
+        let (_, v, _) = s
+            .create("keep", 4 * MIB, None, Source::Empty)
+            .await
+            .expect("create");
+        v.write(0, vec![7; 4096], false).await.expect("write");
+    }
+    std::fs::create_dir_all(dir.path().join("volumes/.creating-half")).expect("leftover");
+    let s = store(dir.path()).await;
+    assert!(!dir.path().join("volumes/.creating-half").exists());
+    let (_, v) = s.get("keep").expect("volume survives");
+    assert_eq!(v.read(0, 4096).await.expect("read"), vec![7; 4096]);
+    assert!(
+        v.tracker().expect("tracking on").dirty_bytes() > 0,
+        "write before the crash is still tracked"
+    );
+}
+
+#[tokio::test]
+async fn shrinking_is_refused_and_growing_keeps_data() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = store(dir.path()).await;
+    let (_, v, _) = s
+        .create("g", 4 * MIB, None, Source::Empty)
+        .await
+        .expect("create");
+    v.write(MIB, vec![9; 4096], false).await.expect("write");
+    assert!(matches!(
+        s.resize("g", 2 * MIB).await,
+        Err(StoreError::FailedPrecondition(_))
+    ));
+    s.resize("g", 8 * MIB).await.expect("grow");
+    assert_eq!(v.size(), 8 * MIB);
+    assert_eq!(v.read(MIB, 4096).await.expect("read"), vec![9; 4096]);
+}
