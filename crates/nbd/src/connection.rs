@@ -209,7 +209,12 @@ fn status_reply(
         },
         Err(e) => {
             let errno = nbd_errno(&e);
-            tracing::debug!(conn, command = header.command, offset = header.offset, errno, error = %e, "NBD request failed");
+            if matches!(errno, proto::ENOSPC | proto::EIO) {
+                // The environment failed (disk full, I/O error): an operator must look.
+                tracing::warn!(conn, command = header.command, offset = header.offset, errno, error = %e, "NBD request failed");
+            } else {
+                tracing::debug!(conn, command = header.command, offset = header.offset, errno, error = %e, "NBD request failed");
+            }
             error_reply(header, errno, &e.to_string(), structured)
         }
     }
