@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Runs every Ember test on a fresh Debian machine: installs the real NBD
+# clients the integration tests drive, builds, runs unit, property and
+# integration tests, and ends with one "N passed, N failed" line.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(qemu-utils libnbd-bin python3-libnbd nbdkit fio nbd-client)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "installing: ${missing[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+export CARGO_TERM_COLOR=never
+cargo build --workspace --bins --locked
+log=$(mktemp)
+status=0
+# Benches are compiled and run once as tests so they cannot rot.
+cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log" || status=$?
+cargo bench -p ember-benches --locked -- --test 2>&1 | tee -a "$log" || status=$?
+
+passed=$(grep -Eo '[0-9]+ passed' "$log" | awk '{s+=$1} END {print s+0}')
+failed=$(grep -Eo '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')
+rm -f "$log"
+echo "${passed} passed, ${failed} failed"
+if [ "$status" -ne 0 ] || [ "$failed" -ne 0 ]; then exit 1; fi
