@@ -37,7 +37,9 @@ fn dirty_scan(c: &mut Criterion) {
         }
         t.end_write(a);
     }
-    c.bench_function("tracking/dirty_extents_64GiB_1000_runs", |b| b.iter(|| t.dirty_extents()));
+    c.bench_function("tracking/dirty_extents_64GiB_1000_runs", |b| {
+        b.iter(|| t.dirty_extents())
+    });
 }
 
 fn request_decode(c: &mut Criterion) {

@@ -83,6 +83,16 @@ pub struct ApiTls {
     pub client_ca: Option<PathBuf>,
 }
 
+/// `[[raw_volume]]`: a volume backed by a raw block device.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawVolumeSection {
+    /// Volume (and NBD export) name.
+    pub name: String,
+    /// Block device path, e.g. `/dev/disk/by-id/...`.
+    pub device: PathBuf,
+}
+
 /// The whole agent configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -105,6 +115,9 @@ pub struct Config {
     pub tracking: TrackingSection,
     /// TLS for a TCP control API.
     pub api_tls: Option<ApiTls>,
+    /// Volumes on raw block devices.
+    #[serde(rename = "raw_volume")]
+    pub raw_volumes: Vec<RawVolumeSection>,
 }
 
 impl Default for Config {
@@ -119,6 +132,7 @@ impl Default for Config {
             max_nbd_connections: 4096,
             tracking: TrackingSection::default(),
             api_tls: None,
+            raw_volumes: Vec::new(),
         }
     }
 }
@@ -177,6 +191,34 @@ impl Config {
         Ok(Some(t))
     }
 
+    /// Raw-device volumes with validated names and no duplicates.
+    ///
+    /// # Errors
+    /// A bad or repeated name, or a device path that is not absolute.
+    pub fn raw_volumes(&self) -> Result<Vec<ember_volume::RawVolume>, String> {
+        let mut out: Vec<ember_volume::RawVolume> = Vec::new();
+        for raw in &self.raw_volumes {
+            let name = ember_common::VolumeName::new(raw.name.clone())
+                .map_err(|e| format!("[[raw_volume]] name {:?}: {e}", raw.name))?;
+            if !raw.device.is_absolute() {
+                return Err(format!(
+                    "[[raw_volume]] {name}: device {} must be an absolute path",
+                    raw.device.display()
+                ));
+            }
+            if out.iter().any(|r| r.name == name || r.device == raw.device) {
+                return Err(format!(
+                    "[[raw_volume]] {name}: name or device listed twice"
+                ));
+            }
+            out.push(ember_volume::RawVolume {
+                name,
+                device: raw.device.clone(),
+            });
+        }
+        Ok(out)
+    }
+
     /// Checks everything that can be checked before binding anything.
     ///
     /// # Errors
@@ -185,6 +227,7 @@ impl Config {
         self.api_endpoint()?;
         self.engine_choice()?;
         self.tracking_config()?;
+        self.raw_volumes()?;
         if self.nbd.parse::<SocketAddr>().is_err() {
             return Err(format!(
                 "nbd {:?} must be host:port with a numeric host, e.g. 127.0.0.1:10809",

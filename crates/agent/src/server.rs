@@ -55,12 +55,14 @@ pub async fn run(
         );
     }
     let data_dir = config.data_dir.clone();
+    let raw_volumes = config.raw_volumes().map_err(anyhow::Error::msg)?;
     let store = Arc::new(
         tokio::task::spawn_blocking(move || {
             VolumeStore::open(
                 StoreConfig {
                     root: data_dir,
                     tracking,
+                    raw_volumes,
                 },
                 engine,
             )

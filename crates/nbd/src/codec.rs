@@ -280,11 +280,10 @@ mod tests {
                     Request::Invalid { drain, header, .. } if header.command == proto::CMD_WRITE => {
                         prop_assert_eq!(drain, u64::from(header.length));
                     }
-                    Request::Valid(v) => {
-                        if v.command != proto::CMD_DISC && v.command != proto::CMD_FLUSH {
+                    Request::Valid(v)
+                        if v.command != proto::CMD_DISC && v.command != proto::CMD_FLUSH => {
                             prop_assert!(v.offset + u64::from(v.length) <= size);
                         }
-                    }
                     _ => {}
                 }
             }

@@ -205,7 +205,7 @@ impl FileDevice {
     ///
     /// # Errors
     /// I/O errors.
-    pub fn len(&self) -> Result<u64> {
+    pub fn size_bytes(&self) -> Result<u64> {
         let meta = self
             .file
             .metadata()

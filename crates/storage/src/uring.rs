@@ -205,12 +205,12 @@ impl Ring {
             return;
         }
         for &id in &again {
-            if let Err(e) = self.push(id) {
-                if let Some(mut op) = self.slab.slots[id].take() {
-                    op.finish(Err(e));
-                    self.slab.free.push(id);
-                    self.slab.in_flight -= 1;
-                }
+            if let Err(e) = self.push(id)
+                && let Some(mut op) = self.slab.slots[id].take()
+            {
+                op.finish(Err(e));
+                self.slab.free.push(id);
+                self.slab.in_flight -= 1;
             }
         }
         // Resubmitted remainders must reach the kernel now: nobody else

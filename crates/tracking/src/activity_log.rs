@@ -115,10 +115,10 @@ impl ActivityLog {
             self.file
                 .read_exact_at(&mut slot, i * SLOT_BYTES as u64)
                 .map_err(io_err(&self.path))?;
-            if let Some(record) = AlRecord::decode(&slot) {
-                if best.as_ref().is_none_or(|b| record.seq > b.seq) {
-                    best = Some(record);
-                }
+            if let Some(record) = AlRecord::decode(&slot)
+                && best.as_ref().is_none_or(|b| record.seq > b.seq)
+            {
+                best = Some(record);
             }
         }
         Ok(best)

@@ -53,10 +53,8 @@ pub(crate) fn copy_sparse(src: &Path, dst: &Path, size: u64) -> Result<u64> {
         .open(dst)
         .map_err(io("create copy target", dst))?;
     to.set_len(size).map_err(io("size copy target", dst))?;
-    let src_len = from
-        .metadata()
+    let src_len = source_len(&from)
         .map_err(io("stat copy source", src))?
-        .len()
         .min(size);
     let (fi, fo) = (from.as_raw_fd(), to.as_raw_fd());
     let mut copied = 0u64;
@@ -64,14 +62,22 @@ pub(crate) fn copy_sparse(src: &Path, dst: &Path, size: u64) -> Result<u64> {
     while pos < src_len {
         // SAFETY: lseek on descriptors we own.
         let data = unsafe { libc::lseek(fi, pos as i64, libc::SEEK_DATA) };
-        if data < 0 {
-            break; // ENXIO: only holes remain
-        }
-        let hole = unsafe { libc::lseek(fi, data, libc::SEEK_HOLE) };
-        let end = if hole < 0 {
-            src_len
+        let (data, end) = if data >= 0 {
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(fi, data, libc::SEEK_HOLE) };
+            (
+                data,
+                if hole < 0 {
+                    src_len
+                } else {
+                    (hole as u64).min(src_len)
+                },
+            )
+        } else if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+            break; // only holes remain
         } else {
-            (hole as u64).min(src_len)
+            // The source cannot tell holes (a block device): copy all of it.
+            (pos as i64, src_len)
         };
         let mut off_in = data;
         let mut off_out = data;
@@ -80,10 +86,21 @@ pub(crate) fn copy_sparse(src: &Path, dst: &Path, size: u64) -> Result<u64> {
             // SAFETY: offsets are valid locals; descriptors are ours.
             let n = unsafe { libc::copy_file_range(fi, &mut off_in, fo, &mut off_out, want, 0) };
             if n < 0 {
+                let err = std::io::Error::last_os_error();
+                if matches!(
+                    err.raw_os_error(),
+                    Some(libc::EINVAL | libc::EXDEV | libc::EOPNOTSUPP)
+                ) {
+                    // Not a regular-file pair (e.g. a block device source):
+                    // copy through user space, leaving zero chunks as holes.
+                    copied += copy_range_buffered(&from, &to, off_in as u64, end)
+                        .map_err(io("copy data", dst))?;
+                    break;
+                }
                 return Err(StoreError::Io {
                     op: "copy data",
                     path: dst.to_owned(),
-                    source: std::io::Error::last_os_error(),
+                    source: err,
                 });
             }
             if n == 0 {
@@ -103,4 +120,41 @@ pub(crate) fn now_unix() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+}
+
+/// Length of a regular file or block device.
+fn source_len(file: &File) -> std::io::Result<u64> {
+    let meta = file.metadata()?;
+    if meta.file_type().is_file() {
+        return Ok(meta.len());
+    }
+    // SAFETY: lseek on a descriptor we own.
+    let end = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_END) };
+    if end < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(end as u64)
+    }
+}
+
+/// Copies `[start, end)` with reads and writes, skipping all-zero chunks so
+/// the target stays sparse. Returns the bytes written.
+fn copy_range_buffered(from: &File, to: &File, start: u64, end: u64) -> std::io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    const CHUNK: usize = 1 << 20;
+    let mut buf = vec![0u8; CHUNK];
+    let mut written = 0;
+    let mut pos = start;
+    while pos < end {
+        let n = ((end - pos) as usize).min(CHUNK);
+        from.read_exact_at(&mut buf[..n], pos)?;
+        for (i, piece) in buf[..n].chunks(64 * 1024).enumerate() {
+            if piece.iter().any(|b| *b != 0) {
+                to.write_all_at(piece, pos + (i * 64 * 1024) as u64)?;
+                written += piece.len() as u64;
+            }
+        }
+        pos += n as u64;
+    }
+    Ok(written)
 }

@@ -15,5 +15,7 @@ mod volume;
 
 pub use error::{Result, StoreError};
 pub use meta::{SnapshotMeta, VolumeMeta};
-pub use store::{Capacity, Source, StoreConfig, VolumeStore, parse_snapshot, parse_volume};
+pub use store::{
+    Capacity, RawVolume, Source, StoreConfig, VolumeStore, parse_snapshot, parse_volume,
+};
 pub use volume::Volume;

@@ -17,6 +17,10 @@ pub struct VolumeMeta {
     /// `"snapshot:VOL@SNAP"`, `"volume:VOL"` or empty.
     #[serde(default)]
     pub origin: String,
+    /// Raw block device holding the data, for volumes named in the agent
+    /// config; `None` for the usual sparse `data.img`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backing_device: Option<std::path::PathBuf>,
 }
 
 /// `volumes/<name>/snapshots/<snap>/snapshot.json`.

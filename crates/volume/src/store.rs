@@ -46,6 +46,29 @@ pub struct StoreConfig {
     /// Change tracking defaults; `None` turns tracking off (benchmarks only:
     /// without it a crash forces a full resync).
     pub tracking: Option<TrackingConfig>,
+    /// Volumes backed by raw block devices, named in the agent config.
+    pub raw_volumes: Vec<RawVolume>,
+}
+
+/// A volume whose data lives on a raw block device instead of a sparse file.
+/// Its metadata and tracking state still live in the data dir. It cannot be
+/// deleted or resized through the API while it is named in the config: the
+/// device belongs to the operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawVolume {
+    /// Volume (and export) name.
+    pub name: VolumeName,
+    /// The block device (or any pre-sized file), e.g. `/dev/disk/by-id/…`.
+    pub device: PathBuf,
+}
+
+/// Where a copy's bytes come from.
+#[derive(Debug)]
+struct ResolvedSource {
+    path: PathBuf,
+    size_bytes: u64,
+    /// Set when the source is a live volume whose writes must pause.
+    live: Option<Arc<Volume>>,
 }
 
 /// File-system capacity of the data dir.
@@ -121,6 +144,16 @@ impl VolumeStore {
             let meta: VolumeMeta = read_json(&entry.path().join(VOLUME_META))?;
             let volume = open_volume(&entry.path(), &meta, &config, &engine)?;
             volumes.insert(meta.name.clone(), (meta, Arc::new(volume)));
+        }
+        for raw in &config.raw_volumes {
+            let (meta, volume) = adopt_raw_volume(
+                &vols,
+                raw,
+                volumes.remove(raw.name.as_str()),
+                &config,
+                &engine,
+            )?;
+            volumes.insert(meta.name.clone(), (meta, volume));
         }
         sync_dir(&vols)?;
         tracing::info!(volumes = volumes.len(), root = %config.root.display(), %backend_id, "volume store opened");
@@ -247,7 +280,8 @@ impl VolumeStore {
             });
         }
         let tracking = self.tracking_for(granularity)?;
-        let (source_path, source_size, source_volume) = self.resolve_source(&source)?;
+        let resolved = self.resolve_source(&source)?;
+        let source_size = resolved.as_ref().map(|r| r.size_bytes);
         let size_bytes = match (size_bytes, source_size) {
             (0, Some(s)) => s,
             (0, None) => {
@@ -270,17 +304,23 @@ impl VolumeStore {
         let result = async {
             std::fs::create_dir(&tmp).map_err(io("create volume dir", &tmp))?;
             let data = tmp.join(DATA_FILE);
-            match (&source_path, &source_volume) {
-                (Some(src), Some(vol)) => {
+            match &resolved {
+                Some(ResolvedSource {
+                    path,
+                    live: Some(vol),
+                    ..
+                }) => {
                     // Clone of a live volume: a point in time, so hold writes off.
                     let _quiet = vol.quiesce().await;
                     vol.device().flush().await?;
-                    copy_blocking(src.clone(), data.clone(), size_bytes).await?;
+                    copy_blocking(path.clone(), data.clone(), size_bytes).await?;
                 }
-                (Some(src), None) => {
-                    copy_blocking(src.clone(), data.clone(), size_bytes).await?;
+                Some(ResolvedSource {
+                    path, live: None, ..
+                }) => {
+                    copy_blocking(path.clone(), data.clone(), size_bytes).await?;
                 }
-                _ => {
+                None => {
                     FileDevice::create(&data, size_bytes, self.engine.clone())?;
                 }
             }
@@ -290,6 +330,7 @@ impl VolumeStore {
                 tracking_granularity_bytes: tracking.map_or(0, |t| t.granularity_bytes),
                 created_at_unix: now_unix(),
                 origin: origin.clone(),
+                backing_device: None,
             };
             write_json_atomic(&tmp.join(VOLUME_META), &meta)?;
             let dest = vols.join(name.as_str());
@@ -325,29 +366,37 @@ impl VolumeStore {
         Ok(Some(t))
     }
 
-    fn resolve_source(
-        &self,
-        source: &Source,
-    ) -> Result<(Option<PathBuf>, Option<u64>, Option<Arc<Volume>>)> {
+    fn resolve_source(&self, source: &Source) -> Result<Option<ResolvedSource>> {
         match source {
-            Source::Empty => Ok((None, None, None)),
+            Source::Empty => Ok(None),
             Source::Snapshot(vol, snap) => {
                 let dir = self.snapshot_dir(vol, snap);
                 let meta: SnapshotMeta = read_json(&dir.join(SNAPSHOT_META))
                     .map_err(|_| not_found_snapshot(vol, snap))?;
-                Ok((Some(dir.join(DATA_FILE)), Some(meta.size_bytes), None))
+                Ok(Some(ResolvedSource {
+                    path: dir.join(DATA_FILE),
+                    size_bytes: meta.size_bytes,
+                    live: None,
+                }))
             }
             Source::Volume(vol) => {
                 let (meta, volume) = self
                     .get(vol.as_str())
                     .ok_or_else(|| not_found_volume(vol.as_str()))?;
-                Ok((
-                    Some(volume.device().path().to_owned()),
-                    Some(meta.size_bytes),
-                    Some(volume),
-                ))
+                Ok(Some(ResolvedSource {
+                    path: volume.device().path().to_owned(),
+                    size_bytes: meta.size_bytes,
+                    live: Some(volume),
+                }))
             }
         }
+    }
+
+    fn is_configured_raw(&self, name: &str) -> bool {
+        self.config
+            .raw_volumes
+            .iter()
+            .any(|r| r.name.as_str() == name)
     }
 
     /// Deletes a volume and its snapshots. Returns false when it did not exist.
@@ -360,6 +409,11 @@ impl VolumeStore {
         let Some((_, volume)) = self.get(name.as_str()) else {
             return Ok(false);
         };
+        if self.is_configured_raw(name.as_str()) {
+            return Err(StoreError::FailedPrecondition(format!(
+                "volume {name} is a raw device named in the agent config; remove it there and restart to release it"
+            )));
+        }
         let attached = volume.connections() + self.snapshot_connections(name.as_str());
         if attached > 0 {
             return Err(StoreError::FailedPrecondition(format!(
@@ -403,6 +457,11 @@ impl VolumeStore {
         let (mut meta, volume) = self
             .get(name.as_str())
             .ok_or_else(|| not_found_volume(name.as_str()))?;
+        if meta.backing_device.is_some() {
+            return Err(StoreError::FailedPrecondition(format!(
+                "volume {name} is a raw device; its size follows the device (grow the device and restart the agent)"
+            )));
+        }
         if size_bytes < meta.size_bytes {
             return Err(StoreError::FailedPrecondition(format!(
                 "volume {name} is {} bytes; shrinking to {size_bytes} would lose data and is not supported",
@@ -495,13 +554,13 @@ impl VolumeStore {
         let key = format!("{vol}@{snap}");
         {
             let mut exports = self.snapshot_exports.lock().expect("snapshot map lock");
-            if let Some(e) = exports.get(&key) {
-                if e.connections() > 0 {
-                    return Err(StoreError::FailedPrecondition(format!(
-                        "snapshot {key} has {} NBD connection(s) attached",
-                        e.connections()
-                    )));
-                }
+            if let Some(e) = exports.get(&key)
+                && e.connections() > 0
+            {
+                return Err(StoreError::FailedPrecondition(format!(
+                    "snapshot {key} has {} NBD connection(s) attached",
+                    e.connections()
+                )));
             }
             exports.remove(&key);
         }
@@ -592,7 +651,11 @@ fn open_volume(
     config: &StoreConfig,
     engine: &IoEngine,
 ) -> Result<Volume> {
-    let device = FileDevice::open(&dir.join(DATA_FILE), false, engine.clone())?;
+    let path = meta
+        .backing_device
+        .clone()
+        .unwrap_or_else(|| dir.join(DATA_FILE));
+    let device = FileDevice::open(&path, false, engine.clone())?;
     let tracker = match config.tracking {
         Some(mut t) => {
             if meta.tracking_granularity_bytes != 0 {
@@ -610,6 +673,56 @@ fn open_volume(
         meta.size_bytes,
         false,
     ))
+}
+
+/// Registers (first start) or re-opens a raw-device volume named in config.
+fn adopt_raw_volume(
+    vols: &Path,
+    raw: &RawVolume,
+    existing: Option<(VolumeMeta, Arc<Volume>)>,
+    config: &StoreConfig,
+    engine: &IoEngine,
+) -> Result<(VolumeMeta, Arc<Volume>)> {
+    let device = FileDevice::open(&raw.device, false, engine.clone())?;
+    let size = device.size_bytes()? / SECTOR_BYTES * SECTOR_BYTES;
+    if size == 0 {
+        return Err(StoreError::InvalidArgument(format!(
+            "raw device {} for volume {} is empty",
+            raw.device.display(),
+            raw.name
+        )));
+    }
+    let dir = vols.join(raw.name.as_str());
+    let mut meta = match existing {
+        Some((meta, _)) if meta.backing_device.as_deref() != Some(raw.device.as_path()) => {
+            return Err(StoreError::FailedPrecondition(format!(
+                "volume {} already exists backed by {:?}; the config names {}",
+                raw.name,
+                meta.backing_device,
+                raw.device.display()
+            )));
+        }
+        Some((meta, _)) => meta,
+        None => {
+            std::fs::create_dir_all(&dir).map_err(io("create volume dir", &dir))?;
+            VolumeMeta {
+                name: raw.name.to_string(),
+                size_bytes: size,
+                tracking_granularity_bytes: config.tracking.map_or(0, |t| t.granularity_bytes),
+                created_at_unix: now_unix(),
+                origin: String::new(),
+                backing_device: Some(raw.device.clone()),
+            }
+        }
+    };
+    if meta.size_bytes != size {
+        tracing::info!(volume_id = %raw.name, from = meta.size_bytes, to = size, "raw device size changed");
+        meta.size_bytes = size;
+    }
+    write_json_atomic(&dir.join(VOLUME_META), &meta)?;
+    let volume = Arc::new(open_volume(&dir, &meta, config, engine)?);
+    tracing::info!(volume_id = %raw.name, device = %raw.device.display(), size_bytes = size, "raw device volume ready");
+    Ok((meta, volume))
 }
 
 async fn copy_blocking(src: PathBuf, dst: PathBuf, size: u64) -> Result<u64> {
@@ -644,7 +757,7 @@ fn generate_backend_id() -> String {
 }
 
 fn check_size(size: u64) -> Result<()> {
-    if size == 0 || size % SECTOR_BYTES != 0 {
+    if size == 0 || !size.is_multiple_of(SECTOR_BYTES) {
         return Err(StoreError::InvalidArgument(format!(
             "size {size} must be a positive multiple of {SECTOR_BYTES} bytes"
         )));

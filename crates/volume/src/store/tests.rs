@@ -13,6 +13,7 @@ async fn store(dir: &Path) -> VolumeStore {
         StoreConfig {
             root: dir.to_owned(),
             tracking: Some(TrackingConfig::default()),
+            raw_volumes: Vec::new(),
         },
         engine,
     )
