@@ -73,6 +73,8 @@ pub struct Agent {
     /// NBD port on 127.0.0.1.
     pub nbd_port: u16,
     extra_args: Vec<String>,
+    /// Extra emberctl flags (TLS material).
+    pub ctl_args: Vec<String>,
 }
 
 impl Agent {
@@ -83,12 +85,24 @@ impl Agent {
 
     /// Starts emberd with extra flags.
     pub fn start_with(data_dir: &Path, extra: &[&str]) -> Self {
+        Self::start_custom(
+            data_dir,
+            &format!("unix:{}", data_dir.join("api.sock").display()),
+            extra,
+            &[],
+        )
+    }
+
+    /// Starts emberd with a given API endpoint, extra emberd flags and the
+    /// emberctl flags needed to reach it.
+    pub fn start_custom(data_dir: &Path, api: &str, extra: &[&str], ctl_args: &[&str]) -> Self {
         let mut agent = Self {
             child: None,
             data_dir: data_dir.to_owned(),
-            api: format!("unix:{}", data_dir.join("api.sock").display()),
+            api: api.to_owned(),
             nbd_port: free_port(),
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
+            ctl_args: ctl_args.iter().map(|s| s.to_string()).collect(),
         };
         agent.spawn();
         agent
@@ -150,6 +164,7 @@ impl Agent {
     pub fn ctl(&self, args: &[&str]) -> Output {
         Command::new(bin("emberctl"))
             .args(["--api", &self.api])
+            .args(&self.ctl_args)
             .args(args)
             .output()
             .expect("run emberctl")

@@ -4,6 +4,7 @@
 mod client;
 mod lab;
 mod output;
+mod pki;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -27,6 +28,15 @@ struct Cli {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
+    /// CA bundle to verify an https:// agent with.
+    #[arg(long, global = true, env = "EMBER_TLS_CA")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// Client certificate for agents that require one.
+    #[arg(long, global = true, env = "EMBER_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// Client private key.
+    #[arg(long, global = true, env = "EMBER_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -44,6 +54,9 @@ enum Command {
     /// A local lab: an agent with a demo volume, in one command.
     #[command(subcommand)]
     Lab(lab::LabCmd),
+    /// Certificates for labs and tests: a private CA and certificates it signs.
+    #[command(subcommand)]
+    Pki(pki::PkiCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -115,12 +128,18 @@ fn size_arg(raw: &str) -> anyhow::Result<u64> {
 
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let out = Out { json: cli.json };
-    if let Command::Lab(cmd) = cli.command {
-        return lab::run(cmd, out).await;
-    }
-    let mut api = client::connect(&cli.api).await?;
+    let tls = client::Tls {
+        ca: cli.tls_ca,
+        cert: cli.tls_cert,
+        key: cli.tls_key,
+    };
+    let mut api = match cli.command {
+        Command::Lab(cmd) => return lab::run(cmd, out).await,
+        Command::Pki(cmd) => return pki::run(cmd),
+        _ => client::connect_with(&cli.api, &tls).await?,
+    };
     match cli.command {
-        Command::Lab(_) => unreachable!("handled above"),
+        Command::Lab(_) | Command::Pki(_) => unreachable!("handled above"),
         Command::Status => {
             let caps = api
                 .get_capabilities(pb::GetCapabilitiesRequest {})

@@ -1,0 +1,123 @@
+//! `emberctl pki`: an easy certificate path for labs and tests. A private CA
+//! (`ca.crt`, `ca.key`) and certificates signed by it, each valid for both
+//! server and client authentication, so one certificate serves an agent's
+//! API, and (with replication) both ends of a mutual-TLS peer link.
+//! Generated with rcgen (ECDSA P-256); no crypto is written here.
+//!
+//! Production: issue certificates from your own PKI instead and point
+//! `[api_tls]` at them; nothing in Ember assumes this CA.
+
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use clap::Subcommand;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum PkiCmd {
+    /// Create a CA in DIR (refuses to overwrite one).
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Issue NAME.crt / NAME.key signed by the CA in DIR.
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Certificate name (file stem and common name).
+        name: String,
+        /// Subject alternative names (DNS names or IP addresses);
+        /// default: NAME, localhost, 127.0.0.1, ::1.
+        #[arg(long = "san")]
+        sans: Vec<String>,
+    },
+}
+
+fn write_private(path: &Path, body: &str, mode: u32) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(body.as_bytes())?;
+    Ok(())
+}
+
+pub(crate) fn run(cmd: PkiCmd) -> anyhow::Result<()> {
+    match cmd {
+        PkiCmd::Init { dir } => init(&dir),
+        PkiCmd::Issue { dir, name, sans } => issue(&dir, &name, sans),
+    }
+}
+
+/// Creates `ca.crt` and `ca.key` (0600) in `dir`.
+pub(crate) fn init(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    if dir.join("ca.key").exists() {
+        bail!("{} already holds a CA", dir.display());
+    }
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "Ember CA");
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let cert = params.self_signed(&key)?;
+    write_private(&dir.join("ca.key"), &key.serialize_pem(), 0o600)?;
+    write_private(&dir.join("ca.crt"), &cert.pem(), 0o644)?;
+    println!("created CA in {}", dir.display());
+    Ok(())
+}
+
+/// Issues `NAME.crt` and `NAME.key` (0600) signed by the CA in `dir`.
+pub(crate) fn issue(dir: &Path, name: &str, sans: Vec<String>) -> anyhow::Result<()> {
+    ember_common::VolumeName::new(name)
+        .map_err(|e| anyhow::anyhow!("certificate name {name:?}: {e}"))?;
+    let ca_key = KeyPair::from_pem(
+        &std::fs::read_to_string(dir.join("ca.key"))
+            .context("reading ca.key (run pki init first)")?,
+    )?;
+    let ca_pem = std::fs::read_to_string(dir.join("ca.crt")).context("reading ca.crt")?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
+    let sans = if sans.is_empty() {
+        vec![
+            name.to_owned(),
+            "localhost".into(),
+            "127.0.0.1".into(),
+            "::1".into(),
+        ]
+    } else {
+        sans
+    };
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(sans)?;
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let cert = params.signed_by(&key, &issuer)?;
+    write_private(
+        &dir.join(format!("{name}.key")),
+        &key.serialize_pem(),
+        0o600,
+    )?;
+    write_private(&dir.join(format!("{name}.crt")), &cert.pem(), 0o644)?;
+    println!("issued {name}.crt in {}", dir.display());
+    Ok(())
+}
