@@ -18,6 +18,8 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 export CARGO_TERM_COLOR=never
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo build --workspace --bins --locked
 log=$(mktemp)
 status=0

@@ -14,6 +14,8 @@ pub mod codec;
 mod connection;
 mod error;
 mod export;
+#[doc(hidden)]
+pub mod fuzzing;
 mod handshake;
 pub mod proto;
 mod server;

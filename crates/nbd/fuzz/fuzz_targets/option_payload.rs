@@ -1,0 +1,3 @@
+#![no_main]
+//! Fuzz target: see `ember_nbd::fuzzing::option_payloads`.
+libfuzzer_sys::fuzz_target!(|data: &[u8]| ember_nbd::fuzzing::option_payloads(data));
