@@ -106,6 +106,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--runtime", type=int, default=5)
     ap.add_argument("--dir", default="/var/tmp")
+    ap.add_argument("--servers", default="emberd,emberd-notrack,qemu-nbd-native,qemu-nbd-uring,qemu-nbd-wb",
+                    help="comma-separated subset of the servers above")
     a = ap.parse_args()
     for tool in ("fio", "qemu-nbd", "nbdcopy"):
         if not shutil.which(tool):
@@ -115,7 +117,7 @@ def main():
     with open(template, "wb") as f:
         for _ in range(SIZE // (16 << 20)):
             f.write(os.urandom(16 << 20))
-    names = ["emberd", "emberd-notrack", "qemu-nbd-native", "qemu-nbd-uring", "qemu-nbd-wb"]
+    names = a.servers.split(",")
     servers = [Server(n, work, template) for n in names]
     results = {n: {j: [] for j in JOBS} for n in names}
     try:
@@ -135,14 +137,24 @@ def main():
         return statistics.median(x[key] for x in results[name][job])
 
     print(f"\nmedians of {a.rounds} rounds, {a.runtime}s each, servers alternated\n")
-    print("| job | unit | emberd | emberd no-track | qemu-nbd none/native | qemu-nbd none/io_uring | qemu-nbd writeback | emberd ÷ best qemu cache=none | emberd ÷ qemu writeback | tracking overhead |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| job | unit | " + " | ".join(names) + " | emberd ÷ best qemu cache=none | emberd ÷ qemu writeback | tracking overhead |")
+    print("|---|---|" + "---|" * (len(names) + 3))
     for job in JOBS:
         unit = "IOPS" if "4k" in job else "MB/s"
-        e, en = med("emberd", job), med("emberd-notrack", job)
-        qn, qu, qw = med("qemu-nbd-native", job), med("qemu-nbd-uring", job), med("qemu-nbd-wb", job)
-        overhead = (en - e) / en * 100 if en else 0
-        print(f"| {job} | {unit} | {e:.0f} | {en:.0f} | {qn:.0f} | {qu:.0f} | {qw:.0f} | {e / max(qn, qu):.2f}× | {e / qw:.2f}× | {overhead:+.1f} % |")
+        m = {n: med(n, job) for n in names}
+        cells = " | ".join(f"{m[n]:.0f}" for n in names)
+        qemu_none = [m[n] for n in ("qemu-nbd-native", "qemu-nbd-uring") if n in m]
+        r1 = f"{m['emberd'] / max(qemu_none):.2f}×" if qemu_none and "emberd" in m else "–"
+        r2 = f"{m['emberd'] / m['qemu-nbd-wb']:.2f}×" if "qemu-nbd-wb" in m and "emberd" in m else "–"
+        ov = f"{(m['emberd-notrack'] - m['emberd']) / m['emberd-notrack'] * 100:+.1f} %" if "emberd-notrack" in m and "emberd" in m else "–"
+        print(f"| {job} | {unit} | {cells} | {r1} | {r2} | {ov} |")
+    if "emberd" in names and "emberd-notrack" in names:
+        print("\ntracking overhead per round (paired: same round, adjacent runs):")
+        for job in JOBS:
+            key = "iops" if "4k" in job else "mbps"
+            pairs = [(t[key], n[key]) for t, n in zip(results["emberd"][job], results["emberd-notrack"][job])]
+            per = [(n - t) / n * 100 for t, n in pairs]
+            print(f"  {job:18} median {statistics.median(per):+.1f} %  rounds: " + ", ".join(f"{p:+.1f}" for p in per))
 
 
 if __name__ == "__main__":

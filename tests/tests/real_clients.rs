@@ -262,3 +262,44 @@ fn many_volumes_and_connections_are_served_at_once() {
     }
     drop(idle);
 }
+
+#[test]
+fn blocking_fallback_engine_serves_the_same_bytes() {
+    if !require_tool("qemu-io") {
+        return;
+    }
+    let dir = tempdir();
+    let agent = Agent::start_with(&dir.path().join("a"), &["--io-engine", "blocking"]);
+    assert!(
+        agent.log().contains("io_engine=\"blocking\"")
+            || agent.log().contains("io_engine=blocking"),
+        "start-up log names the engine: {}",
+        agent.log()
+    );
+    let uri = agent.create_volume("blk", "32M");
+    run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x3c 4M 4M",
+            "-c",
+            "write -z 0 1M",
+            uri.as_str(),
+        ],
+    );
+    run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0x3c 4M 4M",
+            "-c",
+            "read -P 0 0 1M",
+            uri.as_str(),
+        ],
+    );
+    assert_eq!(agent.ctl_json(&["status"])["io_engine"], "blocking");
+}
