@@ -103,7 +103,9 @@ fn init_logging(format: Option<&str>) {
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colour codes only for people: log files and journald get plain text.
+        .with_ansi(std::io::stderr().is_terminal());
     if json {
         builder.json().init()
     } else {
