@@ -100,6 +100,8 @@ impl TrackingConfig {
 #[must_use = "pass the admission to Tracker::end_write once the write is done"]
 pub struct Admission {
     extents: std::ops::Range<u32>,
+    /// Bitmap blocks `[start, end)` the write covers.
+    blocks: (u64, u64),
     /// When set, `commit(seq)` must succeed before the data write is issued.
     pub commit_seq: Option<u64>,
 }
@@ -144,6 +146,9 @@ struct State {
     durable_seq: u64,
     /// Extents evicted since the last commit whose words must reach disk first.
     evicted: Vec<u32>,
+    /// Change watchers: blocks whose writes *completed* since each watch began.
+    watchers: HashMap<u64, Bitmap>,
+    next_watch: u64,
 }
 
 #[derive(Debug)]
@@ -218,6 +223,8 @@ impl Tracker {
                 al_seq: seq,
                 durable_seq: seq,
                 evicted: Vec::new(),
+                watchers: HashMap::new(),
+                next_watch: 1,
             }),
             files: Mutex::new(Files {
                 bitmap: bitmap_file,
@@ -248,6 +255,7 @@ impl Tracker {
         if len == 0 {
             return Ok(Admission {
                 extents: 0..0,
+                blocks: (0, 0),
                 commit_seq: None,
             });
         }
@@ -289,6 +297,7 @@ impl Tracker {
         self.evict_cold(&mut st);
         Ok(Admission {
             extents: first..last + 1,
+            blocks: (start, end),
             commit_seq: (needed > st.durable_seq).then_some(needed),
         })
     }
@@ -394,10 +403,40 @@ impl Tracker {
         files.log.append(record)
     }
 
-    /// Unpins the extents of a finished (or failed) write.
+    /// Unpins the extents of a finished (or failed) write, and records it
+    /// in every change watcher.
     pub fn end_write(&self, admission: Admission) {
         let mut st = self.state();
+        let (start, end) = admission.blocks;
+        for bits in st.watchers.values_mut() {
+            bits.set_range(start, end);
+        }
         Self::unpin(&mut st, admission.extents);
+    }
+
+    /// Starts a change watcher: an in-memory record of blocks whose writes
+    /// complete from now on (not persisted; for copies that run while the
+    /// volume is written, like live snapshots). Recording at completion
+    /// rather than admission means a write in flight when one watcher is
+    /// taken lands in the next one.
+    pub fn watch(&self) -> u64 {
+        let mut st = self.state();
+        let id = st.next_watch;
+        st.next_watch += 1;
+        let blocks = st.bits.len();
+        st.watchers.insert(id, Bitmap::new(blocks));
+        id
+    }
+
+    /// Ends watcher `id`, returning the blocks written while it ran.
+    pub fn take_watch(&self, id: u64) -> Option<Bitmap> {
+        self.state().watchers.remove(&id)
+    }
+
+    /// Byte extents of a watcher's bitmap, clamped to the volume size.
+    pub fn watch_extents(&self, bits: &Bitmap) -> Vec<Extent> {
+        let size = self.state().size_bytes;
+        bits.extents(self.config.granularity_bytes, size)
     }
 
     /// Reports every dirty block and opens a new checkpoint. A checkpoint
@@ -489,6 +528,9 @@ impl Tracker {
             st.bits.resize(blocks);
             if let Some(cp) = st.checkpoint.as_mut() {
                 cp.since.resize(blocks);
+            }
+            for bits in st.watchers.values_mut() {
+                bits.resize(blocks);
             }
             st.bits.clone()
         };

@@ -158,3 +158,36 @@ fn copy_range_buffered(from: &File, to: &File, start: u64, end: u64) -> std::io:
     }
     Ok(written)
 }
+
+/// Copies the byte `extents` of `src` over the existing file `dst`, exactly
+/// (zeros included: a block zeroed since an earlier pass must be zero in the
+/// copy), then syncs `dst`. Blocking.
+pub(crate) fn copy_extents(
+    src: &Path,
+    dst: &Path,
+    extents: &[ember_common::Extent],
+) -> Result<u64> {
+    use std::os::unix::fs::FileExt;
+    const CHUNK: u64 = 1 << 20;
+    let from = File::open(src).map_err(io("open copy source", src))?;
+    let to = OpenOptions::new()
+        .write(true)
+        .open(dst)
+        .map_err(io("open copy target", dst))?;
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut copied = 0;
+    for e in extents {
+        let mut pos = e.offset;
+        while pos < e.end() {
+            let n = (e.end() - pos).min(CHUNK) as usize;
+            from.read_exact_at(&mut buf[..n], pos)
+                .map_err(io("read copy source", src))?;
+            to.write_all_at(&buf[..n], pos)
+                .map_err(io("write copy target", dst))?;
+            pos += n as u64;
+            copied += n as u64;
+        }
+    }
+    to.sync_all().map_err(io("sync copy target", dst))?;
+    Ok(copied)
+}

@@ -175,3 +175,30 @@ proptest! {
         prop_assert!(extra * g <= cfg.window_bytes(), "{} extra bytes exceed the window", extra * g);
     }
 }
+
+#[test]
+fn watchers_record_writes_at_completion() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let t = Tracker::open(dir.path(), 64 * MIB, small_log()).expect("open");
+    let in_flight = t.begin_write(0, 4096).expect("admit");
+    let w1 = t.watch();
+    write(&t, 10 * MIB, 4096);
+    let w2 = t.watch();
+    let first = t.take_watch(w1).expect("w1");
+    assert!(
+        first.get(160) && !first.get(0),
+        "w1 saw only the write completed while it ran"
+    );
+    // The write admitted before either watcher completes now: w2 must see it.
+    if let Some(seq) = in_flight.commit_seq {
+        t.commit(seq).expect("commit");
+    }
+    t.end_write(in_flight);
+    let second = t.take_watch(w2).expect("w2");
+    assert!(second.get(0) && !second.get(160));
+    assert_eq!(
+        t.take_watch(w1).map(|b| b.count_ones()),
+        None,
+        "taken watchers are gone"
+    );
+}
