@@ -83,6 +83,20 @@ pub struct ApiTls {
     pub client_ca: Option<PathBuf>,
 }
 
+/// `[peer]` section: the replication listener and its mutual-TLS material.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerSection {
+    /// `host:port` the peer listener binds.
+    pub listen: String,
+    /// PEM certificate of this agent (server and client auth).
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+    /// PEM CA that signs every paired site's certificate.
+    pub ca: PathBuf,
+}
+
 /// `[[raw_volume]]`: a volume backed by a raw block device.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -118,6 +132,10 @@ pub struct Config {
     /// Volumes on raw block devices.
     #[serde(rename = "raw_volume")]
     pub raw_volumes: Vec<RawVolumeSection>,
+    /// This agent's site name, as peers know it.
+    pub site: String,
+    /// Peer listener for replication (mutual TLS); absent: no pairing.
+    pub peer: Option<PeerSection>,
 }
 
 impl Default for Config {
@@ -133,6 +151,8 @@ impl Default for Config {
             tracking: TrackingSection::default(),
             api_tls: None,
             raw_volumes: Vec::new(),
+            site: "local".into(),
+            peer: None,
         }
     }
 }
@@ -219,6 +239,15 @@ impl Config {
         Ok(out)
     }
 
+    /// Mutual-TLS material of the peer listener, when configured.
+    pub fn peer_tls(&self) -> Option<ember_repl::PeerTls> {
+        self.peer.as_ref().map(|p| ember_repl::PeerTls {
+            cert: p.cert.clone(),
+            key: p.key.clone(),
+            ca: p.ca.clone(),
+        })
+    }
+
     /// Checks everything that can be checked before binding anything.
     ///
     /// # Errors
@@ -228,6 +257,20 @@ impl Config {
         self.engine_choice()?;
         self.tracking_config()?;
         self.raw_volumes()?;
+        ember_common::VolumeName::new(self.site.clone())
+            .map_err(|e| format!("site {:?}: {e}", self.site))?;
+        if let Some(peer) = &self.peer {
+            if peer.listen.parse::<SocketAddr>().is_err() {
+                return Err(format!(
+                    "[peer] listen {:?} must be host:port with a numeric host",
+                    peer.listen
+                ));
+            }
+            self.peer_tls()
+                .expect("peer section present")
+                .validate()
+                .map_err(|e| format!("[peer]: {e}"))?;
+        }
         if self.nbd.parse::<SocketAddr>().is_err() {
             return Err(format!(
                 "nbd {:?} must be host:port with a numeric host, e.g. 127.0.0.1:10809",

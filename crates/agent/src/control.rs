@@ -40,6 +40,42 @@ impl NbdAddress {
 pub(crate) struct ControlService {
     pub(crate) store: Arc<VolumeStore>,
     pub(crate) nbd: NbdAddress,
+    pub(crate) peers: Arc<ember_repl::PeerRegistry>,
+    pub(crate) site: String,
+    pub(crate) peer_address: Option<String>,
+}
+
+/// Maps peer-link errors to gRPC statuses; exhaustive like [`status`].
+pub(crate) fn repl_status(error: ember_repl::ReplError) -> Status {
+    use ember_repl::ReplError;
+    let message = error.to_string();
+    match error {
+        ReplError::InvalidArgument(_) | ReplError::WrongSite { .. } => {
+            Status::invalid_argument(message)
+        }
+        ReplError::AlreadyPaired { .. } => Status::already_exists(message),
+        ReplError::Unreachable { .. } => Status::unavailable(message),
+        ReplError::Refused { .. }
+        | ReplError::VersionMismatch { .. }
+        | ReplError::NotConfigured => Status::failed_precondition(message),
+        ReplError::TlsMaterial { .. } => Status::failed_precondition(message),
+        ReplError::Io { .. } => Status::internal(message),
+    }
+}
+
+fn peer_pb(p: ember_repl::PeerInfo) -> pb::Peer {
+    pb::Peer {
+        site: p.site,
+        address: p.address,
+        backend_id: p.backend_id,
+        protocol_version: p.protocol_version,
+        capabilities: p.capabilities,
+        rtt_us: p.link.rtt_us,
+        throughput_bytes_per_sec: p.link.throughput_bytes_per_sec,
+        state: p.state.as_str().into(),
+        added_at_unix: p.added_at_unix,
+        last_error: p.last_error,
+    }
 }
 
 /// Maps store errors to gRPC statuses. Exhaustive: a new variant must pick
@@ -123,6 +159,9 @@ impl EmberControl for ControlService {
         if self.store.tracking_enabled() {
             features.extend(["dirty-tracking", "nbd-dirty-bitmap"]);
         }
+        if self.peer_address.is_some() {
+            features.push("peer-mtls");
+        }
         Ok(Response::new(pb::GetCapabilitiesResponse {
             version: env!("CARGO_PKG_VERSION").into(),
             backend_id: self.store.backend_id().into(),
@@ -132,7 +171,48 @@ impl EmberControl for ControlService {
             io_engine: self.store.engine().name().into(),
             nbd_address: self.nbd.display(),
             volume_count: self.store.list().len() as u32,
+            site: self.site.clone(),
+            peer_address: self.peer_address.clone().unwrap_or_default(),
         }))
+    }
+
+    #[tracing::instrument(skip_all, fields(peer = %request.get_ref().site))]
+    async fn add_peer(
+        &self,
+        request: Request<pb::AddPeerRequest>,
+    ) -> Result<Response<pb::AddPeerResponse>, Status> {
+        let req = request.into_inner();
+        let (peer, created) = self
+            .peers
+            .add(&req.site, &req.address, req.measure_bytes)
+            .await
+            .map_err(repl_status)?;
+        Ok(Response::new(pb::AddPeerResponse {
+            peer: Some(peer_pb(peer)),
+            created,
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_peers(
+        &self,
+        _: Request<pb::ListPeersRequest>,
+    ) -> Result<Response<pb::ListPeersResponse>, Status> {
+        let peers = self.peers.list().await.into_iter().map(peer_pb).collect();
+        Ok(Response::new(pb::ListPeersResponse { peers }))
+    }
+
+    #[tracing::instrument(skip_all, fields(peer = %request.get_ref().site))]
+    async fn remove_peer(
+        &self,
+        request: Request<pb::RemovePeerRequest>,
+    ) -> Result<Response<pb::RemovePeerResponse>, Status> {
+        let removed = self
+            .peers
+            .remove(&request.get_ref().site)
+            .await
+            .map_err(repl_status)?;
+        Ok(Response::new(pb::RemovePeerResponse { removed }))
     }
 
     #[tracing::instrument(skip_all, fields(volume_id = %request.get_ref().name))]

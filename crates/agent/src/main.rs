@@ -28,6 +28,9 @@ struct Args {
     /// I/O engine: auto, io_uring or blocking.
     #[arg(long)]
     io_engine: Option<String>,
+    /// This agent's site name.
+    #[arg(long)]
+    site: Option<String>,
     /// Turn change tracking off (benchmarking only).
     #[arg(long)]
     no_tracking: bool,
@@ -68,6 +71,9 @@ fn main() -> anyhow::Result<()> {
     }
     if args.no_tracking {
         config.tracking.enabled = false;
+    }
+    if let Some(v) = args.site {
+        config.site = v;
     }
     config
         .validate()

@@ -72,6 +72,16 @@ pub async fn run(
         .with_context(|| format!("opening data dir {}", config.data_dir.display()))?,
     );
 
+    let identity = ember_repl::Identity {
+        site: config.site.clone(),
+        backend_id: store.backend_id().to_owned(),
+        capabilities: vec!["nbd".into(), "dirty-tracking".into(), "snapshots".into()],
+    };
+    let peers = Arc::new(
+        ember_repl::PeerRegistry::open(&config.data_dir, config.peer_tls(), identity.clone())
+            .context("loading the peer list")?,
+    );
+
     let nbd_listener = match listeners.nbd {
         Some(l) => l,
         None => TcpListener::bind(&config.nbd)
@@ -110,9 +120,30 @@ pub async fn run(
     }
     tracing::info!(nbd = %nbd_local, nbd_unix = ?config.nbd_unix, "NBD listening");
 
+    let mut peer_task = None;
+    let mut peer_address = None;
+    if let (Some(section), Some(tls)) = (&config.peer, config.peer_tls()) {
+        let listener = TcpListener::bind(&section.listen)
+            .await
+            .with_context(|| format!("binding peer listener {}", section.listen))?;
+        let local = listener.local_addr()?;
+        tracing::info!(peer_listen = %local, site = %config.site, "peer listener (mutual TLS) ready");
+        peer_address = Some(local.to_string());
+        let server_tls = tls.server_config().context("peer TLS")?;
+        peer_task = Some(tokio::spawn(ember_repl::serve_peers(
+            listener,
+            server_tls,
+            ember_repl::PeerService::new(identity),
+            cancel.child_token(),
+        )));
+    }
+
     let control = ControlService {
         store: store.clone(),
         nbd: nbd_address,
+        peers,
+        site: config.site.clone(),
+        peer_address,
     };
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
@@ -160,6 +191,13 @@ pub async fn run(
         let _ = t.await;
     }
     nbd.drained().await;
+    if let Some(t) = peer_task {
+        match t.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "peer listener ended with an error"),
+            Err(e) => tracing::warn!(error = %e, "peer listener task failed"),
+        }
+    }
     store.shutdown().await;
     match api.await {
         Ok(Ok(())) => {}

@@ -51,6 +51,9 @@ enum Command {
     /// Snapshot operations.
     #[command(subcommand)]
     Snapshot(SnapshotCmd),
+    /// Pairing with the agents of other sites (mutual TLS).
+    #[command(subcommand)]
+    Peer(PeerCmd),
     /// A local lab: an agent with a demo volume, in one command.
     #[command(subcommand)]
     Lab(lab::LabCmd),
@@ -98,6 +101,24 @@ enum VolumeCmd {
     },
     /// Forget dirty extents reported at CHECKPOINT (keeps later writes).
     ClearDirty { name: String, checkpoint: u64 },
+}
+
+#[derive(Debug, Subcommand)]
+enum PeerCmd {
+    /// Pair with SITE's agent; measures RTT and throughput. Idempotent.
+    Add {
+        site: String,
+        /// host:port of the peer's replication listener.
+        #[arg(long)]
+        address: String,
+        /// Bytes streamed to measure throughput (default 16M).
+        #[arg(long)]
+        measure: Option<String>,
+    },
+    /// Paired peers, probed now (state, RTT).
+    List,
+    /// Forget a peer (missing is fine).
+    Remove { site: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -266,6 +287,35 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                         ember_common::format_size(r.remaining_dirty_bytes)
                     );
                 }
+            }
+        },
+        Command::Peer(cmd) => match cmd {
+            PeerCmd::Add {
+                site,
+                address,
+                measure,
+            } => {
+                let r = api
+                    .add_peer(pb::AddPeerRequest {
+                        site,
+                        address,
+                        measure_bytes: measure.as_deref().map(size_arg).transpose()?.unwrap_or(0),
+                    })
+                    .await?
+                    .into_inner();
+                out.peers(&[r.peer.context("agent returned no peer")?]);
+            }
+            PeerCmd::List => {
+                let r = api.list_peers(pb::ListPeersRequest {}).await?.into_inner();
+                out.peers(&r.peers);
+            }
+            PeerCmd::Remove { site } => {
+                let removed = api
+                    .remove_peer(pb::RemovePeerRequest { site: site.clone() })
+                    .await?
+                    .into_inner()
+                    .removed;
+                out.deleted("peer", &site, removed);
             }
         },
         Command::Snapshot(cmd) => match cmd {

@@ -68,13 +68,22 @@ impl Out {
                 "version": c.version, "backend_id": c.backend_id,
                 "capacity_total_bytes": c.capacity_total_bytes, "capacity_free_bytes": c.capacity_free_bytes,
                 "features": c.features, "io_engine": c.io_engine, "nbd_address": c.nbd_address,
-                "volume_count": c.volume_count,
+                "volume_count": c.volume_count, "site": c.site, "peer_address": c.peer_address,
             }));
         }
         table(
             &["FIELD", "VALUE"],
             vec![
                 vec!["version".into(), c.version.clone()],
+                vec!["site".into(), c.site.clone()],
+                vec![
+                    "peer listener".into(),
+                    if c.peer_address.is_empty() {
+                        "-".into()
+                    } else {
+                        c.peer_address.clone()
+                    },
+                ],
                 vec!["backend id".into(), c.backend_id.clone()],
                 vec![
                     "capacity".into(),
@@ -188,6 +197,52 @@ impl Out {
             format_size(r.dirty_bytes),
             r.extents.len(),
             r.checkpoint_id
+        );
+    }
+
+    pub(crate) fn peers(&self, peers: &[pb::Peer]) {
+        if self.json {
+            let list: Vec<Value> = peers
+                .iter()
+                .map(|p| {
+                    json!({
+                        "site": p.site, "address": p.address, "backend_id": p.backend_id,
+                        "protocol_version": p.protocol_version, "capabilities": p.capabilities,
+                        "rtt_us": p.rtt_us, "throughput_bytes_per_sec": p.throughput_bytes_per_sec,
+                        "state": p.state, "added_at_unix": p.added_at_unix, "last_error": p.last_error,
+                    })
+                })
+                .collect();
+            return self.print_json(&Value::Array(list));
+        }
+        table(
+            &[
+                "SITE",
+                "ADDRESS",
+                "STATE",
+                "RTT",
+                "THROUGHPUT",
+                "PROTOCOL",
+                "BACKEND ID",
+            ],
+            peers
+                .iter()
+                .map(|p| {
+                    vec![
+                        p.site.clone(),
+                        p.address.clone(),
+                        if p.last_error.is_empty() {
+                            p.state.clone()
+                        } else {
+                            format!("{} ({})", p.state, p.last_error)
+                        },
+                        format!("{:.0} µs", p.rtt_us as f64),
+                        format!("{}/s", format_size(p.throughput_bytes_per_sec)),
+                        format!("v{}", p.protocol_version),
+                        p.backend_id.clone(),
+                    ]
+                })
+                .collect(),
         );
     }
 }

@@ -65,9 +65,16 @@ pub(crate) fn init(dir: &Path) -> anyhow::Result<()> {
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "Ember CA");
+    // A unique name per CA: verifiers pick issuers by name, so two labs'
+    // CAs with one name would fail as "bad signature" instead of "unknown issuer".
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    params.distinguished_name.push(
+        DnType::CommonName,
+        format!("Ember CA {nanos:x}-{}", std::process::id()),
+    );
     params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
         KeyUsagePurpose::CrlSign,

@@ -10,6 +10,13 @@ pub mod control {
     }
 }
 
+/// `ember.repl.v1`: the agent-to-agent protocol.
+pub mod repl {
+    pub mod v1 {
+        tonic::include_proto!("ember.repl.v1");
+    }
+}
+
 /// Encoded `FileDescriptorSet` of every Ember proto, for reflection and tooling.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("ember_descriptor");
 
@@ -22,6 +29,7 @@ mod tests {
         )
         .expect("descriptor set decodes");
         assert!(set.file.iter().any(|f| f.package() == "ember.control.v1"));
+        assert!(set.file.iter().any(|f| f.package() == "ember.repl.v1"));
     }
 
     mod prost_types_shim {

@@ -1,0 +1,37 @@
+//! Agent-to-agent protocol versions. One line per bump, never reuse a number.
+
+/// Versions of the `ember.repl.v1` wire protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u32)]
+pub enum ProtocolVersion {
+    /// Pairing: Hello with identities and capabilities, Ping, Sink.
+    V1 = 1,
+}
+
+impl ProtocolVersion {
+    /// The newest version this build speaks.
+    pub const CURRENT: Self = Self::V1;
+    /// Every version this build can speak, oldest first.
+    pub const SUPPORTED: &'static [u32] = &[1];
+
+    /// The highest version both sides support.
+    pub fn negotiate(theirs: &[u32]) -> Option<u32> {
+        Self::SUPPORTED
+            .iter()
+            .rev()
+            .copied()
+            .find(|v| theirs.contains(v))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn picks_the_highest_common_version_or_none() {
+        assert_eq!(ProtocolVersion::negotiate(&[1, 7]), Some(1));
+        assert_eq!(ProtocolVersion::negotiate(&[2, 3]), None);
+        assert_eq!(ProtocolVersion::negotiate(&[]), None);
+    }
+}
