@@ -1,10 +1,11 @@
-//! `emberctl lab`: a local lab on this machine. Starts `emberd` (found next
-//! to `emberctl`) with a data dir under `--dir`, creates a demo volume and
-//! prints where to point NBD clients. With `--detach` it writes
+//! `emberctl lab`: a two-site lab on this machine. Starts one `emberd` per
+//! site (found next to `emberctl`), each with its own data dir and a
+//! certificate from a lab CA (`DIR/pki`, made with `emberctl pki`), pairs
+//! them both ways over mutual TLS on loopback, creates a demo volume on
+//! site-a and prints where to point NBD clients. With `--detach` it writes
 //! `DIR/lab.json` and returns; `lab down --dir DIR` stops exactly the
-//! processes recorded there.
-//!
-//! Today the lab has one site (site-a). Replication (issue 4) adds site-b.
+//! processes recorded there. Replicating the demo volume to site-b comes
+//! with replication.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -19,12 +20,13 @@ use crate::client;
 use crate::output::Out;
 
 const DEMO_VOLUME: &str = "demo";
+const SITES: [&str; 2] = ["site-a", "site-b"];
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum LabCmd {
     /// Start the lab (foreground with a live view, or --detach).
     Up {
-        /// Lab directory (data dirs, sockets, logs, lab.json).
+        /// Lab directory (data dirs, certificates, sockets, logs, lab.json).
         #[arg(long, default_value = "lab")]
         dir: PathBuf,
         /// Return once the lab is up; stop it with `lab down`.
@@ -60,49 +62,81 @@ fn emberd_path() -> anyhow::Result<PathBuf> {
 }
 
 struct Site {
+    name: &'static str,
     child: Child,
     api: String,
     nbd: String,
+    peer: String,
 }
 
-fn start_site(dir: &Path, name: &str) -> anyhow::Result<Site> {
+fn start_site(dir: &Path, name: &'static str) -> anyhow::Result<Site> {
     let data = dir.join(name);
     std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
-    let api_path = std::fs::canonicalize(&data)?.join("api.sock");
-    let api = format!("unix:{}", api_path.display());
+    let api = format!(
+        "unix:{}",
+        std::fs::canonicalize(&data)?.join("api.sock").display()
+    );
     let nbd = format!("127.0.0.1:{}", free_port()?);
+    let peer = format!("127.0.0.1:{}", free_port()?);
+    let pki = dir.join("pki");
+    let config = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "site = \"{name}\"\n[peer]\nlisten = \"{peer}\"\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n",
+            pki.join(format!("{name}.crt")).display(),
+            pki.join(format!("{name}.key")).display(),
+            pki.join("ca.crt").display()
+        ),
+    )?;
     let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
     let child = Command::new(emberd_path()?)
-        .args([
-            "--data-dir",
-            &data.display().to_string(),
-            "--api",
-            &api,
-            "--nbd",
-            &nbd,
-            "--log-format",
-            "json",
-        ])
+        .arg("--config")
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--api", &api, "--nbd", &nbd, "--log-format", "json"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
         .context("starting emberd")?;
-    Ok(Site { child, api, nbd })
+    Ok(Site {
+        name,
+        child,
+        api,
+        nbd,
+        peer,
+    })
 }
 
 async fn wait_ready(site: &mut Site) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
         if let Some(status) = site.child.try_wait()? {
-            bail!("emberd exited during start-up ({status}); see its log in the lab dir");
+            bail!(
+                "emberd for {} exited during start-up ({status}); see {}.log in the lab dir",
+                site.name,
+                site.name
+            );
         }
         if client::connect(&site.api).await.is_ok() {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    bail!("emberd did not answer on {} within 20 s", site.api)
+    bail!(
+        "emberd for {} did not answer on {} within 20 s",
+        site.name,
+        site.api
+    )
+}
+
+fn stop_all(sites: &mut [Site]) {
+    for s in sites.iter_mut() {
+        let _ = s.child.kill();
+        let _ = s.child.wait();
+    }
 }
 
 pub(crate) async fn run(cmd: LabCmd, out: Out) -> anyhow::Result<()> {
@@ -122,25 +156,49 @@ async fn up(dir: &Path, detach: bool, size: &str, out: Out) -> anyhow::Result<()
             dir.display()
         );
     }
-    let mut site = start_site(&dir, "site-a")?;
-    if let Err(e) = wait_ready(&mut site).await {
-        let _ = site.child.kill();
+    let size_bytes = ember_common::parse_size(size).map_err(anyhow::Error::msg)?;
+    let pki = dir.join("pki");
+    if !pki.join("ca.key").exists() {
+        crate::pki::init(&pki)?;
+        for name in SITES {
+            crate::pki::issue(&pki, name, Vec::new())?;
+        }
+    }
+    let mut sites = Vec::new();
+    for name in SITES {
+        match start_site(&dir, name) {
+            Ok(site) => sites.push(site),
+            Err(e) => {
+                stop_all(&mut sites);
+                return Err(e);
+            }
+        }
+    }
+    if let Err(e) = pair_and_create(&mut sites, size_bytes).await {
+        stop_all(&mut sites);
         return Err(e);
     }
-    let mut api = client::connect(&site.api).await?;
+    let mut api = client::connect(&sites[0].api).await?;
     let volume = api
-        .create_volume(pb::CreateVolumeRequest {
+        .get_volume(pb::GetVolumeRequest {
             name: DEMO_VOLUME.into(),
-            size_bytes: ember_common::parse_size(size).map_err(anyhow::Error::msg)?,
-            tracking_granularity_bytes: 0,
-            source: None,
         })
         .await?
         .into_inner()
         .volume
         .context("no volume")?;
+    let site_json: serde_json::Map<String, serde_json::Value> = sites
+        .iter()
+        .map(|s| {
+            (
+                s.name.to_owned(),
+                json!({ "api": s.api, "nbd": s.nbd, "peer": s.peer, "pid": s.child.id() }),
+            )
+        })
+        .collect();
     let lab = json!({
-        "sites": { "site-a": { "api": site.api, "nbd": site.nbd, "pid": site.child.id() } },
+        "sites": site_json,
+        "pki": pki.display().to_string(),
         "volume": { "name": volume.name, "nbd_uri": { "site-a": volume.nbd_uri } },
     });
     std::fs::write(dir.join("lab.json"), serde_json::to_vec_pretty(&lab)?)?;
@@ -151,7 +209,16 @@ async fn up(dir: &Path, detach: bool, size: &str, out: Out) -> anyhow::Result<()
         return Ok(());
     }
     println!("Ember lab up in {}", dir.display());
-    println!("  site-a API:  {}", site.api);
+    for site in &sites {
+        println!(
+            "  {}: API {}   NBD {}   peer listener {}",
+            site.name, site.api, site.nbd, site.peer
+        );
+    }
+    println!(
+        "  site-a and site-b are paired over mutual TLS (certificates in {})",
+        pki.display()
+    );
     println!("  demo volume: {}", volume.nbd_uri);
     println!(
         "Try:  nbdinfo {}    |    qemu-io -f raw -c 'write -P 0x5a 0 1M' {}",
@@ -163,16 +230,76 @@ async fn up(dir: &Path, detach: bool, size: &str, out: Out) -> anyhow::Result<()
     loop {
         tokio::select! {
             _ = &mut stop => break,
-            () = tokio::time::sleep(Duration::from_secs(2)) => {
-                if let Ok(r) = api.get_volume(pb::GetVolumeRequest { name: DEMO_VOLUME.into() }).await {
-                    let v = r.into_inner().volume.unwrap_or_default();
-                    println!("demo: allocated {:>10}  dirty {:>10}  nbd connections {}",
-                        ember_common::format_size(v.allocated_bytes), ember_common::format_size(v.dirty_bytes), v.nbd_connections);
-                }
-            }
+            () = tokio::time::sleep(Duration::from_secs(2)) => live_line(&mut api).await,
         }
     }
     down(&dir)
+}
+
+async fn pair_and_create(sites: &mut [Site], size_bytes: u64) -> anyhow::Result<()> {
+    for site in sites.iter_mut() {
+        wait_ready(site).await?;
+    }
+    for (from, to) in [(0, 1), (1, 0)] {
+        let mut api = client::connect(&sites[from].api).await?;
+        api.add_peer(pb::AddPeerRequest {
+            site: sites[to].name.into(),
+            address: sites[to].peer.clone(),
+            measure_bytes: 4 << 20,
+        })
+        .await
+        .map_err(|s| {
+            anyhow::anyhow!(
+                "pairing {} with {} failed: {}",
+                sites[from].name,
+                sites[to].name,
+                s.message()
+            )
+        })?;
+    }
+    let mut api = client::connect(&sites[0].api).await?;
+    api.create_volume(pb::CreateVolumeRequest {
+        name: DEMO_VOLUME.into(),
+        size_bytes,
+        tracking_granularity_bytes: 0,
+        source: None,
+    })
+    .await
+    .map_err(|s| anyhow::anyhow!("creating the demo volume failed: {}", s.message()))?;
+    Ok(())
+}
+
+async fn live_line(
+    api: &mut ember_proto::control::v1::ember_control_client::EmberControlClient<
+        tonic::transport::Channel,
+    >,
+) {
+    let Ok(r) = api
+        .get_volume(pb::GetVolumeRequest {
+            name: DEMO_VOLUME.into(),
+        })
+        .await
+    else {
+        return;
+    };
+    let v = r.into_inner().volume.unwrap_or_default();
+    let link = match api.list_peers(pb::ListPeersRequest {}).await {
+        Ok(p) => p
+            .into_inner()
+            .peers
+            .first()
+            .map_or("no peer".to_owned(), |p| {
+                format!("{} {} rtt {} µs", p.site, p.state, p.rtt_us)
+            }),
+        Err(e) => e.message().to_owned(),
+    };
+    println!(
+        "demo: allocated {:>10}  dirty {:>10}  nbd connections {}  |  link to {}",
+        ember_common::format_size(v.allocated_bytes),
+        ember_common::format_size(v.dirty_bytes),
+        v.nbd_connections,
+        link
+    );
 }
 
 fn down(dir: &Path) -> anyhow::Result<()> {
