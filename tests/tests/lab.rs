@@ -8,14 +8,28 @@ use ember_it::{bin, require_tool, run_ok, tempdir};
 
 #[test]
 fn lab_up_detached_writes_lab_json_pairs_sites_and_lab_down_stops_them() {
-    if !require_tool("qemu-io") { return; }
+    if !require_tool("qemu-io") {
+        return;
+    }
     let dir = tempdir();
     let lab_dir = dir.path().join("lab");
     let ctl = bin("emberctl");
     let ctl = ctl.to_str().expect("utf8");
-    run_ok(ctl, &["lab", "up", "--dir", lab_dir.to_str().expect("utf8"), "--detach", "--size", "64M"]);
+    run_ok(
+        ctl,
+        &[
+            "lab",
+            "up",
+            "--dir",
+            lab_dir.to_str().expect("utf8"),
+            "--detach",
+            "--size",
+            "64M",
+        ],
+    );
     let lab: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(lab_dir.join("lab.json")).expect("lab.json")).expect("json");
+        serde_json::from_slice(&std::fs::read(lab_dir.join("lab.json")).expect("lab.json"))
+            .expect("json");
     let mut pids = Vec::new();
     for site in ["site-a", "site-b"] {
         let s = &lab["sites"][site];
@@ -23,17 +37,33 @@ fn lab_up_detached_writes_lab_json_pairs_sites_and_lab_down_stops_them() {
         assert!(s["nbd"].as_str().expect("nbd").starts_with("127.0.0.1:"));
         pids.push(s["pid"].as_i64().expect("pid") as i32);
         let peers: serde_json::Value =
-            serde_json::from_slice(&run_ok(ctl, &["--api", api, "peer", "list", "--json"]).stdout).expect("json");
+            serde_json::from_slice(&run_ok(ctl, &["--api", api, "peer", "list", "--json"]).stdout)
+                .expect("json");
         assert_eq!(peers[0]["state"], "connected", "{site}: {peers}");
         let status: serde_json::Value =
-            serde_json::from_slice(&run_ok(ctl, &["--api", api, "status", "--json"]).stdout).expect("json");
+            serde_json::from_slice(&run_ok(ctl, &["--api", api, "status", "--json"]).stdout)
+                .expect("json");
         assert_eq!(status["site"], site);
     }
     assert_eq!(lab["volume"]["name"], "demo");
     let uri = lab["volume"]["nbd_uri"]["site-a"].as_str().expect("uri");
-    run_ok("qemu-io", &["-f", "raw", "-c", "write -P 0x77 0 1M", "-c", "read -P 0x77 0 1M", uri]);
+    run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x77 0 1M",
+            "-c",
+            "read -P 0x77 0 1M",
+            uri,
+        ],
+    );
 
-    run_ok(ctl, &["lab", "down", "--dir", lab_dir.to_str().expect("utf8")]);
+    run_ok(
+        ctl,
+        &["lab", "down", "--dir", lab_dir.to_str().expect("utf8")],
+    );
     assert!(!lab_dir.join("lab.json").exists());
     for pid in pids {
         // SAFETY: probing a pid with signal 0.
@@ -41,6 +71,73 @@ fn lab_up_detached_writes_lab_json_pairs_sites_and_lab_down_stops_them() {
         let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .map(|s| s.split_whitespace().nth(2) == Some("Z"))
             .unwrap_or(true);
-        assert!(!alive || zombie, "emberd {pid} still running after lab down");
+        assert!(
+            !alive || zombie,
+            "emberd {pid} still running after lab down"
+        );
+    }
+}
+
+#[test]
+fn foreground_lab_stops_both_sites_promptly_on_ctrl_c() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::CommandExt;
+    let dir = tempdir();
+    let lab_dir = dir.path().join("lab");
+    let mut child = std::process::Command::new(bin("emberctl"))
+        .args([
+            "lab",
+            "up",
+            "--dir",
+            lab_dir.to_str().expect("utf8"),
+            "--size",
+            "16M",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .process_group(0) // its own group, like a terminal's foreground job
+        .spawn()
+        .expect("emberctl lab up");
+    let pgid = child.id() as i32;
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut seen = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.expect("line");
+        seen.push(line.clone());
+        // Wait for at least one live status line: the view's API connection is open.
+        if line.starts_with("demo:") {
+            break;
+        }
+    }
+    assert!(
+        seen.iter().any(|l| l.contains("paired over mutual TLS")),
+        "{seen:?}"
+    );
+    let started = std::time::Instant::now();
+    // SAFETY: signalling the process group we created.
+    unsafe { libc::kill(-pgid, libc::SIGINT) };
+    let rest: Vec<String> = lines.map(|l| l.expect("line")).collect();
+    let status = child.wait().expect("wait");
+    let took = started.elapsed();
+    assert!(status.success(), "lab up exited {status}: {rest:?}");
+    assert!(
+        took < std::time::Duration::from_secs(15),
+        "stopping took {took:?}: {rest:?}"
+    );
+    assert!(
+        !rest.iter().any(|l| l.starts_with("killed")),
+        "a site had to be killed: {rest:?}"
+    );
+    assert!(!lab_dir.join("lab.json").exists());
+    for site in ["site-a", "site-b"] {
+        let log = std::fs::read_to_string(lab_dir.join(format!("{site}.log"))).expect("site log");
+        assert!(
+            log.contains("emberd stopped cleanly"),
+            "{site} did not stop cleanly"
+        );
+        assert!(
+            !log.contains("clients still connected"),
+            "{site} had to force-close lab clients"
+        );
     }
 }

@@ -192,23 +192,40 @@ pub async fn run(
     }
     nbd.drained().await;
     if let Some(t) = peer_task {
-        match t.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "peer listener ended with an error"),
-            Err(e) => tracing::warn!(error = %e, "peer listener task failed"),
-        }
+        finish_server("peer listener", t).await;
     }
     store.shutdown().await;
-    match api.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!(error = %e, "control API ended with an error"),
-        Err(e) => tracing::warn!(error = %e, "control API task failed"),
-    }
+    finish_server("control API", api).await;
     if let Some(path) = &config.nbd_unix {
         let _ = std::fs::remove_file(path);
     }
     tracing::info!("emberd stopped cleanly");
     Ok(())
+}
+
+/// How long gRPC servers get to finish in-flight calls at shutdown. Idle
+/// client connections (a CLI's live view) would otherwise hold a graceful
+/// shutdown open forever.
+const SERVER_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Waits for a gRPC server task to drain, aborting it after [`SERVER_DRAIN`].
+async fn finish_server(
+    what: &'static str,
+    mut task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+) {
+    match tokio::time::timeout(SERVER_DRAIN, &mut task).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, server = what, "server ended with an error"),
+        Ok(Err(e)) => tracing::warn!(error = %e, server = what, "server task failed"),
+        Err(_) => {
+            tracing::warn!(
+                server = what,
+                drain_secs = SERVER_DRAIN.as_secs(),
+                "clients still connected; closing them"
+            );
+            task.abort();
+        }
+    }
 }
 
 /// Binds a Unix socket readable and writable only by its owner.

@@ -142,7 +142,7 @@ fn stop_all(sites: &mut [Site]) {
 pub(crate) async fn run(cmd: LabCmd, out: Out) -> anyhow::Result<()> {
     match cmd {
         LabCmd::Up { dir, detach, size } => up(&dir, detach, &size, out).await,
-        LabCmd::Down { dir } => down(&dir),
+        LabCmd::Down { dir } => down(&dir).await,
     }
 }
 
@@ -233,7 +233,10 @@ async fn up(dir: &Path, detach: bool, size: &str, out: Out) -> anyhow::Result<()
             () = tokio::time::sleep(Duration::from_secs(2)) => live_line(&mut api).await,
         }
     }
-    down(&dir)
+    // Close our own API connection first (the runtime keeps running while
+    // `down` waits, so the close reaches the agent), then stop the sites.
+    drop(api);
+    down(&dir).await
 }
 
 async fn pair_and_create(sites: &mut [Site], size_bytes: u64) -> anyhow::Result<()> {
@@ -302,7 +305,7 @@ async fn live_line(
     );
 }
 
-fn down(dir: &Path) -> anyhow::Result<()> {
+async fn down(dir: &Path) -> anyhow::Result<()> {
     let path = dir.join("lab.json");
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("no lab at {}", dir.display()))?;
@@ -313,12 +316,21 @@ fn down(dir: &Path) -> anyhow::Result<()> {
             continue;
         };
         // SAFETY: kill(2) with a pid we started; a stale pid gets ESRCH.
-        if unsafe { libc::kill(pid as i32, libc::SIGTERM) } == 0 {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while Instant::now() < deadline && unsafe { libc::kill(pid as i32, 0) } == 0 {
-                reap(pid as i32);
-                std::thread::sleep(Duration::from_millis(50));
-            }
+        if unsafe { libc::kill(pid as i32, libc::SIGTERM) } != 0 {
+            println!("{name} (pid {pid}) was not running");
+            continue;
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline && alive(pid as i32) {
+            // An async sleep: a blocking one would stall this runtime's
+            // connection tasks, and agents would wait on our open sockets.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if alive(pid as i32) {
+            // SAFETY: as above.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            println!("killed {name} (pid {pid}): it did not stop within 30 s of SIGTERM");
+        } else {
             println!("stopped {name} (pid {pid})");
         }
     }
@@ -326,8 +338,18 @@ fn down(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn reap(pid: i32) {
+/// True while `pid` runs; reaps it when it is our exited child.
+fn alive(pid: i32) -> bool {
     let mut status = 0;
-    // SAFETY: non-blocking waitpid on our own child (no-op otherwise).
-    unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+    // SAFETY: non-blocking waitpid (reaps our own child; no-op otherwise) and
+    // a signal-0 probe.
+    unsafe {
+        libc::waitpid(pid, &mut status, libc::WNOHANG);
+        if libc::kill(pid, 0) != 0 {
+            return false;
+        }
+    }
+    // A zombie someone else must reap has stopped running all the same.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_or(false, |s| s.split_whitespace().nth(2) != Some("Z"))
 }
