@@ -351,5 +351,5 @@ fn alive(pid: i32) -> bool {
     }
     // A zombie someone else must reap has stopped running all the same.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map_or(false, |s| s.split_whitespace().nth(2) != Some("Z"))
+        .is_ok_and(|s| s.split_whitespace().nth(2) != Some("Z"))
 }
