@@ -302,3 +302,23 @@ pub fn raise_fd_limit() -> u64 {
     }
     lim.rlim_cur
 }
+
+/// Starts fio as a background random-write load (30 s cap) on `uri`; the
+/// caller kills it. `extra` sets block sizes and the file size.
+pub fn fio_load(uri: &str, extra: &[&str]) -> Child {
+    Command::new("fio")
+        .args([
+            "--name=load",
+            "--ioengine=nbd",
+            "--uri",
+            uri,
+            "--rw=randwrite",
+            "--iodepth=32",
+        ])
+        .args(extra)
+        .args(["--time_based", "--runtime=30", "--output=/dev/null"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn fio")
+}

@@ -55,25 +55,10 @@ fn kill_9_under_fio_load_never_loses_a_dirty_block() {
         .subsec_nanos();
     println!("kill-point seed {seed}");
     for round in 0..3u32 {
-        let mut fio = std::process::Command::new("fio")
-            .args([
-                "--name=load",
-                "--ioengine=nbd",
-                "--uri",
-                &agent.uri("crash"),
-                "--rw=randwrite",
-                "--bs=4k,64k",
-                "--bsrange=4k-128k",
-                "--iodepth=32",
-                "--size=256M",
-                "--time_based",
-                "--runtime=30",
-                "--output=/dev/null",
-            ])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("fio");
+        let mut fio = ember_it::fio_load(
+            &agent.uri("crash"),
+            &["--bs=4k,64k", "--bsrange=4k-128k", "--size=256M"],
+        );
         let delay_ms = 700 + (seed.wrapping_mul(round + 7) % 2000) as u64;
         std::thread::sleep(Duration::from_millis(delay_ms));
         agent.kill9();
@@ -475,24 +460,7 @@ fn sigterm_under_fio_load_drains_and_leaves_a_clean_point() {
     let dir = tempdir();
     let mut agent = Agent::start(&dir.path().join("a"));
     agent.create_volume("drain", "128M");
-    let mut fio = std::process::Command::new("fio")
-        .args([
-            "--name=load",
-            "--ioengine=nbd",
-            "--uri",
-            &agent.uri("drain"),
-            "--rw=randwrite",
-            "--bs=64k",
-            "--iodepth=32",
-            "--size=128M",
-            "--time_based",
-            "--runtime=30",
-            "--output=/dev/null",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("fio");
+    let mut fio = ember_it::fio_load(&agent.uri("drain"), &["--bs=64k", "--size=128M"]);
     std::thread::sleep(Duration::from_millis(1500));
     let started = std::time::Instant::now();
     agent.terminate(); // asserts a zero exit status
