@@ -6,6 +6,10 @@
 //! test script does). A missing third-party tool fails the test; set
 //! `EMBER_IT_ALLOW_SKIP=1` locally to skip instead (CI never does).
 
+mod proxy;
+
+pub use proxy::FaultProxy;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};

@@ -222,3 +222,57 @@ fn a_peer_with_a_certificate_from_another_ca_or_none_is_refused() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn link_faults_are_measured_and_reported_through_the_fault_proxy() {
+    let dir = tempdir();
+    let ca = dir.path().join("pki");
+    pki(&ca, &["site-a", "site-b"]);
+    let (a, _) = site_agent(dir.path(), &ca, "site-a");
+    let (_b, b_addr) = site_agent(dir.path(), &ca, "site-b");
+    let proxy = ember_it::FaultProxy::start(b_addr.parse().expect("addr"));
+    let via = proxy.addr.to_string();
+    let peer = a.ctl_json(&[
+        "peer",
+        "add",
+        "site-b",
+        "--address",
+        &via,
+        "--measure",
+        "1M",
+    ]);
+    let base_rtt = peer[0]["rtt_us"].as_u64().expect("rtt");
+    let probe = || a.ctl_json(&["peer", "list"])[0].clone();
+
+    // 20 ms each way: the reported RTT shows the emulated WAN.
+    proxy.set_delay(std::time::Duration::from_millis(20));
+    let slow = probe();
+    assert_eq!(slow["state"], "connected");
+    let rtt = slow["rtt_us"].as_u64().expect("rtt");
+    assert!(
+        rtt >= 40_000 && rtt > base_rtt,
+        "rtt {rtt} µs with 2×20 ms of delay (base {base_rtt} µs)"
+    );
+    proxy.set_delay(std::time::Duration::ZERO);
+
+    // A cut link is reported unreachable with a reason, and recovers.
+    proxy.cut();
+    let cut = probe();
+    assert_eq!(cut["state"], "unreachable", "{cut}");
+    assert!(!cut["last_error"].as_str().expect("error").is_empty());
+    proxy.restore();
+    assert_eq!(probe()["state"], "connected");
+
+    // Flipped bits never pass: TLS rejects the corrupted stream.
+    proxy.flip_bits(1);
+    assert_eq!(probe()["state"], "unreachable");
+    assert!(proxy.flipped.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+    proxy.restore();
+    assert_eq!(probe()["state"], "connected");
+
+    // A reset in the middle of the handshake is reported, then recovers.
+    proxy.reset_after(200);
+    assert_eq!(probe()["state"], "unreachable");
+    proxy.restore();
+    assert_eq!(probe()["state"], "connected");
+}
