@@ -311,3 +311,39 @@ fn blocking_fallback_engine_serves_the_same_bytes() {
     );
     assert_eq!(agent.ctl_json(&["status"])["io_engine"], "blocking");
 }
+
+#[test]
+fn nbd_over_a_unix_socket_serves_qemu_and_libnbd() {
+    if !require_tool("nbdinfo") {
+        return;
+    }
+    let dir = tempdir();
+    let sock = dir.path().join("nbd.sock");
+    let agent = Agent::start_with(
+        &dir.path().join("a"),
+        &["--nbd-unix", sock.to_str().expect("utf8")],
+    );
+    agent.create_volume("unixvol", "16M");
+    let uri = format!("nbd+unix:///unixvol?socket={}", sock.display());
+    run_ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x21 0 1M", uri.as_str()],
+    );
+    run_ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "read -P 0x21 0 1M", uri.as_str()],
+    );
+    let info = String::from_utf8(run_ok("nbdinfo", &[uri.as_str()]).stdout).expect("utf8");
+    assert!(info.contains("export-size: 16777216"), "{info}");
+    // The same bytes over TCP: one volume, two listeners.
+    run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0x21 0 1M",
+            agent.uri("unixvol").as_str(),
+        ],
+    );
+}
