@@ -7,6 +7,7 @@
 //!   snapshots and clones, with crash-safe metadata (write-temp, fsync,
 //!   rename, fsync dir) and cleanup of interrupted operations at start.
 
+mod copy;
 mod error;
 mod fsutil;
 mod meta;

@@ -18,7 +18,7 @@
 //! (`copy_file_range` over `SEEK_DATA` runs; ext4 has no reflink). Space and
 //! time are proportional to the allocated data, not the volume size. With
 //! change tracking, writes continue during the copy and pause only for the
-//! final delta ([`copy_live`]). See `docs/volumes.md`.
+//! final delta (`copy::copy_live`). See `docs/volumes.md`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -29,8 +29,9 @@ use ember_nbd::Export;
 use ember_storage::{FileDevice, IoEngine};
 use ember_tracking::{Tracker, TrackingConfig};
 
+use crate::copy::{copy_blocking, copy_live};
 use crate::error::{Result, StoreError, io};
-use crate::fsutil::{copy_extents, copy_sparse, now_unix, read_json, sync_dir, write_json_atomic};
+use crate::fsutil::{now_unix, read_json, sync_dir, write_json_atomic};
 use crate::meta::{SnapshotMeta, VolumeMeta};
 use crate::volume::Volume;
 
@@ -712,73 +713,6 @@ fn adopt_raw_volume(
     let volume = Arc::new(open_volume(&dir, &meta, config, engine)?);
     tracing::info!(volume_id = %raw.name, device = %raw.device.display(), size_bytes = size, "raw device volume ready");
     Ok((meta, volume))
-}
-
-/// Pre-copy passes over blocks written during the previous pass before the
-/// final, write-pausing pass. Three shrink a busy volume's delta enough in
-/// practice; more only chase a writer that outruns the copy.
-const PRECOPY_PASSES: usize = 3;
-/// A delta this small is copied with writes paused right away.
-const FINAL_PASS_BYTES: u64 = 64 << 20;
-
-/// Copies live volume `volume` into the new file `dst` as of one instant.
-///
-/// With change tracking, writes continue during the bulk copy: a watcher
-/// records blocks whose writes complete meanwhile, up to
-/// [`PRECOPY_PASSES`] passes recopy them, and only the last (small) delta
-/// is copied with writes paused. Without tracking, writes pause for the
-/// whole copy.
-async fn copy_live(volume: &Arc<Volume>, dst: &Path, size: u64) -> Result<()> {
-    let src = volume.device().path().to_owned();
-    let Some(tracker) = volume.tracker().cloned() else {
-        let _quiet = volume.quiesce().await;
-        copy_blocking(src, dst.to_owned(), size).await?;
-        return Ok(());
-    };
-    let mut watch = tracker.watch();
-    let result = async {
-        let bulk = copy_blocking(src.clone(), dst.to_owned(), size).await?;
-        let mut passes = 0;
-        for _ in 0..PRECOPY_PASSES {
-            let next = tracker.watch();
-            let changed = tracker.take_watch(watch).expect("this copy owns its watcher");
-            watch = next;
-            let extents = tracker.watch_extents(&changed);
-            let bytes: u64 = extents.iter().map(|e| e.length).sum();
-            copy_extents_blocking(src.clone(), dst.to_owned(), extents).await?;
-            passes += 1;
-            if bytes <= FINAL_PASS_BYTES {
-                break;
-            }
-        }
-        let quiet = volume.quiesce().await;
-        let changed = tracker.take_watch(watch).expect("this copy owns its watcher");
-        let extents = tracker.watch_extents(&changed);
-        let paused = copy_extents_blocking(src.clone(), dst.to_owned(), extents).await?;
-        drop(quiet);
-        tracing::info!(volume_id = %volume.name(), bulk_bytes = bulk, passes, paused_bytes = paused, "point-in-time copy done");
-        Ok(())
-    }
-    .await;
-    // On success the watcher was taken; on error drop it so writes stop feeding it.
-    let _ = tracker.take_watch(watch);
-    result
-}
-
-async fn copy_extents_blocking(
-    src: PathBuf,
-    dst: PathBuf,
-    extents: Vec<ember_common::Extent>,
-) -> Result<u64> {
-    tokio::task::spawn_blocking(move || copy_extents(&src, &dst, &extents))
-        .await
-        .map_err(|e| StoreError::InvalidArgument(format!("copy task failed: {e}")))?
-}
-
-async fn copy_blocking(src: PathBuf, dst: PathBuf, size: u64) -> Result<u64> {
-    tokio::task::spawn_blocking(move || copy_sparse(&src, &dst, size))
-        .await
-        .map_err(|e| StoreError::InvalidArgument(format!("copy task failed: {e}")))?
 }
 
 fn write_atomic(path: &Path, body: &[u8]) -> Result<()> {
