@@ -86,19 +86,13 @@ impl BitmapFile {
         header.extend_from_slice(&crc.to_le_bytes());
         header.resize(HEADER_BYTES as usize, 0);
         let map_err = io_err(&self.path);
-        self.write_words(bitmap, 0, bitmap.words().len())
-            .and_then(|()| {
-                self.file
-                    .set_len(HEADER_BYTES + bitmap.words().len() as u64 * 8)
-                    .map_err(io_err(&self.path))
-            })?;
+        self.write_raw_words(0, bitmap.words()).and_then(|()| {
+            self.file
+                .set_len(HEADER_BYTES + bitmap.words().len() as u64 * 8)
+                .map_err(io_err(&self.path))
+        })?;
         self.file.write_all_at(&header, 0).map_err(map_err)?;
         self.sync()
-    }
-
-    /// Writes words `[first, end)` of `bitmap` in place (no sync).
-    pub(crate) fn write_words(&self, bitmap: &Bitmap, first: usize, end: usize) -> Result<()> {
-        self.write_raw_words(first, &bitmap.words()[first..end.min(bitmap.words().len())])
     }
 
     /// Writes `words` as bitmap words starting at word index `first` (no sync).

@@ -15,21 +15,30 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
         .map_err(io("sync directory", dir))
 }
 
-/// Writes `value` as JSON to `path` atomically: temp file, fsync, rename,
-/// fsync of the directory. A crash leaves the old or the new file, whole.
-pub(crate) fn write_json_atomic<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
-    let tmp = path.with_extension("json.tmp");
-    let body = serde_json::to_vec_pretty(value).expect("metadata serializes");
+/// Replaces `path` with `body` atomically: temp file, fsync, rename, fsync
+/// of the directory. A crash leaves the old or the new file, whole.
+pub(crate) fn write_atomic(path: &Path, body: &[u8]) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
     let mut f = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .open(&tmp)
-        .map_err(io("create metadata", &tmp))?;
-    f.write_all(&body).map_err(io("write metadata", &tmp))?;
-    f.sync_all().map_err(io("sync metadata", &tmp))?;
-    std::fs::rename(&tmp, path).map_err(io("rename metadata", path))?;
-    sync_dir(path.parent().expect("metadata lives in a directory"))
+        .map_err(io("create", &tmp))?;
+    f.write_all(body).map_err(io("write", &tmp))?;
+    f.sync_all().map_err(io("sync", &tmp))?;
+    std::fs::rename(&tmp, path).map_err(io("rename", path))?;
+    sync_dir(path.parent().expect("file lives in a directory"))
+}
+
+/// Writes `value` as pretty JSON to `path` atomically ([`write_atomic`]).
+pub(crate) fn write_json_atomic<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
+    write_atomic(
+        path,
+        &serde_json::to_vec_pretty(value).expect("metadata serializes"),
+    )
 }
 
 /// Reads a JSON metadata file.
@@ -93,7 +102,7 @@ pub(crate) fn copy_sparse(src: &Path, dst: &Path, size: u64) -> Result<u64> {
                 ) {
                     // Not a regular-file pair (e.g. a block device source):
                     // copy through user space, leaving zero chunks as holes.
-                    copied += copy_range_buffered(&from, &to, off_in as u64, end)
+                    copied += copy_range(&from, &to, off_in as u64, end, true)
                         .map_err(io("copy data", dst))?;
                     break;
                 }
@@ -137,20 +146,30 @@ fn source_len(file: &File) -> std::io::Result<u64> {
     }
 }
 
-/// Copies `[start, end)` with reads and writes, skipping all-zero chunks so
-/// the target stays sparse. Returns the bytes written.
-fn copy_range_buffered(from: &File, to: &File, start: u64, end: u64) -> std::io::Result<u64> {
+/// Copies `[start, end)` from `from` to the same offsets in `to` with reads
+/// and writes, 1 MiB at a time. With `skip_zero_chunks`, all-zero 64 KiB
+/// chunks are not written, so a fresh target stays sparse; without it every
+/// byte is written (an earlier copy's stale data must be overwritten).
+/// Returns the bytes written.
+fn copy_range(
+    from: &File,
+    to: &File,
+    start: u64,
+    end: u64,
+    skip_zero_chunks: bool,
+) -> std::io::Result<u64> {
     use std::os::unix::fs::FileExt;
     const CHUNK: usize = 1 << 20;
+    const SPARSE_CHUNK: usize = 64 * 1024;
     let mut buf = vec![0u8; CHUNK];
     let mut written = 0;
     let mut pos = start;
     while pos < end {
         let n = ((end - pos) as usize).min(CHUNK);
         from.read_exact_at(&mut buf[..n], pos)?;
-        for (i, piece) in buf[..n].chunks(64 * 1024).enumerate() {
-            if piece.iter().any(|b| *b != 0) {
-                to.write_all_at(piece, pos + (i * 64 * 1024) as u64)?;
+        for (i, piece) in buf[..n].chunks(SPARSE_CHUNK).enumerate() {
+            if !skip_zero_chunks || piece.iter().any(|b| *b != 0) {
+                to.write_all_at(piece, pos + (i * SPARSE_CHUNK) as u64)?;
                 written += piece.len() as u64;
             }
         }
@@ -167,26 +186,15 @@ pub(crate) fn copy_extents(
     dst: &Path,
     extents: &[ember_common::Extent],
 ) -> Result<u64> {
-    use std::os::unix::fs::FileExt;
-    const CHUNK: u64 = 1 << 20;
     let from = File::open(src).map_err(io("open copy source", src))?;
     let to = OpenOptions::new()
         .write(true)
         .open(dst)
         .map_err(io("open copy target", dst))?;
-    let mut buf = vec![0u8; CHUNK as usize];
     let mut copied = 0;
     for e in extents {
-        let mut pos = e.offset;
-        while pos < e.end() {
-            let n = (e.end() - pos).min(CHUNK) as usize;
-            from.read_exact_at(&mut buf[..n], pos)
-                .map_err(io("read copy source", src))?;
-            to.write_all_at(&buf[..n], pos)
-                .map_err(io("write copy target", dst))?;
-            pos += n as u64;
-            copied += n as u64;
-        }
+        copied +=
+            copy_range(&from, &to, e.offset, e.end(), false).map_err(io("copy extent", dst))?;
     }
     to.sync_all().map_err(io("sync copy target", dst))?;
     Ok(copied)

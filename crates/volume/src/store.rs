@@ -31,7 +31,7 @@ use ember_tracking::{Tracker, TrackingConfig};
 
 use crate::copy::{copy_blocking, copy_live};
 use crate::error::{Result, StoreError, io};
-use crate::fsutil::{now_unix, read_json, sync_dir, write_json_atomic};
+use crate::fsutil::{now_unix, read_json, sync_dir, write_atomic, write_json_atomic};
 use crate::meta::{SnapshotMeta, VolumeMeta};
 use crate::volume::Volume;
 
@@ -713,17 +713,6 @@ fn adopt_raw_volume(
     let volume = Arc::new(open_volume(&dir, &meta, config, engine)?);
     tracing::info!(volume_id = %raw.name, device = %raw.device.display(), size_bytes = size, "raw device volume ready");
     Ok((meta, volume))
-}
-
-fn write_atomic(path: &Path, body: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(io("create", &tmp))?;
-    f.write_all(body)
-        .and_then(|()| f.sync_all())
-        .map_err(io("write", &tmp))?;
-    std::fs::rename(&tmp, path).map_err(io("rename", path))?;
-    sync_dir(path.parent().expect("file in a directory"))
 }
 
 fn generate_backend_id() -> String {
