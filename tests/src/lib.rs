@@ -7,6 +7,7 @@
 //! `EMBER_IT_ALLOW_SKIP=1` locally to skip instead (CI never does).
 
 mod proxy;
+pub mod repl;
 
 pub use proxy::FaultProxy;
 
@@ -77,6 +78,7 @@ pub struct Agent {
     /// NBD port on 127.0.0.1.
     pub nbd_port: u16,
     extra_args: Vec<String>,
+    env: Vec<(String, String)>,
     /// Extra emberctl flags (TLS material).
     pub ctl_args: Vec<String>,
 }
@@ -97,6 +99,24 @@ impl Agent {
         )
     }
 
+    /// Starts emberd with extra flags and environment variables.
+    pub fn start_env(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut agent = Self {
+            child: None,
+            data_dir: data_dir.to_owned(),
+            api: format!("unix:{}", data_dir.join("api.sock").display()),
+            nbd_port: free_port(),
+            extra_args: extra.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ctl_args: Vec::new(),
+        };
+        agent.spawn();
+        agent
+    }
+
     /// Starts emberd with a given API endpoint, extra emberd flags and the
     /// emberctl flags needed to reach it.
     pub fn start_custom(data_dir: &Path, api: &str, extra: &[&str], ctl_args: &[&str]) -> Self {
@@ -106,6 +126,7 @@ impl Agent {
             api: api.to_owned(),
             nbd_port: free_port(),
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
             ctl_args: ctl_args.iter().map(|s| s.to_string()).collect(),
         };
         agent.spawn();
@@ -132,6 +153,7 @@ impl Agent {
             ])
             .args(&self.extra_args)
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -281,11 +303,11 @@ pub fn tempdir() -> tempfile::TempDir {
         .tempdir()
         .expect("tempdir");
     if std::env::var("EMBER_KEEP_TMP").as_deref() == Ok("1") {
-        eprintln!("keeping {}", dir.path().display());
-        let _ = dir.path().to_owned();
         let mut b = tempfile::Builder::new();
         b.prefix("ember-it-").disable_cleanup(true);
-        return b.tempdir().expect("tempdir");
+        let kept = b.tempdir().expect("tempdir");
+        eprintln!("keeping {}", kept.path().display());
+        return kept;
     }
     dir
 }

@@ -41,6 +41,7 @@ pub(crate) struct ControlService {
     pub(crate) store: Arc<VolumeStore>,
     pub(crate) nbd: NbdAddress,
     pub(crate) peers: Arc<ember_repl::PeerRegistry>,
+    pub(crate) replication: Arc<ember_repl::Replication>,
     pub(crate) site: String,
     pub(crate) peer_address: Option<String>,
 }
@@ -59,7 +60,33 @@ pub(crate) fn repl_status(error: ember_repl::ReplError) -> Status {
         | ReplError::VersionMismatch { .. }
         | ReplError::NotConfigured => Status::failed_precondition(message),
         ReplError::TlsMaterial { .. } => Status::failed_precondition(message),
-        ReplError::Io { .. } => Status::internal(message),
+        ReplError::NotFound(_) => Status::not_found(message),
+        ReplError::FailedPrecondition(_) => Status::failed_precondition(message),
+        ReplError::Io { .. } | ReplError::Internal(_) => Status::internal(message),
+    }
+}
+
+fn replication_pb(s: ember_repl::ReplicaStatus) -> pb::ReplicationStatus {
+    pb::ReplicationStatus {
+        volume: s.volume,
+        role: s.role.into(),
+        peer_site: s.peer,
+        mode: s.mode.into(),
+        state: s.state.into(),
+        lag_seconds: s.lag_seconds,
+        lag_bytes: s.lag_bytes,
+        last_consistent_at_unix_ns: s.last_consistent_at_unix_ns,
+        resync_remaining_bytes: s.resync_remaining_bytes,
+        resync_total_bytes: s.resync_total_bytes,
+        resync_eta_seconds: s.resync_eta_seconds,
+        resync_bytes_sent: s.resync_bytes_sent,
+        resync_bytes_skipped: s.resync_bytes_skipped,
+        bytes_shipped: s.bytes_shipped,
+        frames_rejected: s.frames_rejected,
+        sessions: s.sessions,
+        rpo_seconds: s.rpo_seconds,
+        on_peer_loss: s.on_peer_loss.into(),
+        last_error: s.last_error,
     }
 }
 
@@ -75,6 +102,8 @@ fn peer_pb(p: ember_repl::PeerInfo) -> pb::Peer {
         state: p.state.as_str().into(),
         added_at_unix: p.added_at_unix,
         last_error: p.last_error,
+        max_rate_bytes_per_sec: p.rates.max_bytes_per_sec,
+        resync_rate_bytes_per_sec: p.rates.resync_bytes_per_sec,
     }
 }
 
@@ -157,7 +186,7 @@ impl EmberControl for ControlService {
             "nbd-fast-zero",
         ];
         if self.store.tracking_enabled() {
-            features.extend(["dirty-tracking", "nbd-dirty-bitmap"]);
+            features.extend(["dirty-tracking", "nbd-dirty-bitmap", "replication"]);
         }
         if self.peer_address.is_some() {
             features.push("peer-mtls");
@@ -184,7 +213,15 @@ impl EmberControl for ControlService {
         let req = request.into_inner();
         let (peer, created) = self
             .peers
-            .add(&req.site, &req.address, req.measure_bytes)
+            .add(
+                &req.site,
+                &req.address,
+                req.measure_bytes,
+                ember_repl::LinkRates {
+                    max_bytes_per_sec: req.max_rate_bytes_per_sec,
+                    resync_bytes_per_sec: req.resync_rate_bytes_per_sec,
+                },
+            )
             .await
             .map_err(repl_status)?;
         Ok(Response::new(pb::AddPeerResponse {
@@ -254,12 +291,123 @@ impl EmberControl for ControlService {
         &self,
         request: Request<pb::DeleteVolumeRequest>,
     ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
-        let deleted = self
-            .store
-            .delete(&request.get_ref().name)
-            .await
-            .map_err(status)?;
+        let name = &request.get_ref().name;
+        self.replication
+            .check_unreplicated(name, "delete")
+            .map_err(repl_status)?;
+        let deleted = self.store.delete(name).await.map_err(status)?;
+        if deleted {
+            self.replication.secondaries().forget(name);
+        }
         Ok(Response::new(pb::DeleteVolumeResponse { deleted }))
+    }
+
+    #[tracing::instrument(skip_all, fields(volume_id = %request.get_ref().volume, peer = %request.get_ref().peer_site))]
+    async fn enable_replication(
+        &self,
+        request: Request<pb::EnableReplicationRequest>,
+    ) -> Result<Response<pb::EnableReplicationResponse>, Status> {
+        let req = request.into_inner();
+        let mode = match pb::ReplicationMode::try_from(req.mode) {
+            Ok(pb::ReplicationMode::Sync) => ember_repl::Mode::Sync,
+            Ok(pb::ReplicationMode::Async) => ember_repl::Mode::Async,
+            _ => return Err(Status::invalid_argument("mode must be sync or async")),
+        };
+        let on_peer_loss = match pb::PeerLossPolicy::try_from(req.on_peer_loss) {
+            Ok(pb::PeerLossPolicy::Unspecified | pb::PeerLossPolicy::Degrade) => {
+                ember_repl::PeerLossPolicy::Degrade
+            }
+            Ok(pb::PeerLossPolicy::Suspend) => ember_repl::PeerLossPolicy::Suspend,
+            Err(_) => return Err(Status::invalid_argument("unknown on_peer_loss policy")),
+        };
+        if req.peer_site.is_empty() {
+            return Err(Status::invalid_argument("peer_site is required"));
+        }
+        let rpo_seconds = match (req.rpo_seconds, mode) {
+            (0, ember_repl::Mode::Async) => 30,
+            (r, _) => r,
+        };
+        let (s, created) = self
+            .replication
+            .enable(ember_repl::EnableRequest {
+                volume: req.volume,
+                peer: req.peer_site,
+                mode,
+                rpo_seconds,
+                on_peer_loss,
+            })
+            .await
+            .map_err(repl_status)?;
+        Ok(Response::new(pb::EnableReplicationResponse {
+            status: Some(replication_pb(s)),
+            created,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(volume_id = %request.get_ref().volume))]
+    async fn disable_replication(
+        &self,
+        request: Request<pb::DisableReplicationRequest>,
+    ) -> Result<Response<pb::DisableReplicationResponse>, Status> {
+        let req = request.into_inner();
+        let disabled = self
+            .replication
+            .disable(&req.volume, req.delete_secondary)
+            .await
+            .map_err(repl_status)?;
+        Ok(Response::new(pb::DisableReplicationResponse { disabled }))
+    }
+
+    async fn get_replication_status(
+        &self,
+        request: Request<pb::GetReplicationStatusRequest>,
+    ) -> Result<Response<pb::GetReplicationStatusResponse>, Status> {
+        let s = self
+            .replication
+            .status(&request.get_ref().volume)
+            .map_err(repl_status)?;
+        Ok(Response::new(pb::GetReplicationStatusResponse {
+            status: Some(replication_pb(s)),
+        }))
+    }
+
+    async fn list_replications(
+        &self,
+        _: Request<pb::ListReplicationsRequest>,
+    ) -> Result<Response<pb::ListReplicationsResponse>, Status> {
+        let replications = self
+            .replication
+            .list()
+            .into_iter()
+            .map(replication_pb)
+            .collect();
+        Ok(Response::new(pb::ListReplicationsResponse { replications }))
+    }
+
+    #[tracing::instrument(skip_all, fields(volume_id = %request.get_ref().volume))]
+    async fn verify_replica(
+        &self,
+        request: Request<pb::VerifyReplicaRequest>,
+    ) -> Result<Response<pb::VerifyReplicaResponse>, Status> {
+        let req = request.into_inner();
+        let r = self
+            .replication
+            .verify(&req.volume, req.resync)
+            .await
+            .map_err(repl_status)?;
+        Ok(Response::new(pb::VerifyReplicaResponse {
+            compared_bytes: r.compared_bytes,
+            mismatches: r
+                .mismatches
+                .iter()
+                .map(|m| pb::DirtyExtent {
+                    offset: m.offset,
+                    length: m.length,
+                })
+                .collect(),
+            pending_bytes: r.pending_bytes,
+            resync_queued: r.resync_queued,
+        }))
     }
 
     #[tracing::instrument(skip_all, fields(volume_id = %request.get_ref().name))]
@@ -268,6 +416,9 @@ impl EmberControl for ControlService {
         request: Request<pb::ResizeVolumeRequest>,
     ) -> Result<Response<pb::ResizeVolumeResponse>, Status> {
         let req = request.into_inner();
+        self.replication
+            .check_unreplicated(&req.name, "resize")
+            .map_err(repl_status)?;
         let meta = self
             .store
             .resize(&req.name, req.size_bytes)

@@ -75,11 +75,35 @@ pub async fn run(
     let identity = ember_repl::Identity {
         site: config.site.clone(),
         backend_id: store.backend_id().to_owned(),
-        capabilities: vec!["nbd".into(), "dirty-tracking".into(), "snapshots".into()],
+        capabilities: vec![
+            "nbd".into(),
+            "dirty-tracking".into(),
+            "snapshots".into(),
+            "replication".into(),
+        ],
     };
     let peers = Arc::new(
         ember_repl::PeerRegistry::open(&config.data_dir, config.peer_tls(), identity.clone())
             .context("loading the peer list")?,
+    );
+    // Secondaries first: their volumes must refuse client writes before
+    // the NBD listener opens, and a crash's committed batch is replayed.
+    let secondaries = Arc::new(
+        ember_repl::SecondarySet::open(&config.data_dir, store.clone())
+            .await
+            .map_err(|s| anyhow::anyhow!("{}", s.message()))
+            .context("loading secondaries")?,
+    );
+    let replication = Arc::new(
+        ember_repl::Replication::open(
+            &config.data_dir,
+            store.clone(),
+            peers.clone(),
+            secondaries.clone(),
+            identity.clone(),
+            fault_corrupt_frames(),
+        )
+        .context("loading replicas")?,
     );
 
     let nbd_listener = match listeners.nbd {
@@ -133,7 +157,7 @@ pub async fn run(
         peer_task = Some(tokio::spawn(ember_repl::serve_peers(
             listener,
             server_tls,
-            ember_repl::PeerService::new(identity),
+            ember_repl::PeerService::with_secondaries(identity, secondaries.clone()),
             cancel.child_token(),
         )));
     }
@@ -142,6 +166,7 @@ pub async fn run(
         store: store.clone(),
         nbd: nbd_address,
         peers,
+        replication: replication.clone(),
         site: config.site.clone(),
         peer_address,
     };
@@ -194,6 +219,7 @@ pub async fn run(
     if let Some(t) = peer_task {
         finish_server("peer listener", t).await;
     }
+    replication.shutdown().await;
     store.shutdown().await;
     finish_server("control API", api).await;
     if let Some(path) = &config.nbd_unix {
@@ -258,4 +284,21 @@ fn tls_config(tls: &crate::config::ApiTls) -> anyhow::Result<ServerTlsConfig> {
         cfg = cfg.client_ca_root(Certificate::from_pem(ca));
     }
     Ok(cfg)
+}
+
+/// Fault injection for tests: `EMBER_FAULT_CORRUPT_FRAMES=N` corrupts the
+/// next N replication frames after their checksum is computed, so tests can
+/// prove the secondary refuses them. Logged loudly when set.
+fn fault_corrupt_frames() -> u64 {
+    let n = std::env::var("EMBER_FAULT_CORRUPT_FRAMES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    if n > 0 {
+        tracing::warn!(
+            frames = n,
+            "FAULT INJECTION: replication frames will be corrupted"
+        );
+    }
+    n
 }

@@ -2,10 +2,10 @@
 //! site (found next to `emberctl`), each with its own data dir and a
 //! certificate from a lab CA (`DIR/pki`, made with `emberctl pki`), pairs
 //! them both ways over mutual TLS on loopback, creates a demo volume on
-//! site-a and prints where to point NBD clients. With `--detach` it writes
-//! `DIR/lab.json` and returns; `lab down --dir DIR` stops exactly the
-//! processes recorded there. Replicating the demo volume to site-b comes
-//! with replication.
+//! site-a replicated asynchronously to site-b, and prints where to point
+//! NBD clients plus a live view of lag and throughput. With `--detach` it
+//! writes `DIR/lab.json` and returns; `lab down --dir DIR` stops exactly the
+//! processes recorded there.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -187,6 +187,16 @@ async fn up(dir: &Path, detach: bool, size: &str, out: Out) -> anyhow::Result<()
         .into_inner()
         .volume
         .context("no volume")?;
+    let secondary_uri = client::connect(&sites[1].api)
+        .await?
+        .get_volume(pb::GetVolumeRequest {
+            name: DEMO_VOLUME.into(),
+        })
+        .await?
+        .into_inner()
+        .volume
+        .context("no secondary volume")?
+        .nbd_uri;
     let site_json: serde_json::Map<String, serde_json::Value> = sites
         .iter()
         .map(|s| {
@@ -199,7 +209,11 @@ async fn up(dir: &Path, detach: bool, size: &str, out: Out) -> anyhow::Result<()
     let lab = json!({
         "sites": site_json,
         "pki": pki.display().to_string(),
-        "volume": { "name": volume.name, "nbd_uri": { "site-a": volume.nbd_uri } },
+        "volume": {
+            "name": volume.name,
+            "nbd_uri": { "site-a": volume.nbd_uri, "site-b": secondary_uri },
+            "replication": { "primary": "site-a", "secondary": "site-b", "mode": "async", "rpo_seconds": 30 },
+        },
     });
     std::fs::write(dir.join("lab.json"), serde_json::to_vec_pretty(&lab)?)?;
     if out.json || detach {
@@ -219,18 +233,20 @@ async fn up(dir: &Path, detach: bool, size: &str, out: Out) -> anyhow::Result<()
         "  site-a and site-b are paired over mutual TLS (certificates in {})",
         pki.display()
     );
-    println!("  demo volume: {}", volume.nbd_uri);
+    println!("  demo volume (primary, write here): {}", volume.nbd_uri);
+    println!("  its secondary on site-b (read-only, async, RPO 30 s): {secondary_uri}");
     println!(
-        "Try:  nbdinfo {}    |    qemu-io -f raw -c 'write -P 0x5a 0 1M' {}",
-        volume.nbd_uri, volume.nbd_uri
+        "Try:  qemu-io -f raw -c 'write -P 0x5a 0 64M' {}    then    qemu-img compare -f raw -F raw {} {}",
+        volume.nbd_uri, volume.nbd_uri, secondary_uri
     );
     println!("Ctrl-C stops the lab.\n");
     let stop = tokio::signal::ctrl_c();
     tokio::pin!(stop);
+    let mut last_shipped = None;
     loop {
         tokio::select! {
             _ = &mut stop => break,
-            () = tokio::time::sleep(Duration::from_secs(2)) => live_line(&mut api).await,
+            () = tokio::time::sleep(Duration::from_secs(1)) => live_line(&mut api, &mut last_shipped).await,
         }
     }
     // Close our own API connection first (the runtime keeps running while
@@ -249,6 +265,8 @@ async fn pair_and_create(sites: &mut [Site], size_bytes: u64) -> anyhow::Result<
             site: sites[to].name.into(),
             address: sites[to].peer.clone(),
             measure_bytes: 4 << 20,
+            max_rate_bytes_per_sec: 0,
+            resync_rate_bytes_per_sec: 0,
         })
         .await
         .map_err(|s| {
@@ -269,13 +287,47 @@ async fn pair_and_create(sites: &mut [Site], size_bytes: u64) -> anyhow::Result<
     })
     .await
     .map_err(|s| anyhow::anyhow!("creating the demo volume failed: {}", s.message()))?;
-    Ok(())
+    api.enable_replication(pb::EnableReplicationRequest {
+        volume: DEMO_VOLUME.into(),
+        peer_site: sites[1].name.into(),
+        mode: pb::ReplicationMode::Async as i32,
+        rpo_seconds: 30,
+        on_peer_loss: pb::PeerLossPolicy::Degrade as i32,
+    })
+    .await
+    .map_err(|s| anyhow::anyhow!("replicating the demo volume failed: {}", s.message()))?;
+    // The secondary exists once the first session opened; wait for it and
+    // for the (empty) initial sync.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let state = api
+            .get_replication_status(pb::GetReplicationStatusRequest {
+                volume: DEMO_VOLUME.into(),
+            })
+            .await
+            .ok()
+            .and_then(|r| r.into_inner().status)
+            .map(|s| (s.state, s.last_error))
+            .unwrap_or_default();
+        if state.0 == "in-sync" {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the demo volume did not reach in-sync within 30 s (state {:?}, last error {:?})",
+                state.0,
+                state.1
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 async fn live_line(
     api: &mut ember_proto::control::v1::ember_control_client::EmberControlClient<
         tonic::transport::Channel,
     >,
+    last_shipped: &mut Option<(Instant, u64)>,
 ) {
     let Ok(r) = api
         .get_volume(pb::GetVolumeRequest {
@@ -296,10 +348,27 @@ async fn live_line(
             }),
         Err(e) => e.message().to_owned(),
     };
+    let repl = api
+        .get_replication_status(pb::GetReplicationStatusRequest {
+            volume: DEMO_VOLUME.into(),
+        })
+        .await
+        .ok()
+        .and_then(|r| r.into_inner().status)
+        .unwrap_or_default();
+    let now = Instant::now();
+    let rate = last_shipped.map_or(0.0, |(t, b): (Instant, u64)| {
+        repl.bytes_shipped.saturating_sub(b) as f64 / now.duration_since(t).as_secs_f64()
+    });
+    *last_shipped = Some((now, repl.bytes_shipped));
     println!(
-        "demo: allocated {:>10}  dirty {:>10}  nbd connections {}  |  link to {}",
+        "demo: {:<12} lag {:>6.2}s {:>9}  shipping {:>9}/s  resync left {:>9}  allocated {:>9}  clients {}  |  {}",
+        repl.state,
+        repl.lag_seconds,
+        ember_common::format_size(repl.lag_bytes),
+        ember_common::format_size(rate as u64),
+        ember_common::format_size(repl.resync_remaining_bytes),
         ember_common::format_size(v.allocated_bytes),
-        ember_common::format_size(v.dirty_bytes),
         v.nbd_connections,
         link
     );

@@ -5,6 +5,7 @@ mod client;
 mod lab;
 mod output;
 mod pki;
+mod replica;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -54,7 +55,10 @@ enum Command {
     /// Pairing with the agents of other sites (mutual TLS).
     #[command(subcommand)]
     Peer(PeerCmd),
-    /// A local lab: an agent with a demo volume, in one command.
+    /// Replication of volumes to paired sites.
+    #[command(subcommand)]
+    Replica(replica::ReplicaCmd),
+    /// A local lab: two paired sites and a replicated demo volume.
     #[command(subcommand)]
     Lab(lab::LabCmd),
     /// Certificates for labs and tests: a private CA and certificates it signs.
@@ -114,6 +118,12 @@ enum PeerCmd {
         /// Bytes streamed to measure throughput (default 16M).
         #[arg(long)]
         measure: Option<String>,
+        /// Bandwidth limit for all replication traffic, per second (e.g. 100M).
+        #[arg(long)]
+        max_rate: Option<String>,
+        /// Bandwidth limit for resync traffic alone, per second.
+        #[arg(long)]
+        resync_rate: Option<String>,
     },
     /// Paired peers, probed now (state, RTT).
     List,
@@ -294,12 +304,19 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 site,
                 address,
                 measure,
+                max_rate,
+                resync_rate,
             } => {
+                let rate = |r: Option<String>| -> anyhow::Result<u64> {
+                    Ok(r.as_deref().map(size_arg).transpose()?.unwrap_or(0))
+                };
                 let r = api
                     .add_peer(pb::AddPeerRequest {
                         site,
                         address,
                         measure_bytes: measure.as_deref().map(size_arg).transpose()?.unwrap_or(0),
+                        max_rate_bytes_per_sec: rate(max_rate)?,
+                        resync_rate_bytes_per_sec: rate(resync_rate)?,
                     })
                     .await?
                     .into_inner();
@@ -318,6 +335,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 out.deleted("peer", &site, removed);
             }
         },
+        Command::Replica(cmd) => replica::run(cmd, &mut api, out).await?,
         Command::Snapshot(cmd) => match cmd {
             SnapshotCmd::Create { volume, name } => {
                 let r = api

@@ -31,7 +31,7 @@ fn snapshot_json(s: &pb::Snapshot) -> Value {
     })
 }
 
-fn table(headers: &[&str], rows: Vec<Vec<String>>) {
+pub(crate) fn table(headers: &[&str], rows: Vec<Vec<String>>) {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for r in &rows {
         for (w, c) in widths.iter_mut().zip(r) {

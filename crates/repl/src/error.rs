@@ -67,6 +67,15 @@ pub enum ReplError {
     /// Peer replication is not configured on this agent.
     #[error("no peer listener is configured on this agent ([peer] section with TLS material)")]
     NotConfigured,
+    /// The volume or replica does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The request cannot be honoured in the current state.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// Local storage or tracking failed while replicating.
+    #[error("{0}")]
+    Internal(String),
     /// Persisting the peer list failed.
     #[error("peer list {path}: {source}")]
     Io {

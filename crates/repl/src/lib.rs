@@ -8,18 +8,31 @@
 //! - [`PeerRegistry`]: paired peers persisted in the data dir, with pairing
 //!   (Hello), RTT and throughput measurement.
 //!
-//! Replication (shipping writes, resync) builds on these links.
+//! - [`Replication`]: replicas this agent is primary for (journal, sessions,
+//!   initial sync, catch-up, verify) and [`SecondarySet`], the volumes it
+//!   holds for its peers (staging log, atomic batches).
 
 mod error;
+mod frame;
+mod hashes;
 mod listener;
+mod manager;
+mod primary;
 mod registry;
+mod secondary;
 mod service;
+mod throttle;
 mod tls;
 mod version;
 
 pub use error::{ReplError, Result};
 pub use listener::serve_peers;
-pub use registry::{LinkMeasurement, PeerInfo, PeerRegistry, PeerState};
+pub use manager::{
+    DEFAULT_JOURNAL_BYTES, EnableRequest, Mismatch, ReplicaStatus, Replication, VerifyReport,
+};
+pub use primary::link::{Mode, PeerLossPolicy};
+pub use registry::{LinkMeasurement, LinkRates, PeerInfo, PeerRegistry, PeerState};
+pub use secondary::{SecondarySet, SecondaryStatus};
 pub use service::{Identity, PeerService};
 pub use tls::PeerTls;
 pub use version::ProtocolVersion;

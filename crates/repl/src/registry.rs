@@ -36,6 +36,18 @@ struct PeerRecord {
     added_at_unix: i64,
     #[serde(default)]
     throughput_bytes_per_sec: u64,
+    #[serde(default)]
+    rates: LinkRates,
+}
+
+/// Bandwidth limits of a link, bytes per second (0: unlimited).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct LinkRates {
+    /// Everything replication sends to this peer.
+    pub max_bytes_per_sec: u64,
+    /// Resync traffic (initial sync, catch-up) alone; keeps headroom for
+    /// the stream of new writes.
+    pub resync_bytes_per_sec: u64,
 }
 
 /// Reachability of a peer at the last probe.
@@ -87,6 +99,8 @@ pub struct PeerInfo {
     pub state: PeerState,
     /// Why it is unreachable, if it is.
     pub last_error: String,
+    /// Bandwidth limits.
+    pub rates: LinkRates,
 }
 
 impl PeerInfo {
@@ -104,6 +118,7 @@ impl PeerInfo {
             },
             state,
             last_error,
+            rates: r.rates,
         }
     }
 }
@@ -189,6 +204,42 @@ impl PeerRegistry {
     }
 
     async fn connect(&self, site: &str, address: &str) -> Result<EmberPeerClient<Channel>> {
+        self.connect_with(site, address, Some(Duration::from_secs(60)))
+            .await
+    }
+
+    /// A client for long-lived replication streams: no per-request timeout,
+    /// HTTP/2 keepalive pings so a dead link is noticed within seconds.
+    pub(crate) async fn stream_client(
+        &self,
+        site: &str,
+    ) -> Result<(EmberPeerClient<Channel>, u32, LinkRates)> {
+        let record = self
+            .peers
+            .lock()
+            .await
+            .get(site)
+            .cloned()
+            .ok_or_else(|| ReplError::NotFound(format!("site {site} is not paired")))?;
+        let client = self.connect_with(site, &record.address, None).await?;
+        Ok((client, record.protocol_version, record.rates))
+    }
+
+    /// The paired peer `site`: its negotiated protocol version and rates.
+    pub(crate) async fn peer(&self, site: &str) -> Option<(u32, LinkRates)> {
+        self.peers
+            .lock()
+            .await
+            .get(site)
+            .map(|r| (r.protocol_version, r.rates))
+    }
+
+    async fn connect_with(
+        &self,
+        site: &str,
+        address: &str,
+        request_timeout: Option<Duration>,
+    ) -> Result<EmberPeerClient<Channel>> {
         let tls = self.tls.as_ref().ok_or(ReplError::NotConfigured)?;
         let host = address
             .rsplit_once(':')
@@ -204,7 +255,14 @@ impl PeerRegistry {
             .tls_config(tls.client_config(host)?)
             .map_err(|e| unreachable(chain(&e)))?
             .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(Duration::from_secs(60));
+            .http2_keep_alive_interval(Duration::from_secs(1))
+            .keep_alive_timeout(Duration::from_secs(3))
+            .keep_alive_while_idle(true)
+            .tcp_nodelay(true);
+        let endpoint = match request_timeout {
+            Some(t) => endpoint.timeout(t),
+            None => endpoint,
+        };
         let channel = endpoint.connect().await.map_err(|e| {
             let mut reason = chain(&e);
             if reason.contains("invalid peer certificate") {
@@ -309,6 +367,7 @@ impl PeerRegistry {
         site: &str,
         address: &str,
         measure_bytes: u64,
+        rates: LinkRates,
     ) -> Result<(PeerInfo, bool)> {
         ember_common::VolumeName::new(site)
             .map_err(|e| ReplError::InvalidArgument(format!("site name {site:?}: {e}")))?;
@@ -353,6 +412,7 @@ impl PeerRegistry {
             capabilities: hello.capabilities,
             added_at_unix: peers.get(site).map_or_else(now_unix, |r| r.added_at_unix),
             throughput_bytes_per_sec: throughput,
+            rates,
         };
         let mut next = peers.clone();
         next.insert(site.to_owned(), record.clone());

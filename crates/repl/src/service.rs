@@ -2,9 +2,14 @@
 
 use ember_proto::repl::v1 as pb;
 use ember_proto::repl::v1::ember_peer_server::EmberPeer;
+use std::sync::Arc;
+
 use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::hashes;
+use crate::secondary::{SecondarySet, run_stream};
 use crate::version::ProtocolVersion;
 
 /// Who this agent is, as told to peers.
@@ -34,12 +39,30 @@ impl Identity {
 #[derive(Debug, Clone)]
 pub struct PeerService {
     identity: Identity,
+    secondaries: Option<Arc<SecondarySet>>,
 }
 
 impl PeerService {
-    /// A service answering as `identity`.
+    /// A service answering as `identity`, without replication.
     pub fn new(identity: Identity) -> Self {
-        Self { identity }
+        Self {
+            identity,
+            secondaries: None,
+        }
+    }
+
+    /// A service that also holds secondaries for its peers.
+    pub fn with_secondaries(identity: Identity, secondaries: Arc<SecondarySet>) -> Self {
+        Self {
+            identity,
+            secondaries: Some(secondaries),
+        }
+    }
+
+    fn secondaries(&self) -> Result<&Arc<SecondarySet>, Status> {
+        self.secondaries
+            .as_ref()
+            .ok_or_else(|| Status::unimplemented("this agent does not hold secondaries"))
     }
 }
 
@@ -102,5 +125,84 @@ impl EmberPeer for PeerService {
             bytes += chunk?.data.len() as u64;
         }
         Ok(Response::new(pb::SinkSummary { bytes }))
+    }
+
+    async fn open_replica(
+        &self,
+        request: Request<pb::OpenReplicaRequest>,
+    ) -> Result<Response<pb::OpenReplicaResponse>, Status> {
+        let req = request.into_inner();
+        ember_volume::parse_volume(&req.volume)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if req.size_bytes == 0 {
+            return Err(Status::invalid_argument("size_bytes must be positive"));
+        }
+        Ok(Response::new(self.secondaries()?.open_replica(req).await?))
+    }
+
+    async fn close_replica(
+        &self,
+        request: Request<pb::CloseReplicaRequest>,
+    ) -> Result<Response<pb::CloseReplicaResponse>, Status> {
+        let req = request.into_inner();
+        Ok(Response::new(self.secondaries()?.close_replica(req).await?))
+    }
+
+    async fn read_hashes(
+        &self,
+        request: Request<pb::ReadHashesRequest>,
+    ) -> Result<Response<pb::ReadHashesResponse>, Status> {
+        let req = request.into_inner();
+        let sv = self
+            .secondaries()?
+            .get(&req.volume)
+            .ok_or_else(|| Status::not_found(format!("no secondary named {}", req.volume)))?;
+        let size = ember_nbd::Export::size(sv.volume.as_ref());
+        hashes::validate(req.offset, req.chunk_bytes, req.chunks, size)?;
+        let list = hashes::chunk_hashes(&sv.volume, req.offset, req.chunk_bytes, req.chunks)
+            .await
+            .map_err(|e| Status::internal(format!("hashing: {e}")))?;
+        Ok(Response::new(pb::ReadHashesResponse {
+            blake3: list.into_iter().map(|h| h.to_vec()).collect(),
+        }))
+    }
+
+    type ReplicateStream = ReceiverStream<Result<pb::ReplAck, Status>>;
+
+    async fn replicate(
+        &self,
+        request: Request<Streaming<pb::ReplFrame>>,
+    ) -> Result<Response<Self::ReplicateStream>, Status> {
+        use ember_proto::repl::v1::repl_frame::Kind;
+        let mut frames = request.into_inner();
+        let first = frames
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty replication stream"))?;
+        let Some(Kind::Open(open)) = first.kind else {
+            return Err(Status::invalid_argument(
+                "a replication stream starts with an open frame",
+            ));
+        };
+        let sv = self
+            .secondaries()?
+            .get(&open.volume)
+            .ok_or_else(|| Status::not_found(format!("no secondary named {}", open.volume)))?;
+        if sv.record().detached {
+            return Err(Status::failed_precondition(format!(
+                "secondary {} is detached; enable replication again to reattach it",
+                open.volume
+            )));
+        }
+        let size = ember_nbd::Export::size(sv.volume.as_ref());
+        if open.size_bytes != size {
+            return Err(Status::failed_precondition(format!(
+                "secondary {} has {size} bytes, the primary {}",
+                open.volume, open.size_bytes
+            )));
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        tokio::spawn(run_stream(sv, frames, tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 }

@@ -6,13 +6,17 @@
 pub enum ProtocolVersion {
     /// Pairing: Hello with identities and capabilities, Ping, Sink.
     V1 = 1,
+    /// Replication: OpenReplica, CloseReplica, ReadHashes, Replicate.
+    V2 = 2,
 }
 
 impl ProtocolVersion {
     /// The newest version this build speaks.
-    pub const CURRENT: Self = Self::V1;
+    pub const CURRENT: Self = Self::V2;
     /// Every version this build can speak, oldest first.
-    pub const SUPPORTED: &'static [u32] = &[1];
+    pub const SUPPORTED: &'static [u32] = &[1, 2];
+    /// The oldest version that can replicate.
+    pub const REPLICATION: u32 = 2;
 
     /// The highest version both sides support.
     pub fn negotiate(theirs: &[u32]) -> Option<u32> {
@@ -31,7 +35,8 @@ mod tests {
     #[test]
     fn picks_the_highest_common_version_or_none() {
         assert_eq!(ProtocolVersion::negotiate(&[1, 7]), Some(1));
-        assert_eq!(ProtocolVersion::negotiate(&[2, 3]), None);
+        assert_eq!(ProtocolVersion::negotiate(&[1, 2]), Some(2));
+        assert_eq!(ProtocolVersion::negotiate(&[3, 4]), None);
         assert_eq!(ProtocolVersion::negotiate(&[]), None);
     }
 }

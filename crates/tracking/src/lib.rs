@@ -27,4 +27,6 @@ mod tracker;
 pub use activity_log::{ActivityLog, AlRecord, MAX_RECORD_EXTENTS};
 pub use bitmap::Bitmap;
 pub use error::{Result, TrackingError};
-pub use tracker::{Admission, Checkpoint, DirtyReport, Tracker, TrackingConfig};
+pub use tracker::{
+    Admission, Checkpoint, ConsumerCheckpoint, DirtyReport, Tracker, TrackingConfig,
+};

@@ -15,7 +15,7 @@
 //! longer names it. So at every instant: on-disk bitmap ∪ newest durable
 //! log record ⊇ every block written since the last clean point.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -95,6 +95,9 @@ impl TrackingConfig {
     }
 }
 
+/// Bitmap words to write before a log record: (consumer or default, first word, words).
+type EvictedWords = (Option<String>, usize, Vec<u64>);
+
 /// Extents pinned by one admitted write; give it back to [`Tracker::end_write`].
 #[derive(Debug)]
 #[must_use = "pass the admission to Tracker::end_write once the write is done"]
@@ -149,12 +152,15 @@ struct State {
     /// Change watchers: blocks whose writes *completed* since each watch began.
     watchers: HashMap<u64, Bitmap>,
     next_watch: u64,
+    /// Named persistent change sets (one per replica), beside the default one.
+    consumers: BTreeMap<String, consumer::Consumer>,
 }
 
 #[derive(Debug)]
 struct Files {
     bitmap: BitmapFile,
     log: ActivityLog,
+    consumers: HashMap<String, BitmapFile>,
 }
 
 /// Change tracking for one volume. Thread-safe; see the module docs for the
@@ -189,16 +195,28 @@ impl Tracker {
         let replayed = log.replay()?;
         let mut seq = replayed.as_ref().map_or(0, |r| r.seq);
         let mut window = 0;
+        let mut consumers = consumer::load_all(dir, g, blocks)?;
         if let Some(record) = &replayed {
             for &e in &record.extents {
                 let start = u64::from(e) * record.al_extent_bytes;
-                bits.set_range(start / g, (start + record.al_extent_bytes).div_ceil(g));
+                let (first, end) = (start / g, (start + record.al_extent_bytes).div_ceil(g));
+                bits.set_range(first, end);
+                for (_, (_, c)) in consumers.iter_mut() {
+                    c.bits.set_range(first, end);
+                }
             }
             window = record.extents.len();
         }
-        // Fold the window into the bitmap and start with an empty log, so
+        // Fold the window into the bitmaps and start with an empty log, so
         // the next crash does not widen the set again.
         bitmap_file.write_all(&bits, g)?;
+        for (file, c) in consumers.values() {
+            file.write_all(&c.bits, g)?;
+        }
+        let (consumer_files, consumers): (HashMap<_, _>, BTreeMap<_, _>) = consumers
+            .into_iter()
+            .map(|(name, (file, c))| ((name.clone(), file), (name, c)))
+            .unzip();
         seq += 1;
         log.append(&AlRecord {
             seq,
@@ -225,10 +243,12 @@ impl Tracker {
                 evicted: Vec::new(),
                 watchers: HashMap::new(),
                 next_watch: 1,
+                consumers,
             }),
             files: Mutex::new(Files {
                 bitmap: bitmap_file,
                 log,
+                consumers: consumer_files,
             }),
         })
     }
@@ -264,6 +284,9 @@ impl Tracker {
         st.bits.set_range(start, end);
         if let Some(cp) = st.checkpoint.as_mut() {
             cp.since.set_range(start, end);
+        }
+        for c in st.consumers.values_mut() {
+            c.mark(start, end);
         }
         let first = (offset / al) as u32;
         let last = ((offset + len - 1) / al) as u32;
@@ -372,33 +395,42 @@ impl Tracker {
         }
     }
 
-    /// Copies of the bitmap words covering `evicted`, as (first word, words).
-    fn evicted_words(&self, st: &State, evicted: &[u32]) -> Vec<(usize, Vec<u64>)> {
+    /// Copies of the bitmap words covering `evicted`, in the default bitmap
+    /// (`None`) and every consumer's, as (consumer, first word, words).
+    fn evicted_words(&self, st: &State, evicted: &[u32]) -> Vec<EvictedWords> {
         let per_extent = self.config.al_extent_bytes / self.config.granularity_bytes;
-        let all = st.bits.words();
-        evicted
-            .iter()
-            .map(|&e| {
+        let maps = std::iter::once((None, &st.bits))
+            .chain(st.consumers.iter().map(|(n, c)| (Some(n.clone()), &c.bits)));
+        let mut out = Vec::new();
+        for (owner, bits) in maps {
+            let all = bits.words();
+            for &e in evicted {
                 let first = (u64::from(e) * per_extent / 64) as usize;
                 let end = ((u64::from(e) + 1) * per_extent).div_ceil(64) as usize;
                 let end = end.min(all.len());
                 let first = first.min(end);
-                (first, all[first..end].to_vec())
-            })
-            .collect()
+                out.push((owner.clone(), first, all[first..end].to_vec()));
+            }
+        }
+        out
     }
 
-    fn write_record(
-        &self,
-        files: &Files,
-        record: &AlRecord,
-        words: &[(usize, Vec<u64>)],
-    ) -> Result<()> {
+    fn write_record(&self, files: &Files, record: &AlRecord, words: &[EvictedWords]) -> Result<()> {
         if !words.is_empty() {
-            for (first, chunk) in words {
-                files.bitmap.write_raw_words(*first, chunk)?;
+            for (owner, first, chunk) in words {
+                let file = match owner {
+                    None => &files.bitmap,
+                    Some(name) => match files.consumers.get(name) {
+                        Some(f) => f,
+                        None => continue,
+                    },
+                };
+                file.write_raw_words(*first, chunk)?;
             }
             files.bitmap.sync()?;
+            for f in files.consumers.values() {
+                f.sync()?;
+            }
         }
         files.log.append(record)
     }
@@ -446,11 +478,8 @@ impl Tracker {
         let mut st = self.state();
         let id = st.next_checkpoint;
         st.next_checkpoint += 1;
-        let blocks = st.bits.len();
-        st.checkpoint = Some(Checkpoint {
-            id,
-            since: Bitmap::new(blocks),
-        });
+        let since = self.in_flight_blocks(&st);
+        st.checkpoint = Some(Checkpoint { id, since });
         DirtyReport {
             extents: st.bits.extents(g, st.size_bytes),
             checkpoint_id: id,
@@ -521,7 +550,7 @@ impl Tracker {
             .files
             .lock()
             .expect("tracking files lock poisoned by a panic");
-        let snapshot = {
+        let snapshot: (Bitmap, Vec<(String, Bitmap)>) = {
             let mut st = self.state();
             let blocks = size_bytes.div_ceil(g);
             st.size_bytes = size_bytes;
@@ -532,9 +561,18 @@ impl Tracker {
             for bits in st.watchers.values_mut() {
                 bits.resize(blocks);
             }
-            st.bits.clone()
+            for c in st.consumers.values_mut() {
+                c.resize(blocks);
+            }
+            let consumers: Vec<(String, Bitmap)> = st
+                .consumers
+                .iter()
+                .map(|(n, c)| (n.clone(), c.bits.clone()))
+                .collect();
+            (st.bits.clone(), consumers)
         };
-        files.bitmap.write_all(&snapshot, g)
+        files.bitmap.write_all(&snapshot.0, g)?;
+        consumer::write_files(&files, &snapshot.1, g)
     }
 
     /// Clean point for shutdown: persists the whole bitmap, then a log
@@ -548,13 +586,18 @@ impl Tracker {
             .files
             .lock()
             .expect("tracking files lock poisoned by a panic");
-        let (snapshot, record) = {
+        let (snapshot, record, consumers) = {
             let mut st = self.state();
             st.active.retain(|_, a| a.pins > 0);
             st.evicted.clear();
             st.al_seq += 1;
             let mut extents: Vec<u32> = st.active.keys().copied().collect();
             extents.sort_unstable();
+            let consumers: Vec<(String, Bitmap)> = st
+                .consumers
+                .iter()
+                .map(|(n, c)| (n.clone(), c.bits.clone()))
+                .collect();
             (
                 st.bits.clone(),
                 AlRecord {
@@ -562,9 +605,11 @@ impl Tracker {
                     al_extent_bytes: self.config.al_extent_bytes,
                     extents,
                 },
+                consumers,
             )
         };
         files.bitmap.write_all(&snapshot, g)?;
+        consumer::write_files(&files, &consumers, g)?;
         files.log.append(&record)?;
         let mut st = self.state();
         st.durable_seq = st.durable_seq.max(record.seq);
@@ -572,5 +617,8 @@ impl Tracker {
     }
 }
 
+mod consumer;
 #[cfg(test)]
 mod tests;
+
+pub use consumer::ConsumerCheckpoint;

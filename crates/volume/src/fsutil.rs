@@ -9,7 +9,7 @@ use std::path::Path;
 use crate::error::{Result, StoreError, io};
 
 /// fsyncs a directory so renames and creations inside it are durable.
-pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+pub fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io("sync directory", dir))
@@ -34,7 +34,7 @@ pub(crate) fn write_atomic(path: &Path, body: &[u8]) -> Result<()> {
 }
 
 /// Writes `value` as pretty JSON to `path` atomically ([`write_atomic`]).
-pub(crate) fn write_json_atomic<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
+pub fn write_json_atomic<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
     write_atomic(
         path,
         &serde_json::to_vec_pretty(value).expect("metadata serializes"),
@@ -42,7 +42,7 @@ pub(crate) fn write_json_atomic<T: serde::Serialize>(path: &Path, value: &T) -> 
 }
 
 /// Reads a JSON metadata file.
-pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let body = std::fs::read(path).map_err(io("read metadata", path))?;
     serde_json::from_slice(&body).map_err(|e| StoreError::CorruptMetadata {
         path: path.to_owned(),

@@ -9,13 +9,15 @@
 
 mod copy;
 mod error;
-mod fsutil;
+pub mod fsutil;
 mod meta;
+mod replication;
 mod store;
 mod volume;
 
 pub use error::{Result, StoreError};
 pub use meta::{SnapshotMeta, VolumeMeta};
+pub use replication::{AckWait, Change, ReplicationHook};
 pub use store::{
     Capacity, RawVolume, Source, StoreConfig, VolumeStore, parse_snapshot, parse_volume,
 };

@@ -184,6 +184,11 @@ impl VolumeStore {
         self.config.tracking.is_some()
     }
 
+    /// Directory of volume `name` (its metadata and tracking files).
+    pub fn volume_dir(&self, name: &str) -> PathBuf {
+        self.volumes_dir().join(name)
+    }
+
     fn volumes_dir(&self) -> PathBuf {
         self.config.root.join("volumes")
     }

@@ -11,13 +11,15 @@
 //! clones quiesce writes through `write_gate`: writers hold it shared, the
 //! copier exclusively, so a snapshot is a point in time.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock as StdRwLock};
 
 use ember_nbd::{BlockRun, Export};
 use ember_storage::{AllocationRun, FileDevice, StorageError};
 use ember_tracking::{Admission, Tracker};
 use tokio::sync::RwLock;
+
+use crate::replication::{Change, ReplicationHook};
 
 /// Largest zero buffer written when a file system cannot zero by metadata.
 const ZERO_CHUNK: u64 = 1 << 20;
@@ -32,6 +34,7 @@ pub struct Volume {
     read_only: bool,
     write_gate: RwLock<()>,
     connections: AtomicU32,
+    replication: StdRwLock<Option<Arc<dyn ReplicationHook>>>,
 }
 
 impl Volume {
@@ -50,6 +53,7 @@ impl Volume {
             read_only,
             write_gate: RwLock::new(()),
             connections: AtomicU32::new(0),
+            replication: StdRwLock::new(None),
         }
     }
 
@@ -68,6 +72,34 @@ impl Volume {
         &self.device
     }
 
+    /// Installs (or with `None` removes) the replication hook.
+    pub fn set_replication(&self, hook: Option<Arc<dyn ReplicationHook>>) {
+        *self
+            .replication
+            .write()
+            .expect("replication hook lock poisoned by a panic") = hook;
+    }
+
+    /// The replication hook, if one is installed.
+    pub fn replication(&self) -> Option<Arc<dyn ReplicationHook>> {
+        self.replication
+            .read()
+            .expect("replication hook lock poisoned by a panic")
+            .clone()
+    }
+
+    /// Client writes are refused: a snapshot, or a secondary.
+    fn refuses_writes(&self) -> Result<Option<Arc<dyn ReplicationHook>>, StorageError> {
+        if self.read_only {
+            return Err(StorageError::ReadOnly);
+        }
+        let hook = self.replication();
+        if hook.as_ref().is_some_and(|h| h.refuses_writes()) {
+            return Err(StorageError::ReadOnly);
+        }
+        Ok(hook.filter(|h| h.wants_changes()))
+    }
+
     /// NBD connections currently attached.
     pub fn connections(&self) -> u32 {
         self.connections.load(Ordering::Relaxed)
@@ -82,13 +114,22 @@ impl Volume {
         self.write_gate.write().await
     }
 
-    /// Runs `f` as a tracked write: dirty bits and activity log first.
-    async fn tracked<F, Fut>(&self, offset: u64, len: u64, f: F) -> Result<(), StorageError>
+    /// Runs `f` as a tracked write: dirty bits and activity log first. On
+    /// success the change goes to the replication hook while its extents
+    /// are still pinned, and the hook's acknowledgement (sync mode) is
+    /// awaited before returning.
+    async fn tracked<F, Fut>(
+        &self,
+        offset: u64,
+        len: u64,
+        publish: Option<(Arc<dyn ReplicationHook>, Change, bool)>,
+        f: F,
+    ) -> Result<(), StorageError>
     where
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<(), StorageError>>,
     {
-        let _gate = self.write_gate.read().await;
+        let gate = self.write_gate.read().await;
         let Some(tracker) = &self.tracker else {
             return f().await;
         };
@@ -99,7 +140,15 @@ impl Volume {
             Ok(()) => f().await,
             Err(e) => Err(e),
         };
+        let wait = match (&result, publish) {
+            (Ok(()), Some((hook, change, fua))) => hook.completed(change, fua),
+            _ => None,
+        };
         tracker.end_write(admission);
+        drop(gate);
+        if let Some(wait) = wait {
+            wait.await;
+        }
         result
     }
 
@@ -136,12 +185,13 @@ impl Export for Volume {
     }
 
     fn read_only(&self) -> bool {
-        self.read_only
+        self.read_only || self.replication().is_some_and(|h| h.refuses_writes())
     }
 
     /// All connections write the same file through the same page cache, so
-    /// one `fdatasync` covers every completed write. (Replication will have
-    /// to keep this true by making FLUSH wait for replica acks.)
+    /// one `fdatasync` covers every completed write; in sync replication a
+    /// FLUSH also waits for the secondary's barrier, which covers every
+    /// write shipped before it.
     fn multi_conn(&self) -> bool {
         true
     }
@@ -151,16 +201,27 @@ impl Export for Volume {
     }
 
     async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), StorageError> {
-        if self.read_only {
-            return Err(StorageError::ReadOnly);
-        }
+        let hook = self.refuses_writes()?;
         let len = data.len() as u64;
-        self.tracked(offset, len, || self.device.write(offset, data, fua))
-            .await
+        let publish = hook.map(|h| {
+            let change = Change::Write {
+                offset,
+                data: data.clone(),
+            };
+            (h, change, fua)
+        });
+        self.tracked(offset, len, publish, || {
+            self.device.write(offset, data, fua)
+        })
+        .await
     }
 
     async fn flush(&self) -> Result<(), StorageError> {
-        self.device.flush().await
+        self.device.flush().await?;
+        if let Some(wait) = self.replication().and_then(|h| h.flushed()) {
+            wait.await;
+        }
+        Ok(())
     }
 
     async fn write_zeroes(
@@ -171,10 +232,9 @@ impl Export for Volume {
         fast_only: bool,
         fua: bool,
     ) -> Result<(), StorageError> {
-        if self.read_only {
-            return Err(StorageError::ReadOnly);
-        }
-        self.tracked(offset, len, || async {
+        let hook = self.refuses_writes()?;
+        let publish = hook.map(|h| (h, Change::Zero { offset, len }, fua));
+        self.tracked(offset, len, publish, || async {
             match self.device.zero(offset, len, !may_trim).await {
                 Ok(()) if fua => self.device.flush().await,
                 Ok(()) => Ok(()),
@@ -188,10 +248,9 @@ impl Export for Volume {
     }
 
     async fn trim(&self, offset: u64, len: u64) -> Result<(), StorageError> {
-        if self.read_only {
-            return Err(StorageError::ReadOnly);
-        }
-        self.tracked(offset, len, || async {
+        let hook = self.refuses_writes()?;
+        let publish = hook.map(|h| (h, Change::Zero { offset, len }, false));
+        self.tracked(offset, len, publish, || async {
             match self.device.zero(offset, len, false).await {
                 // TRIM is advisory: a file system without hole punching just keeps the data.
                 Err(StorageError::Unsupported { .. }) => Ok(()),

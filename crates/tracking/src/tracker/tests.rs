@@ -202,3 +202,82 @@ fn watchers_record_writes_at_completion() {
         "taken watchers are gone"
     );
 }
+
+fn consumer_blocks(t: &Tracker, name: &str) -> (u64, Vec<u64>) {
+    let g = t.config().granularity_bytes;
+    let cp = t.consumer_checkpoint(name).expect("consumer exists");
+    let blocks = cp
+        .extents
+        .iter()
+        .flat_map(|e| (e.offset / g)..(e.end().div_ceil(g)))
+        .collect();
+    (cp.id, blocks)
+}
+
+#[test]
+fn consumers_clear_independently_and_survive_a_crash() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let size = 64 * MIB;
+    let t = Tracker::open(dir.path(), size, small_log()).expect("open");
+    assert!(t.add_consumer(dir.path(), "repl-b", true).expect("add"));
+    assert!(
+        !t.add_consumer(dir.path(), "repl-b", true)
+            .expect("idempotent")
+    );
+    assert_eq!(t.consumer_dirty_bytes("repl-b"), Some(size));
+    let (id, _) = consumer_blocks(&t, "repl-b");
+    // A range clear forgets whole blocks inside it only.
+    t.consumer_clear("repl-b", id, Some((0, 32 * MIB + 1)), true)
+        .expect("range clear");
+    assert_eq!(t.consumer_dirty_bytes("repl-b"), Some(32 * MIB));
+    t.consumer_clear("repl-b", id, None, true).expect("clear");
+    assert_eq!(t.consumer_dirty_bytes("repl-b"), Some(0));
+    assert!(t.add_consumer(dir.path(), "other", false).expect("add"));
+
+    // Writes reach every consumer; clearing one keeps the others.
+    for i in 0..10 {
+        write(&t, i * 4 * MIB, 4096);
+    }
+    let (id, blocks) = consumer_blocks(&t, "other");
+    assert_eq!(blocks.len(), 10);
+    t.consumer_clear("other", id, None, true)
+        .expect("clear other");
+    assert_eq!(t.consumer_dirty_bytes("other"), Some(0));
+    assert_eq!(t.consumer_dirty_bytes("repl-b"), Some(10 * 64 * 1024));
+    assert_eq!(dirty_blocks(&t).len(), 10, "default bitmap untouched");
+
+    // Crash: evicted extents were flushed, the hot ones come from the log.
+    drop(t);
+    let t = Tracker::open(dir.path(), size, small_log()).expect("reopen");
+    let (_, blocks) = consumer_blocks(&t, "repl-b");
+    for i in 0..10 {
+        assert!(blocks.contains(&(i * 64)), "repl-b lost extent {i}");
+    }
+    assert!(
+        blocks.len() as u64 <= 10 + 3 * 64,
+        "{} blocks",
+        blocks.len()
+    );
+    assert!(t.remove_consumer(dir.path(), "repl-b").expect("remove"));
+    assert_eq!(t.consumer_dirty_bytes("repl-b"), None);
+    assert_eq!(t.consumers(), vec!["other".to_owned()]);
+}
+
+#[test]
+fn a_write_in_flight_at_a_checkpoint_survives_its_clear() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let t = Tracker::open(dir.path(), 64 * MIB, small_log()).expect("open");
+    t.add_consumer(dir.path(), "r", false).expect("add");
+    let adm = t.begin_write(8 * MIB, 4096).expect("admit");
+    if let Some(seq) = adm.commit_seq {
+        t.commit(seq).expect("commit");
+    }
+    let (id, _) = consumer_blocks(&t, "r");
+    t.consumer_clear("r", id, None, false).expect("clear");
+    t.end_write(adm);
+    let (_, blocks) = consumer_blocks(&t, "r");
+    assert!(
+        blocks.contains(&(8 * MIB / (64 * 1024))),
+        "in-flight write lost by the clear: {blocks:?}"
+    );
+}

@@ -1,0 +1,282 @@
+//! `emberctl replica …`: enable, disable, status (once or live), list, verify.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use clap::Subcommand;
+use ember_common::format_size;
+use ember_proto::control::v1 as pb;
+use ember_proto::control::v1::ember_control_client::EmberControlClient;
+use serde_json::{Value, json};
+use tonic::transport::Channel;
+
+use crate::output::{Out, table};
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum ReplicaCmd {
+    /// Replicate VOLUME to a paired site (creates the secondary there).
+    Enable {
+        volume: String,
+        /// Paired site that holds the secondary.
+        #[arg(long)]
+        peer: String,
+        /// sync: acknowledged on both sides; async: shipped in write order.
+        #[arg(long, value_parser = ["sync", "async"])]
+        mode: String,
+        /// RPO target, e.g. 30s or 5m (default: 30s async, 0 sync).
+        #[arg(long)]
+        rpo: Option<String>,
+        /// Sync mode, secondary lost: degrade (keep serving, resync later)
+        /// or suspend (hold writes until it is back).
+        #[arg(long, value_parser = ["degrade", "suspend"], default_value = "degrade")]
+        on_peer_loss: String,
+    },
+    /// Stop replicating; the secondary stays as a read-only copy.
+    Disable {
+        volume: String,
+        /// Delete the secondary instead of keeping it.
+        #[arg(long)]
+        delete_secondary: bool,
+    },
+    /// Role, state, lag and resync progress.
+    Status {
+        volume: String,
+        /// Refresh every second until interrupted.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Every volume this agent is primary for.
+    List,
+    /// Compare both sides by blake3 and list ranges that differ.
+    Verify {
+        volume: String,
+        /// Resend the ranges that differ.
+        #[arg(long)]
+        resync: bool,
+    },
+}
+
+/// RFC 3339 UTC of a unix-ns timestamp; `None` for 0 (never).
+pub(crate) fn rfc3339(unix_ns: i64) -> Option<String> {
+    (unix_ns > 0).then(|| {
+        let t = UNIX_EPOCH + Duration::from_nanos(unix_ns as u64);
+        humantime::format_rfc3339_millis(t).to_string()
+    })
+}
+
+pub(crate) fn status_json(s: &pb::ReplicationStatus) -> Value {
+    json!({
+        "volume": s.volume, "role": s.role, "peer": s.peer_site, "mode": s.mode,
+        "state": s.state, "lag_seconds": s.lag_seconds, "lag_bytes": s.lag_bytes,
+        "last_consistent_at": rfc3339(s.last_consistent_at_unix_ns),
+        "last_consistent_at_unix_ns": s.last_consistent_at_unix_ns,
+        "resync_remaining_bytes": s.resync_remaining_bytes,
+        "resync_total_bytes": s.resync_total_bytes,
+        "resync_eta_seconds": s.resync_eta_seconds,
+        "resync_bytes_sent": s.resync_bytes_sent,
+        "resync_bytes_skipped": s.resync_bytes_skipped,
+        "bytes_shipped": s.bytes_shipped, "frames_rejected": s.frames_rejected,
+        "sessions": s.sessions, "rpo_seconds": s.rpo_seconds,
+        "on_peer_loss": s.on_peer_loss, "last_error": s.last_error,
+    })
+}
+
+fn since(unix_ns: i64) -> String {
+    let Some(at) = rfc3339(unix_ns) else {
+        return "never".into();
+    };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0);
+    format!("{at} ({:.1}s ago)", (now - unix_ns) as f64 / 1e9)
+}
+
+fn rows(list: &[pb::ReplicationStatus]) {
+    table(
+        &[
+            "VOLUME",
+            "ROLE",
+            "PEER",
+            "MODE",
+            "STATE",
+            "LAG",
+            "LAG BYTES",
+            "RESYNC LEFT",
+            "ETA",
+            "SHIPPED",
+        ],
+        list.iter()
+            .map(|s| {
+                vec![
+                    s.volume.clone(),
+                    s.role.clone(),
+                    s.peer_site.clone(),
+                    s.mode.clone(),
+                    s.state.clone(),
+                    format!("{:.2}s", s.lag_seconds),
+                    format_size(s.lag_bytes),
+                    format_size(s.resync_remaining_bytes),
+                    if s.resync_eta_seconds > 0.0 {
+                        format!("{:.0}s", s.resync_eta_seconds)
+                    } else {
+                        "-".into()
+                    },
+                    format_size(s.bytes_shipped),
+                ]
+            })
+            .collect(),
+    );
+}
+
+fn detail(s: &pb::ReplicationStatus) {
+    rows(std::slice::from_ref(s));
+    println!(
+        "last consistent point: {}",
+        since(s.last_consistent_at_unix_ns)
+    );
+    if s.role == "primary" {
+        println!(
+            "resync sent {} (skipped {} already identical); frames rejected {}; sessions {}; RPO target {}s; on peer loss: {}",
+            format_size(s.resync_bytes_sent),
+            format_size(s.resync_bytes_skipped),
+            s.frames_rejected,
+            s.sessions,
+            s.rpo_seconds,
+            s.on_peer_loss
+        );
+    }
+    if !s.last_error.is_empty() {
+        println!("last error: {}", s.last_error);
+    }
+}
+
+fn rpo_arg(raw: &str) -> anyhow::Result<u64> {
+    Ok(humantime::parse_duration(raw)
+        .with_context(|| format!("--rpo {raw:?}: use a duration like 30s or 5m"))?
+        .as_secs())
+}
+
+pub(crate) async fn run(
+    cmd: ReplicaCmd,
+    api: &mut EmberControlClient<Channel>,
+    out: Out,
+) -> anyhow::Result<()> {
+    match cmd {
+        ReplicaCmd::Enable {
+            volume,
+            peer,
+            mode,
+            rpo,
+            on_peer_loss,
+        } => {
+            let mode = match mode.as_str() {
+                "sync" => pb::ReplicationMode::Sync,
+                _ => pb::ReplicationMode::Async,
+            };
+            let policy = match on_peer_loss.as_str() {
+                "suspend" => pb::PeerLossPolicy::Suspend,
+                _ => pb::PeerLossPolicy::Degrade,
+            };
+            let r = api
+                .enable_replication(pb::EnableReplicationRequest {
+                    volume,
+                    peer_site: peer,
+                    mode: mode as i32,
+                    rpo_seconds: rpo.as_deref().map(rpo_arg).transpose()?.unwrap_or(0),
+                    on_peer_loss: policy as i32,
+                })
+                .await?
+                .into_inner();
+            let s = r.status.context("agent returned no status")?;
+            if out.json {
+                out.print_json(&status_json(&s));
+            } else {
+                detail(&s);
+            }
+        }
+        ReplicaCmd::Disable {
+            volume,
+            delete_secondary,
+        } => {
+            let disabled = api
+                .disable_replication(pb::DisableReplicationRequest {
+                    volume: volume.clone(),
+                    delete_secondary,
+                })
+                .await?
+                .into_inner()
+                .disabled;
+            if out.json {
+                out.print_json(&json!({ "volume": volume, "disabled": disabled }));
+            } else if disabled {
+                println!("replication of {volume} disabled");
+            } else {
+                println!("{volume} was not replicated");
+            }
+        }
+        ReplicaCmd::Status { volume, watch } => loop {
+            let s = api
+                .get_replication_status(pb::GetReplicationStatusRequest {
+                    volume: volume.clone(),
+                })
+                .await?
+                .into_inner()
+                .status
+                .context("agent returned no status")?;
+            if out.json {
+                out.print_json(&status_json(&s));
+            } else {
+                detail(&s);
+            }
+            if !watch {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        },
+        ReplicaCmd::List => {
+            let r = api
+                .list_replications(pb::ListReplicationsRequest {})
+                .await?
+                .into_inner();
+            if out.json {
+                out.print_json(&Value::Array(
+                    r.replications.iter().map(status_json).collect(),
+                ));
+            } else {
+                rows(&r.replications);
+            }
+        }
+        ReplicaCmd::Verify { volume, resync } => {
+            let r = api
+                .verify_replica(pb::VerifyReplicaRequest { volume, resync })
+                .await?
+                .into_inner();
+            if out.json {
+                out.print_json(&json!({
+                    "compared_bytes": r.compared_bytes,
+                    "mismatches": r.mismatches.iter().map(|m| json!({"offset": m.offset, "length": m.length})).collect::<Vec<_>>(),
+                    "pending_bytes": r.pending_bytes,
+                    "resync_queued": r.resync_queued,
+                }));
+            } else {
+                println!(
+                    "compared {}; {} mismatching range(s); {} pending (writes in flight)",
+                    format_size(r.compared_bytes),
+                    r.mismatches.len(),
+                    format_size(r.pending_bytes)
+                );
+                for m in &r.mismatches {
+                    println!("  offset {} length {}", m.offset, format_size(m.length));
+                }
+                if r.resync_queued {
+                    println!("resync queued");
+                }
+            }
+            if !r.mismatches.is_empty() && !r.resync_queued {
+                std::process::exit(2);
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,640 @@
+//! [`Replication`]: the agent's replicas — enable, disable, status, verify —
+//! and the session tasks of the volumes it is primary for.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use ember_common::Extent;
+use ember_proto::repl::v1 as pb;
+use ember_volume::VolumeStore;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::PeerRegistry;
+use crate::error::{ReplError, Result};
+use crate::hashes;
+use crate::primary::link::{
+    Mode, PeerLossPolicy, Phase, ReplicaConfig, ReplicaLink, consumer_name,
+};
+use crate::primary::session::{self, Ctx, LinkBuckets};
+use crate::secondary::SecondarySet;
+use crate::service::Identity;
+use crate::throttle::TokenBucket;
+use crate::version::ProtocolVersion;
+
+/// Default journal capacity per replicated volume.
+pub const DEFAULT_JOURNAL_BYTES: u64 = 256 << 20;
+/// Verify compares blake3 per block of this size.
+const VERIFY_BLOCK: u64 = 1 << 20;
+
+/// What `enable` asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnableRequest {
+    /// Volume to replicate.
+    pub volume: String,
+    /// Peer site.
+    pub peer: String,
+    /// Mode.
+    pub mode: Mode,
+    /// RPO target, seconds.
+    pub rpo_seconds: u64,
+    /// Sync-mode peer-loss policy.
+    pub on_peer_loss: PeerLossPolicy,
+}
+
+/// A replicated volume's status, for the API.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplicaStatus {
+    /// Volume.
+    pub volume: String,
+    /// `primary` or `secondary`.
+    pub role: &'static str,
+    /// The other site.
+    pub peer: String,
+    /// `sync` / `async` (empty on a secondary).
+    pub mode: &'static str,
+    /// syncing / in-sync / lagging / degraded / disconnected (primary);
+    /// consistent / inconsistent / detached (secondary).
+    pub state: &'static str,
+    /// Age of the oldest write not yet on the secondary.
+    pub lag_seconds: f64,
+    /// Bytes written since then.
+    pub lag_bytes: u64,
+    /// The secondary's last consistent point (unix ns, 0 = none yet).
+    pub last_consistent_at_unix_ns: i64,
+    /// Bytes the running resync still has to examine.
+    pub resync_remaining_bytes: u64,
+    /// Bytes the running resync started with.
+    pub resync_total_bytes: u64,
+    /// Estimated seconds to finish the resync (0 when none or unknown).
+    pub resync_eta_seconds: f64,
+    /// Bytes resent by resyncs so far (initial sync and catch-ups).
+    pub resync_bytes_sent: u64,
+    /// Bytes initial sync found identical and skipped.
+    pub resync_bytes_skipped: u64,
+    /// Data bytes shipped.
+    pub bytes_shipped: u64,
+    /// Frames the secondary refused (bad checksum).
+    pub frames_rejected: u64,
+    /// Sessions started.
+    pub sessions: u64,
+    /// RPO target.
+    pub rpo_seconds: u64,
+    /// Sync-mode peer-loss policy.
+    pub on_peer_loss: &'static str,
+    /// Why the link is down, if it is.
+    pub last_error: String,
+}
+
+/// One mismatching range found by verify.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mismatch {
+    /// First byte.
+    pub offset: u64,
+    /// Bytes.
+    pub length: u64,
+}
+
+/// Result of an online verify.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Bytes compared.
+    pub compared_bytes: u64,
+    /// Ranges that differ although no write to them is pending.
+    pub mismatches: Vec<Mismatch>,
+    /// Bytes skipped because writes to them are still in flight.
+    pub pending_bytes: u64,
+    /// Whether mismatches were queued for resync.
+    pub resync_queued: bool,
+}
+
+struct Running {
+    link: Arc<ReplicaLink>,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+/// The replicas of this agent.
+#[derive(Debug)]
+pub struct Replication {
+    dir: PathBuf,
+    store: Arc<VolumeStore>,
+    ctx: Arc<Ctx>,
+    secondaries: Arc<SecondarySet>,
+    running: Mutex<HashMap<String, Running>>,
+    buckets: Mutex<HashMap<String, Arc<LinkBuckets>>>,
+    journal_bytes: u64,
+}
+
+impl std::fmt::Debug for Running {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Running").field("link", &self.link).finish()
+    }
+}
+
+fn internal(what: &str, e: impl std::fmt::Display) -> ReplError {
+    ReplError::Internal(format!("{what}: {e}"))
+}
+
+impl Replication {
+    /// Loads the primary replica configs and starts their sessions.
+    ///
+    /// # Errors
+    /// Unreadable configs.
+    pub fn open(
+        data_dir: &Path,
+        store: Arc<VolumeStore>,
+        registry: Arc<PeerRegistry>,
+        secondaries: Arc<SecondarySet>,
+        identity: Identity,
+        corrupt_frames: u64,
+    ) -> Result<Self> {
+        let dir = data_dir.join("replicas").join("primary");
+        std::fs::create_dir_all(&dir).map_err(|e| internal("create replicas dir", e))?;
+        let this = Self {
+            dir: dir.clone(),
+            store,
+            ctx: Arc::new(Ctx {
+                registry,
+                identity,
+                corrupt_frames: AtomicU64::new(corrupt_frames),
+            }),
+            secondaries,
+            running: Mutex::new(HashMap::new()),
+            buckets: Mutex::new(HashMap::new()),
+            journal_bytes: DEFAULT_JOURNAL_BYTES,
+        };
+        for entry in std::fs::read_dir(&dir).map_err(|e| internal("read replicas dir", e))? {
+            let path = entry.map_err(|e| internal("read replicas dir", e))?.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                continue;
+            }
+            let config: ReplicaConfig = ember_volume::fsutil::read_json(&path)
+                .map_err(|e| internal("read replica config", e))?;
+            if this.store.export(&config.volume).is_none() {
+                tracing::warn!(volume = %config.volume, "replica config for a missing volume; dropping it");
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
+            this.start(config)?;
+        }
+        Ok(this)
+    }
+
+    /// The secondaries this agent holds.
+    pub fn secondaries(&self) -> &Arc<SecondarySet> {
+        &self.secondaries
+    }
+
+    fn config_path(&self, volume: &str) -> PathBuf {
+        self.dir.join(format!("{volume}.json"))
+    }
+
+    fn buckets(&self, peer: &str) -> Arc<LinkBuckets> {
+        self.buckets
+            .lock()
+            .expect("buckets lock poisoned")
+            .entry(peer.to_owned())
+            .or_insert_with(|| {
+                Arc::new(LinkBuckets {
+                    all: TokenBucket::new(0),
+                    resync: TokenBucket::new(0),
+                })
+            })
+            .clone()
+    }
+
+    fn start(&self, config: ReplicaConfig) -> Result<Arc<ReplicaLink>> {
+        let volume = self
+            .store
+            .export(&config.volume)
+            .ok_or_else(|| ReplError::NotFound(format!("volume {} not found", config.volume)))?;
+        let tracker = volume.tracker().cloned().ok_or_else(|| {
+            ReplError::FailedPrecondition(
+                "replication needs change tracking; this agent runs with --no-tracking".into(),
+            )
+        })?;
+        let dir = self.store_tracking_dir(&config.volume);
+        tracker
+            .add_consumer(&dir, &consumer_name(&config.peer), true)
+            .map_err(|e| internal("create the replica's change set", e))?;
+        let name = config.volume.clone();
+        let peer = config.peer.clone();
+        let link = Arc::new(ReplicaLink::new(
+            volume.clone(),
+            config,
+            self.config_path(&name),
+            self.journal_bytes,
+        ));
+        volume.set_replication(Some(link.clone()));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(session::run(
+            link.clone(),
+            self.ctx.clone(),
+            self.buckets(&peer),
+            stop.clone(),
+        ));
+        self.running.lock().expect("running lock poisoned").insert(
+            name,
+            Running {
+                link: link.clone(),
+                stop,
+                task,
+            },
+        );
+        Ok(link)
+    }
+
+    fn store_tracking_dir(&self, volume: &str) -> PathBuf {
+        self.store.volume_dir(volume)
+    }
+
+    fn link(&self, volume: &str) -> Option<Arc<ReplicaLink>> {
+        self.running
+            .lock()
+            .expect("running lock poisoned")
+            .get(volume)
+            .map(|r| r.link.clone())
+    }
+
+    /// Enables replication of a volume (idempotent for the same peer; mode,
+    /// RPO and policy are updated in place).
+    ///
+    /// # Errors
+    /// Unknown volume or peer, a secondary, an old peer protocol, I/O.
+    pub async fn enable(&self, req: EnableRequest) -> Result<(ReplicaStatus, bool)> {
+        ember_volume::parse_volume(&req.volume)
+            .map_err(|e| ReplError::InvalidArgument(e.to_string()))?;
+        if self.store.export(&req.volume).is_none() {
+            return Err(ReplError::NotFound(format!(
+                "volume {} not found",
+                req.volume
+            )));
+        }
+        if self.secondaries.get(&req.volume).is_some() {
+            return Err(ReplError::FailedPrecondition(format!(
+                "volume {} is a secondary here; replicate from its primary",
+                req.volume
+            )));
+        }
+        let Some((version, _)) = self.ctx.registry.peer(&req.peer).await else {
+            return Err(ReplError::NotFound(format!(
+                "site {} is not paired; run emberctl peer add first",
+                req.peer
+            )));
+        };
+        if version < ProtocolVersion::REPLICATION {
+            return Err(ReplError::FailedPrecondition(format!(
+                "peer {} was paired at protocol version {version}; re-pair it to replicate",
+                req.peer
+            )));
+        }
+        if let Some(link) = self.link(&req.volume) {
+            let mut cfg = link.config();
+            if cfg.peer != req.peer {
+                return Err(ReplError::FailedPrecondition(format!(
+                    "volume {} already replicates to {}; disable that first",
+                    req.volume, cfg.peer
+                )));
+            }
+            cfg.mode = req.mode;
+            cfg.rpo_seconds = req.rpo_seconds;
+            cfg.on_peer_loss = req.on_peer_loss;
+            ember_volume::fsutil::write_json_atomic(&self.config_path(&req.volume), &cfg)
+                .map_err(|e| internal("persist replica config", e))?;
+            *link.config.lock().expect("config lock poisoned") = cfg;
+            return Ok((self.status(&req.volume)?, false));
+        }
+        let config = ReplicaConfig {
+            volume: req.volume.clone(),
+            peer: req.peer.clone(),
+            mode: req.mode,
+            rpo_seconds: req.rpo_seconds,
+            on_peer_loss: req.on_peer_loss,
+            enabled_at_unix: now_unix(),
+            last_consistent_at_unix_ns: 0,
+            synced: false,
+        };
+        ember_volume::fsutil::write_json_atomic(&self.config_path(&req.volume), &config)
+            .map_err(|e| internal("persist replica config", e))?;
+        self.start(config)?;
+        tracing::info!(volume = %req.volume, peer = %req.peer, mode = req.mode.as_str(), "replication enabled");
+        Ok((self.status(&req.volume)?, true))
+    }
+
+    /// Disables replication of a volume; the secondary is kept read-only
+    /// (or deleted with `delete_secondary`). Returns whether it was on.
+    ///
+    /// # Errors
+    /// The peer refused to delete its copy; I/O.
+    pub async fn disable(&self, volume: &str, delete_secondary: bool) -> Result<bool> {
+        let running = self
+            .running
+            .lock()
+            .expect("running lock poisoned")
+            .remove(volume);
+        let Some(running) = running else {
+            return Ok(false);
+        };
+        running.stop.cancel();
+        let _ = running.task.await;
+        let cfg = running.link.config();
+        running.link.volume.set_replication(None);
+        // Waiters of held writes see their sender dropped and complete.
+        running.link.journal().release_waiters();
+        if let Some(t) = running.link.volume.tracker() {
+            t.remove_consumer(&self.store_tracking_dir(volume), &consumer_name(&cfg.peer))
+                .map_err(|e| internal("remove the replica's change set", e))?;
+        }
+        let _ = std::fs::remove_file(self.config_path(volume));
+        let close = async {
+            let (mut client, _, _) = self.ctx.registry.stream_client(&cfg.peer).await?;
+            client
+                .close_replica(pb::CloseReplicaRequest {
+                    volume: volume.to_owned(),
+                    delete_volume: delete_secondary,
+                })
+                .await
+                .map_err(|status| ReplError::Refused {
+                    site: cfg.peer.clone(),
+                    call: "CloseReplica",
+                    status,
+                })
+        };
+        match close.await {
+            Ok(_) => {}
+            Err(e) if delete_secondary => return Err(e),
+            Err(e) => {
+                tracing::warn!(volume, peer = %cfg.peer, error = %e, "replication disabled; the peer was not told (its copy stays a secondary)");
+            }
+        }
+        tracing::info!(volume, peer = %cfg.peer, "replication disabled");
+        Ok(true)
+    }
+
+    /// Status of a replicated volume (primary or secondary side).
+    ///
+    /// # Errors
+    /// [`ReplError::NotFound`] when the volume is not replicated here.
+    pub fn status(&self, volume: &str) -> Result<ReplicaStatus> {
+        if let Some(link) = self.link(volume) {
+            return Ok(primary_status(&link));
+        }
+        if let Some(s) = self.secondaries.status(volume) {
+            let state = if s.detached {
+                "detached"
+            } else if s.consistent {
+                "consistent"
+            } else {
+                "inconsistent"
+            };
+            return Ok(ReplicaStatus {
+                volume: volume.to_owned(),
+                role: "secondary",
+                peer: s.primary_site,
+                mode: "",
+                state,
+                lag_seconds: 0.0,
+                lag_bytes: 0,
+                last_consistent_at_unix_ns: s.consistent_at_unix_ns,
+                resync_remaining_bytes: 0,
+                resync_total_bytes: 0,
+                resync_eta_seconds: 0.0,
+                resync_bytes_sent: 0,
+                resync_bytes_skipped: 0,
+                bytes_shipped: s.applied_bytes,
+                frames_rejected: 0,
+                sessions: 0,
+                rpo_seconds: 0,
+                on_peer_loss: "",
+                last_error: String::new(),
+            });
+        }
+        if self.store.export(volume).is_none() {
+            return Err(ReplError::NotFound(format!("volume {volume} not found")));
+        }
+        Err(ReplError::NotFound(format!(
+            "volume {volume} is not replicated"
+        )))
+    }
+
+    /// Status of every replicated volume.
+    pub fn list(&self) -> Vec<ReplicaStatus> {
+        let mut names: Vec<String> = self
+            .running
+            .lock()
+            .expect("running lock poisoned")
+            .keys()
+            .cloned()
+            .collect();
+        names.sort();
+        names.iter().filter_map(|n| self.status(n).ok()).collect()
+    }
+
+    /// Compares both sides by blake3 per 1 MiB and lists ranges that differ
+    /// although no write to them is pending; with `resync`, queues them.
+    ///
+    /// # Errors
+    /// Not replicated here, the peer unreachable, read errors.
+    pub async fn verify(&self, volume: &str, resync: bool) -> Result<VerifyReport> {
+        let link = self.link(volume).ok_or_else(|| {
+            ReplError::NotFound(format!("volume {volume} is not a primary replica here"))
+        })?;
+        let cfg = link.config();
+        let (mut client, _, _) = self.ctx.registry.stream_client(&cfg.peer).await?;
+        let vol = link.volume.clone();
+        let tracker = vol.tracker().cloned().expect("replicated volumes track");
+        let size = ember_nbd::Export::size(vol.as_ref());
+        let per_call = (hashes::MAX_BYTES / VERIFY_BLOCK) as u32;
+        let mut report = VerifyReport {
+            compared_bytes: 0,
+            mismatches: Vec::new(),
+            pending_bytes: 0,
+            resync_queued: false,
+        };
+        let mut offset = 0;
+        while offset < size {
+            let chunks = ((size - offset).div_ceil(VERIFY_BLOCK) as u32).min(per_call);
+            let theirs = client
+                .read_hashes(pb::ReadHashesRequest {
+                    volume: volume.to_owned(),
+                    offset,
+                    chunk_bytes: VERIFY_BLOCK,
+                    chunks,
+                })
+                .await
+                .map_err(|status| ReplError::Refused {
+                    site: cfg.peer.clone(),
+                    call: "ReadHashes",
+                    status,
+                })?
+                .into_inner()
+                .blake3;
+            let mine = hashes::chunk_hashes(&vol, offset, VERIFY_BLOCK, chunks)
+                .await
+                .map_err(|e| internal("hash the primary", e))?;
+            for (i, h) in mine.iter().enumerate() {
+                let start = offset + i as u64 * VERIFY_BLOCK;
+                let len = (size - start).min(VERIFY_BLOCK);
+                report.compared_bytes += len;
+                if theirs.get(i).map(Vec::as_slice) == Some(h.as_slice()) {
+                    continue;
+                }
+                // Differences under pending writes are lag, not corruption.
+                let dirty = tracker
+                    .consumer_any_dirty(&consumer_name(&cfg.peer), start, len)
+                    .unwrap_or(true);
+                if dirty {
+                    report.pending_bytes += len;
+                    continue;
+                }
+                match report.mismatches.last_mut() {
+                    Some(m) if m.offset + m.length == start => m.length += len,
+                    _ => report.mismatches.push(Mismatch {
+                        offset: start,
+                        length: len,
+                    }),
+                }
+            }
+            offset += u64::from(chunks) * VERIFY_BLOCK;
+        }
+        tracing::info!(
+            volume,
+            compared = report.compared_bytes,
+            mismatches = report.mismatches.len(),
+            pending = report.pending_bytes,
+            "online verify"
+        );
+        if resync && !report.mismatches.is_empty() {
+            let extents: Vec<Extent> = report
+                .mismatches
+                .iter()
+                .map(|m| Extent {
+                    offset: m.offset,
+                    length: m.length,
+                })
+                .collect();
+            tracker
+                .consumer_mark(&consumer_name(&cfg.peer), &extents)
+                .map_err(|e| internal("queue the resync", e))?;
+            // A new session starts with a catch-up of the whole change set.
+            self.restart(volume);
+            report.resync_queued = true;
+        }
+        Ok(report)
+    }
+
+    /// Restarts a volume's session (it resumes from the change set).
+    fn restart(&self, volume: &str) {
+        let config = {
+            let mut running = self.running.lock().expect("running lock poisoned");
+            let Some(r) = running.remove(volume) else {
+                return;
+            };
+            r.stop.cancel();
+            r.link.volume.set_replication(None);
+            r.link.journal().release_waiters();
+            r.link.config()
+        };
+        if let Err(e) = self.start(config) {
+            tracing::error!(volume, error = %e, "cannot restart replication");
+        }
+    }
+
+    /// Stops every session (agent shutdown).
+    pub async fn shutdown(&self) {
+        let running: Vec<Running> = self
+            .running
+            .lock()
+            .expect("running lock poisoned")
+            .drain()
+            .map(|(_, r)| r)
+            .collect();
+        for r in running {
+            r.stop.cancel();
+            let _ = r.task.await;
+            if let Err(e) = r.link.persist() {
+                tracing::warn!(volume = %r.link.config().volume, error = %e, "cannot persist the replica config");
+            }
+        }
+    }
+
+    /// A volume is being deleted or resized: refuse while replicated.
+    ///
+    /// # Errors
+    /// [`ReplError::FailedPrecondition`] naming the replica.
+    pub fn check_unreplicated(&self, volume: &str, what: &str) -> Result<()> {
+        if let Some(link) = self.link(volume) {
+            return Err(ReplError::FailedPrecondition(format!(
+                "cannot {what} volume {volume}: it replicates to {}; disable replication first",
+                link.config().peer
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn primary_status(link: &ReplicaLink) -> ReplicaStatus {
+    let cfg = link.config();
+    let (lag_seconds, lag_bytes) = link.lag();
+    let phase = link.phase();
+    let state = match phase {
+        Phase::InitialSync | Phase::CatchUp => "syncing",
+        Phase::Streaming if cfg.mode == Mode::Async && lag_seconds >= 1.0 => "lagging",
+        Phase::Streaming => "in-sync",
+        Phase::Disconnected if cfg.mode == Mode::Sync => "degraded",
+        Phase::Disconnected => "disconnected",
+    };
+    let s = &link.stats;
+    let remaining = if matches!(phase, Phase::InitialSync | Phase::CatchUp) {
+        s.resync_remaining_bytes.load(Ordering::Relaxed)
+    } else {
+        0
+    };
+    let total = s.resync_total_bytes.load(Ordering::Relaxed);
+    let eta = link
+        .resync_started
+        .lock()
+        .expect("resync lock poisoned")
+        .map(|t: Instant| {
+            let done = total.saturating_sub(remaining) as f64;
+            let secs = t.elapsed().as_secs_f64();
+            if remaining == 0 || done <= 0.0 {
+                0.0
+            } else {
+                remaining as f64 / (done / secs)
+            }
+        })
+        .unwrap_or(0.0);
+    ReplicaStatus {
+        volume: cfg.volume.clone(),
+        role: "primary",
+        peer: cfg.peer.clone(),
+        mode: cfg.mode.as_str(),
+        state,
+        lag_seconds,
+        lag_bytes,
+        last_consistent_at_unix_ns: cfg.last_consistent_at_unix_ns,
+        resync_remaining_bytes: remaining,
+        resync_total_bytes: total,
+        resync_eta_seconds: eta,
+        resync_bytes_sent: s.resync_bytes_sent.load(Ordering::Relaxed),
+        resync_bytes_skipped: s.resync_bytes_skipped.load(Ordering::Relaxed),
+        bytes_shipped: s.bytes_shipped.load(Ordering::Relaxed),
+        frames_rejected: s.frames_rejected.load(Ordering::Relaxed),
+        sessions: s.sessions.load(Ordering::Relaxed),
+        rpo_seconds: cfg.rpo_seconds,
+        on_peer_loss: cfg.on_peer_loss.as_str(),
+        last_error: link.last_error.lock().expect("error lock poisoned").clone(),
+    }
+}

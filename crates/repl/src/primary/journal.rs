@@ -1,0 +1,270 @@
+//! The primary's in-memory write journal: completed changes in completion
+//! order, waiting to be shipped, plus what lag is measured from.
+//!
+//! Completion order is a valid write order: a write acknowledged to the
+//! client completed before any write issued after that acknowledgement, so
+//! applying entries in journal order never shows a later write without an
+//! earlier one it may depend on.
+//!
+//! The journal is bounded. When it overflows (or the link is down and it
+//! is not capturing), entries are dropped and the change-set bitmap, which
+//! saw every write too, is what gets resent: correctness never depends on
+//! the journal, only the cost of catching up does.
+
+use std::collections::VecDeque;
+use std::time::{Duration, SystemTime};
+
+use ember_volume::Change;
+use tokio::sync::oneshot;
+
+/// What a journal entry carries.
+#[derive(Debug)]
+pub(crate) enum Op {
+    /// A data change.
+    Change(Change),
+    /// A client FLUSH (sync mode: becomes a barrier on the secondary).
+    Flush,
+}
+
+/// One captured change.
+#[derive(Debug)]
+pub(crate) struct Entry {
+    pub(crate) seq: u64,
+    pub(crate) op: Op,
+    pub(crate) fua: bool,
+}
+
+/// Writes that completed within one 10 ms slot: lag is measured from the
+/// oldest slot not yet on the secondary (at 10 ms resolution), without a
+/// per-write record while the link is down.
+#[derive(Debug)]
+struct Slot {
+    first_seq: u64,
+    last_seq: u64,
+    at: SystemTime,
+    bytes: u64,
+}
+
+const SLOT: Duration = Duration::from_millis(10);
+
+/// The journal of one replicated volume.
+#[derive(Debug)]
+pub(crate) struct Journal {
+    last_seq: u64,
+    capturing: bool,
+    overflowed: bool,
+    entries: VecDeque<Entry>,
+    bytes: u64,
+    capacity: u64,
+    /// Every change with seq ≤ `released` is on the secondary.
+    released: u64,
+    slots: VecDeque<Slot>,
+    waiters: VecDeque<(u64, oneshot::Sender<()>)>,
+}
+
+impl Journal {
+    /// An empty journal holding at most `capacity` bytes of changes.
+    pub(crate) fn new(capacity: u64) -> Self {
+        Self {
+            last_seq: 0,
+            capturing: false,
+            overflowed: false,
+            entries: VecDeque::new(),
+            bytes: 0,
+            capacity,
+            released: 0,
+            slots: VecDeque::new(),
+            waiters: VecDeque::new(),
+        }
+    }
+
+    /// Records a completed change (or flush). With `wait`, returns a
+    /// receiver resolved once the secondary holds it.
+    pub(crate) fn record(
+        &mut self,
+        op: Op,
+        fua: bool,
+        wait: bool,
+    ) -> (u64, Option<oneshot::Receiver<()>>) {
+        self.last_seq += 1;
+        let seq = self.last_seq;
+        let bytes = match &op {
+            Op::Change(c) => c.len(),
+            Op::Flush => 0,
+        };
+        if bytes > 0 {
+            let now = SystemTime::now();
+            match self.slots.back_mut() {
+                Some(slot) if now.duration_since(slot.at).unwrap_or_default() < SLOT => {
+                    slot.last_seq = seq;
+                    slot.bytes += bytes;
+                }
+                _ => self.slots.push_back(Slot {
+                    first_seq: seq,
+                    last_seq: seq,
+                    at: now,
+                    bytes,
+                }),
+            }
+        }
+        if self.capturing && !self.overflowed {
+            let payload = match &op {
+                Op::Change(Change::Write { data, .. }) => data.len() as u64,
+                _ => 64,
+            };
+            if self.bytes + payload > self.capacity {
+                self.overflowed = true;
+                self.entries.clear();
+                self.bytes = 0;
+            } else {
+                self.bytes += payload;
+                self.entries.push_back(Entry { seq, op, fua });
+            }
+        }
+        let rx = wait.then(|| {
+            let (tx, rx) = oneshot::channel();
+            self.waiters.push_back((seq, tx));
+            rx
+        });
+        (seq, rx)
+    }
+
+    /// Starts (or restarts) capturing: forgets captured entries, which the
+    /// caller covers by scanning the change-set bitmap. Returns the last
+    /// sequence number assigned so far.
+    pub(crate) fn start_capture(&mut self) -> u64 {
+        self.capturing = true;
+        self.overflowed = false;
+        self.entries.clear();
+        self.bytes = 0;
+        self.last_seq
+    }
+
+    /// Stops capturing (link down).
+    pub(crate) fn stop_capture(&mut self) {
+        self.capturing = false;
+        self.entries.clear();
+        self.bytes = 0;
+    }
+
+    /// True when entries were dropped since capture started.
+    pub(crate) fn overflowed(&self) -> bool {
+        self.overflowed
+    }
+
+    /// The last sequence number assigned.
+    pub(crate) fn last_seq(&self) -> u64 {
+        self.last_seq
+    }
+
+    /// Takes captured entries, oldest first, up to about `max_bytes`.
+    pub(crate) fn take(&mut self, max_bytes: u64) -> Vec<Entry> {
+        let mut out = Vec::new();
+        let mut taken = 0;
+        while taken < max_bytes {
+            let Some(e) = self.entries.pop_front() else {
+                break;
+            };
+            let payload = match &e.op {
+                Op::Change(Change::Write { data, .. }) => data.len() as u64,
+                _ => 64,
+            };
+            self.bytes -= payload;
+            taken += payload;
+            out.push(e);
+        }
+        out
+    }
+
+    /// Every change up to `seq` is on the secondary: wakes its waiters and
+    /// advances the lag clock.
+    pub(crate) fn release(&mut self, seq: u64) {
+        if seq <= self.released {
+            return;
+        }
+        self.released = seq;
+        while self.waiters.front().is_some_and(|(s, _)| *s <= seq) {
+            let (_, tx) = self.waiters.pop_front().expect("checked");
+            let _ = tx.send(());
+        }
+        while let Some(front) = self.slots.front_mut() {
+            if front.last_seq <= seq {
+                self.slots.pop_front();
+            } else {
+                front.first_seq = front.first_seq.max(seq + 1);
+                break;
+            }
+        }
+    }
+
+    /// Wakes every waiter without the secondary holding their writes: the
+    /// degrade policy when the peer is lost (the writes stay in the bitmap).
+    pub(crate) fn release_waiters(&mut self) -> usize {
+        let n = self.waiters.len();
+        for (_, tx) in self.waiters.drain(..) {
+            let _ = tx.send(());
+        }
+        n
+    }
+
+    /// Lag: age of the oldest change not yet on the secondary, and the
+    /// bytes written since (both 0 when caught up).
+    pub(crate) fn lag(&self) -> (Duration, u64) {
+        let Some(front) = self.slots.front() else {
+            return (Duration::ZERO, 0);
+        };
+        let age = SystemTime::now()
+            .duration_since(front.at)
+            .unwrap_or_default();
+        (age, self.slots.iter().map(|s| s.bytes).sum())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(j: &mut Journal, offset: u64, wait: bool) -> (u64, Option<oneshot::Receiver<()>>) {
+        let change = Change::Write {
+            offset,
+            data: vec![1u8; 4096],
+        };
+        j.record(Op::Change(change), false, wait)
+    }
+
+    #[test]
+    fn keeps_completion_order_and_overflows_to_the_bitmap() {
+        let mut j = Journal::new(3 * 4096);
+        write(&mut j, 0, false);
+        assert!(j.take(u64::MAX).is_empty(), "not capturing yet");
+        j.start_capture();
+        for i in 0..3 {
+            write(&mut j, i * 4096, false);
+        }
+        let seqs: Vec<u64> = j.take(u64::MAX).iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, vec![2, 3, 4]);
+        for i in 0..4 {
+            write(&mut j, i * 4096, false);
+        }
+        assert!(j.overflowed(), "a fourth 4 KiB write exceeds 12 KiB");
+        assert!(j.take(u64::MAX).is_empty());
+        assert_eq!(j.start_capture(), 8);
+        assert!(!j.overflowed());
+    }
+
+    #[test]
+    fn release_wakes_waiters_in_order_and_clears_lag() {
+        let mut j = Journal::new(1 << 20);
+        j.start_capture();
+        let (s1, mut w1) = write(&mut j, 0, true);
+        let (_, mut w2) = write(&mut j, 4096, true);
+        assert!(j.lag().1 >= 8192);
+        j.release(s1);
+        assert!(w1.as_mut().expect("waiter").try_recv().is_ok());
+        assert!(w2.as_mut().expect("waiter").try_recv().is_err());
+        assert_eq!(j.release_waiters(), 1);
+        assert!(w2.as_mut().expect("waiter").try_recv().is_ok());
+        j.release(j.last_seq());
+        assert_eq!(j.lag(), (Duration::ZERO, 0));
+    }
+}

@@ -1,0 +1,292 @@
+//! [`ReplicaLink`]: one replicated volume on its primary. It is the
+//! volume's replication hook (every completed write enters the journal)
+//! and the state its session task and the status API share.
+
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
+
+use ember_volume::{AckWait, Change, ReplicationHook, Volume};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use super::journal::{Journal, Op};
+
+/// Replication mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Acknowledged once durable on both sides (DRBD protocol C).
+    Sync,
+    /// Acknowledged once durable locally; shipped in write order.
+    Async,
+}
+
+impl Mode {
+    /// Parses `sync` / `async`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "sync" => Some(Self::Sync),
+            "async" => Some(Self::Async),
+            _ => None,
+        }
+    }
+
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sync => "sync",
+            Self::Async => "async",
+        }
+    }
+}
+
+/// What a sync-mode primary does when it loses its secondary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PeerLossPolicy {
+    /// Keep serving, track changes, resync on reconnect (status `degraded`).
+    /// The default: an outage at the other site does not stop this one.
+    #[default]
+    Degrade,
+    /// Hold write acknowledgements until the secondary is back and caught
+    /// up, or an admin disables replication: no acknowledged write is ever
+    /// missing from the secondary.
+    Suspend,
+}
+
+impl PeerLossPolicy {
+    /// Parses `degrade` / `suspend`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "degrade" => Some(Self::Degrade),
+            "suspend" => Some(Self::Suspend),
+            _ => None,
+        }
+    }
+
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Degrade => "degrade",
+            Self::Suspend => "suspend",
+        }
+    }
+}
+
+/// A replica's persisted configuration (`DATA/replicas/primary/VOL.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct ReplicaConfig {
+    /// Volume name.
+    pub volume: String,
+    /// Peer site holding the secondary.
+    pub peer: String,
+    /// Mode.
+    pub mode: Mode,
+    /// RPO target in seconds (enforced by the next layer; stored now).
+    pub rpo_seconds: u64,
+    /// Sync-mode behaviour on peer loss.
+    #[serde(default)]
+    pub on_peer_loss: PeerLossPolicy,
+    /// When replication was enabled (unix seconds).
+    pub enabled_at_unix: i64,
+    /// The secondary's last consistent point (primary clock, unix ns; 0 = none).
+    #[serde(default)]
+    pub last_consistent_at_unix_ns: i64,
+    /// The first full sync finished: later sessions only resend the change
+    /// set. Until then every session compares by blake3 (a re-paired copy
+    /// costs reads, not network).
+    #[serde(default)]
+    pub synced: bool,
+}
+
+/// Where the session is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum Phase {
+    /// No session.
+    Disconnected = 0,
+    /// Copying the volume to an inconsistent secondary.
+    InitialSync = 1,
+    /// Shipping the change-set bitmap as one atomic batch.
+    CatchUp = 2,
+    /// Shipping writes as they complete.
+    Streaming = 3,
+}
+
+impl Phase {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => Self::InitialSync,
+            2 => Self::CatchUp,
+            3 => Self::Streaming,
+            _ => Self::Disconnected,
+        }
+    }
+}
+
+/// Counters and progress, updated by the session.
+#[derive(Debug, Default)]
+pub(crate) struct LinkStats {
+    /// Data bytes shipped (all frames).
+    pub(crate) bytes_shipped: AtomicU64,
+    /// Bytes shipped by initial sync and catch-up (data and zero ranges).
+    pub(crate) resync_bytes_sent: AtomicU64,
+    /// Bytes initial sync found already identical on the secondary.
+    pub(crate) resync_bytes_skipped: AtomicU64,
+    /// Bytes still to examine in the current resync.
+    pub(crate) resync_remaining_bytes: AtomicU64,
+    /// Bytes the current resync started with.
+    pub(crate) resync_total_bytes: AtomicU64,
+    /// Frames the secondary refused (checksum mismatch).
+    pub(crate) frames_rejected: AtomicU64,
+    /// Sessions started.
+    pub(crate) sessions: AtomicU64,
+    /// Journal overflows (fell back to the bitmap).
+    pub(crate) overflows: AtomicU64,
+}
+
+/// One replicated volume on its primary.
+#[derive(Debug)]
+pub(crate) struct ReplicaLink {
+    pub(crate) volume: Arc<Volume>,
+    config_path: std::path::PathBuf,
+    pub(crate) config: Mutex<ReplicaConfig>,
+    pub(crate) journal: Mutex<Journal>,
+    /// Wakes the session when the journal has something.
+    pub(crate) wake: Notify,
+    phase: AtomicU8,
+    /// Resync start, for the rate and ETA.
+    pub(crate) resync_started: Mutex<Option<Instant>>,
+    pub(crate) last_error: Mutex<String>,
+    /// Counters.
+    pub(crate) stats: LinkStats,
+}
+
+impl ReplicaLink {
+    pub(crate) fn new(
+        volume: Arc<Volume>,
+        config: ReplicaConfig,
+        config_path: std::path::PathBuf,
+        journal_bytes: u64,
+    ) -> Self {
+        Self {
+            volume,
+            config_path,
+            config: Mutex::new(config),
+            journal: Mutex::new(Journal::new(journal_bytes)),
+            wake: Notify::new(),
+            phase: AtomicU8::new(Phase::Disconnected as u8),
+            resync_started: Mutex::new(None),
+            last_error: Mutex::new(String::new()),
+            stats: LinkStats::default(),
+        }
+    }
+
+    /// The configuration.
+    pub(crate) fn config(&self) -> ReplicaConfig {
+        self.config.lock().expect("config lock poisoned").clone()
+    }
+
+    /// The session's phase.
+    pub(crate) fn phase(&self) -> Phase {
+        Phase::from_u8(self.phase.load(Ordering::Acquire))
+    }
+
+    pub(crate) fn set_phase(&self, phase: Phase) {
+        self.phase.store(phase as u8, Ordering::Release);
+    }
+
+    pub(crate) fn journal(&self) -> std::sync::MutexGuard<'_, Journal> {
+        self.journal.lock().expect("journal lock poisoned")
+    }
+
+    /// Name of this link's change set in the volume's tracker.
+    pub(crate) fn consumer(&self) -> String {
+        consumer_name(&self.config().peer)
+    }
+
+    /// Lag in seconds and bytes.
+    pub(crate) fn lag(&self) -> (f64, u64) {
+        let (age, bytes) = self.journal().lag();
+        (age.as_secs_f64(), bytes)
+    }
+
+    /// Persists the configuration (with the latest consistent point).
+    pub(crate) fn persist(&self) -> Result<(), String> {
+        let cfg = self.config();
+        ember_volume::fsutil::write_json_atomic(&self.config_path, &cfg).map_err(|e| e.to_string())
+    }
+
+    /// Records that the first full sync finished.
+    pub(crate) fn mark_synced(&self) -> Result<(), String> {
+        {
+            let mut cfg = self.config.lock().expect("config lock poisoned");
+            if cfg.synced {
+                return Ok(());
+            }
+            cfg.synced = true;
+        }
+        self.persist()
+    }
+
+    /// Records the secondary's new consistent point.
+    pub(crate) fn set_consistent_at(&self, unix_ns: i64) {
+        self.config
+            .lock()
+            .expect("config lock poisoned")
+            .last_consistent_at_unix_ns = unix_ns;
+    }
+
+    fn waits(&self) -> bool {
+        let cfg = self.config.lock().expect("config lock poisoned");
+        cfg.mode == Mode::Sync
+            && (self.phase() == Phase::Streaming || cfg.on_peer_loss == PeerLossPolicy::Suspend)
+    }
+}
+
+/// Name of the change set a link to `peer` uses.
+pub(crate) fn consumer_name(peer: &str) -> String {
+    format!("repl-{peer}")
+}
+
+/// Unix nanoseconds now.
+pub(crate) fn now_unix_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+fn boxed(rx: tokio::sync::oneshot::Receiver<()>) -> AckWait {
+    Box::pin(async move {
+        // A dropped sender means replication was disabled: nothing to wait for.
+        let _ = rx.await;
+    })
+}
+
+impl ReplicationHook for ReplicaLink {
+    fn refuses_writes(&self) -> bool {
+        false
+    }
+
+    fn wants_changes(&self) -> bool {
+        true
+    }
+
+    fn completed(&self, change: Change, fua: bool) -> Option<AckWait> {
+        let wait = self.waits();
+        let (_, rx) = self.journal().record(Op::Change(change), fua, wait);
+        self.wake.notify_one();
+        rx.map(boxed)
+    }
+
+    fn flushed(&self) -> Option<AckWait> {
+        if !self.waits() {
+            return None;
+        }
+        let (_, rx) = self.journal().record(Op::Flush, false, true);
+        self.wake.notify_one();
+        rx.map(boxed)
+    }
+}

@@ -1,0 +1,858 @@
+//! One replication session of a volume: connect, initial sync if the
+//! secondary is not consistent, one atomic catch-up batch of the change
+//! set, then streaming — staged batches (async) or acknowledged direct
+//! writes (sync) — until the link breaks. [`run`] restarts sessions with
+//! back-off; every restart resumes from the persisted change set.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ember_common::Extent;
+use ember_proto::repl::v1 as pb;
+use ember_proto::repl::v1::ember_peer_client::EmberPeerClient;
+use ember_proto::repl::v1::repl_frame::Kind;
+use ember_tracking::{Tracker, TrackingError};
+use ember_volume::Change;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+use tonic::transport::Channel;
+
+use super::journal::{Entry, Op};
+use super::link::{Mode, PeerLossPolicy, Phase, ReplicaLink, now_unix_ns};
+use crate::PeerRegistry;
+use crate::error::ReplError;
+use crate::frame;
+use crate::hashes::{self, Hash};
+use crate::service::Identity;
+use crate::throttle::TokenBucket;
+use crate::version::ProtocolVersion;
+
+/// Largest data frame.
+const PIECE: u64 = 1 << 20;
+/// Initial sync persists its progress (resume point) every this many bytes.
+const GROUP: u64 = 64 << 20;
+/// Initial-sync passes stop once the change set is this small; the rest
+/// goes in the atomic catch-up batch that makes the secondary consistent.
+const FINAL_ROUND_BYTES: u64 = 64 << 20;
+/// Initial sync compares blake3 per block of this size.
+const HASH_BLOCK: u64 = 64 << 10;
+/// A commit or barrier not acknowledged within this long ends the session.
+const ACK_TIMEOUT: Duration = Duration::from_secs(30);
+/// Sync mode: a barrier (durability and bitmap clearing) this often.
+const BARRIER_EVERY: Duration = Duration::from_secs(1);
+/// Journal bytes shipped between checks for acknowledgements.
+const JOURNAL_TAKE: u64 = 4 << 20;
+/// The persisted change set is rewritten at most this often in streaming.
+const PERSIST_EVERY: Duration = Duration::from_secs(1);
+
+/// Bandwidth buckets of one peer link.
+#[derive(Debug)]
+pub(crate) struct LinkBuckets {
+    pub(crate) all: TokenBucket,
+    pub(crate) resync: TokenBucket,
+}
+
+/// What sessions share across the agent.
+#[derive(Debug)]
+pub(crate) struct Ctx {
+    pub(crate) registry: Arc<PeerRegistry>,
+    pub(crate) identity: Identity,
+    /// Fault injection for tests: corrupt this many frames after their
+    /// checksum is computed (`EMBER_FAULT_CORRUPT_FRAMES`).
+    pub(crate) corrupt_frames: AtomicU64,
+}
+
+/// Why a session ended.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SessionError {
+    #[error(transparent)]
+    Link(#[from] ReplError),
+    #[error("peer refused {call}: {status}")]
+    Peer { call: &'static str, status: Status },
+    #[error("the secondary refused a frame: {}", .0.message())]
+    Rejected(Status),
+    #[error("the replication stream ended: {0}")]
+    Closed(String),
+    #[error("no acknowledgement from the secondary within {0:?}")]
+    AckTimeout(Duration),
+    #[error("local {0}")]
+    Local(String),
+    #[error("stopped")]
+    Stopped,
+}
+
+fn tracking(e: TrackingError) -> SessionError {
+    SessionError::Local(format!("change tracking: {e}"))
+}
+
+/// A cut in flight: a commit (async) or barrier (sync) not yet acknowledged.
+#[derive(Debug)]
+struct Cut {
+    frame: u64,
+    checkpoint: u64,
+    journal_seq: u64,
+    at_unix_ns: i64,
+    sent: Instant,
+}
+
+/// Direct frames awaiting acknowledgement: (frame seq, journal seq).
+type Pending = Arc<Mutex<VecDeque<(u64, u64)>>>;
+
+struct Session<'a> {
+    link: &'a Arc<ReplicaLink>,
+    ctx: &'a Ctx,
+    buckets: Arc<LinkBuckets>,
+    tracker: Arc<Tracker>,
+    consumer: String,
+    client: EmberPeerClient<Channel>,
+    tx: mpsc::Sender<pb::ReplFrame>,
+    acks: watch::Receiver<u64>,
+    ack_error: Arc<Mutex<Option<Status>>>,
+    pending: Pending,
+    next_seq: u64,
+    /// The fault hook corrupts at most one frame per session, so each
+    /// injected fault is one refusal and one retry.
+    corrupted: bool,
+    stop: &'a CancellationToken,
+}
+
+/// Runs sessions for `link` until `stop` is cancelled.
+pub(crate) async fn run(
+    link: Arc<ReplicaLink>,
+    ctx: Arc<Ctx>,
+    buckets: Arc<LinkBuckets>,
+    stop: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        link.stats.sessions.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        let result = session(&link, &ctx, buckets.clone(), &stop).await;
+        link.set_phase(Phase::Disconnected);
+        link.journal().stop_capture();
+        let cfg = link.config();
+        if cfg.on_peer_loss == PeerLossPolicy::Degrade {
+            let released = link.journal().release_waiters();
+            if released > 0 {
+                tracing::warn!(volume = %cfg.volume, released, "sync replica lost: writes continue degraded and are tracked for resync");
+            }
+        }
+        let error = match result {
+            Err(SessionError::Stopped) | Ok(()) => return,
+            Err(e) => e,
+        };
+        if matches!(error, SessionError::Rejected(_)) {
+            link.stats.frames_rejected.fetch_add(1, Ordering::Relaxed);
+        }
+        tracing::warn!(volume = %cfg.volume, peer = %cfg.peer, error = %error, "replication session ended; retrying");
+        *link.last_error.lock().expect("error lock poisoned") = error.to_string();
+        if started.elapsed() > Duration::from_secs(10) {
+            backoff = Duration::from_millis(200);
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = stop.cancelled() => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn session(
+    link: &Arc<ReplicaLink>,
+    ctx: &Ctx,
+    buckets: Arc<LinkBuckets>,
+    stop: &CancellationToken,
+) -> Result<(), SessionError> {
+    let cfg = link.config();
+    let tracker = link
+        .volume
+        .tracker()
+        .cloned()
+        .ok_or_else(|| SessionError::Local("volume has no change tracking".into()))?;
+    let (mut client, version, rates) = ctx.registry.stream_client(&cfg.peer).await?;
+    if version < ProtocolVersion::REPLICATION {
+        return Err(SessionError::Local(format!(
+            "peer {} was paired at protocol version {version}; re-pair it (emberctl peer add) to replicate",
+            cfg.peer
+        )));
+    }
+    buckets.all.set_rate(rates.max_bytes_per_sec);
+    buckets.resync.set_rate(rates.resync_bytes_per_sec);
+    let size = ember_nbd::Export::size(link.volume.as_ref());
+    let opened = client
+        .open_replica(pb::OpenReplicaRequest {
+            volume: cfg.volume.clone(),
+            size_bytes: size,
+            mode: cfg.mode.as_str().into(),
+            primary_site: ctx.identity.site.clone(),
+            primary_backend_id: ctx.identity.backend_id.clone(),
+        })
+        .await
+        .map_err(|status| SessionError::Peer {
+            call: "OpenReplica",
+            status,
+        })?
+        .into_inner();
+    let state = opened.state.unwrap_or_default();
+    let (tx, rx) = mpsc::channel(16);
+    tx.send(pb::ReplFrame {
+        kind: Some(Kind::Open(pb::StreamOpen {
+            volume: cfg.volume.clone(),
+            size_bytes: size,
+        })),
+    })
+    .await
+    .map_err(|_| SessionError::Closed("before it opened".into()))?;
+    let acks = client
+        .replicate(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map_err(|status| SessionError::Peer {
+            call: "Replicate",
+            status,
+        })?
+        .into_inner();
+    let pending: Pending = Arc::default();
+    let ack_error = Arc::new(Mutex::new(None));
+    let (ack_tx, ack_rx) = watch::channel(0u64);
+    tokio::spawn(read_acks(
+        acks,
+        ack_tx,
+        ack_error.clone(),
+        pending.clone(),
+        link.clone(),
+    ));
+    tracing::info!(volume = %cfg.volume, peer = %cfg.peer, created = opened.created, consistent = state.consistent, "replication session open");
+    link.last_error.lock().expect("error lock poisoned").clear();
+    let mut s = Session {
+        link,
+        ctx,
+        buckets,
+        consumer: link.consumer(),
+        tracker,
+        client,
+        tx,
+        acks: ack_rx,
+        ack_error,
+        pending,
+        next_seq: 0,
+        corrupted: false,
+        stop,
+    };
+    if !state.consistent || !cfg.synced {
+        s.initial_sync(opened.created).await?;
+    }
+    s.stream().await
+}
+
+/// Reads acknowledgements: releases sync-mode waiters directly (no hop
+/// through the session task) and publishes the highest seq.
+async fn read_acks(
+    mut acks: tonic::Streaming<pb::ReplAck>,
+    tx: watch::Sender<u64>,
+    error: Arc<Mutex<Option<Status>>>,
+    pending: Pending,
+    link: Arc<ReplicaLink>,
+) {
+    let end = loop {
+        match acks.message().await {
+            Ok(Some(ack)) => {
+                let released = {
+                    let mut p = pending.lock().expect("pending lock poisoned");
+                    let mut upto = None;
+                    while p.front().is_some_and(|(f, _)| *f <= ack.seq) {
+                        upto = p.pop_front().map(|(_, j)| j);
+                    }
+                    upto
+                };
+                if let Some(j) = released {
+                    link.journal().release(j);
+                }
+                tx.send_replace(ack.seq);
+            }
+            Ok(None) => break Status::unavailable("the secondary closed the stream"),
+            Err(status) => break status,
+        }
+    };
+    *error.lock().expect("ack error lock poisoned") = Some(end);
+}
+
+/// The next piece of a resync scan.
+struct Scan {
+    extents: VecDeque<Extent>,
+}
+
+impl Scan {
+    fn new(extents: Vec<Extent>) -> Self {
+        Self {
+            extents: extents.into(),
+        }
+    }
+
+    fn next_piece(&mut self) -> Option<(u64, u64)> {
+        let front = self.extents.front_mut()?;
+        let len = front.length.min(PIECE);
+        let piece = (front.offset, len);
+        front.offset += len;
+        front.length -= len;
+        if front.length == 0 {
+            self.extents.pop_front();
+        }
+        Some(piece)
+    }
+
+    fn is_done(&self) -> bool {
+        self.extents.is_empty()
+    }
+}
+
+impl Session<'_> {
+    fn name(&self) -> String {
+        self.link.config().volume
+    }
+
+    fn check(&self) -> Result<(), SessionError> {
+        if self.stop.is_cancelled() {
+            return Err(SessionError::Stopped);
+        }
+        match self
+            .ack_error
+            .lock()
+            .expect("ack error lock poisoned")
+            .take()
+        {
+            Some(status) if frame::is_rejection(&status) => Err(SessionError::Rejected(status)),
+            Some(status) => Err(SessionError::Closed(status.to_string())),
+            None => Ok(()),
+        }
+    }
+
+    async fn send(&mut self, kind: Kind) -> Result<(), SessionError> {
+        if self
+            .tx
+            .send(pb::ReplFrame { kind: Some(kind) })
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        // The stream is gone; the secondary's reason arrives on the ack
+        // side, usually a moment later.
+        for _ in 0..20 {
+            self.check()?;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(SessionError::Closed(
+            "the secondary stopped reading the stream".into(),
+        ))
+    }
+
+    fn seq(&mut self) -> u64 {
+        self.next_seq += 1;
+        self.next_seq
+    }
+
+    /// Applies the fault-injection hook: flips a byte after checksumming.
+    fn maybe_corrupt(&mut self, data: &mut [u8]) {
+        if data.is_empty() || self.corrupted {
+            return;
+        }
+        let hit = self
+            .ctx
+            .corrupt_frames
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if hit {
+            tracing::warn!("fault injection: corrupting a replication frame");
+            data[0] ^= 0xff;
+            self.corrupted = true;
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn write_frame(
+        &mut self,
+        offset: u64,
+        mut data: Vec<u8>,
+        staged: bool,
+        unordered: bool,
+        fua: bool,
+        ack: bool,
+        journal_seq: Option<u64>,
+    ) -> Result<u64, SessionError> {
+        let seq = self.seq();
+        let crc = frame::write_crc(offset, &data);
+        self.maybe_corrupt(&mut data);
+        let len = data.len() as u64;
+        self.buckets.all.take(len).await;
+        if let Some(j) = journal_seq {
+            self.pending
+                .lock()
+                .expect("pending lock poisoned")
+                .push_back((seq, j));
+        }
+        self.send(Kind::Write(pb::BlockWrite {
+            seq,
+            offset,
+            data,
+            crc32: crc,
+            staged,
+            unordered,
+            fua,
+            ack,
+        }))
+        .await?;
+        self.link
+            .stats
+            .bytes_shipped
+            .fetch_add(len, Ordering::Relaxed);
+        Ok(seq)
+    }
+
+    async fn zero_frame(
+        &mut self,
+        offset: u64,
+        length: u64,
+        staged: bool,
+        unordered: bool,
+        journal_seq: Option<u64>,
+    ) -> Result<u64, SessionError> {
+        let seq = self.seq();
+        if let Some(j) = journal_seq {
+            self.pending
+                .lock()
+                .expect("pending lock poisoned")
+                .push_back((seq, j));
+        }
+        self.send(Kind::Zero(pb::BlockZero {
+            seq,
+            offset,
+            length,
+            crc32: frame::zero_crc(offset, length),
+            staged,
+            unordered,
+            ack: journal_seq.is_some(),
+        }))
+        .await?;
+        Ok(seq)
+    }
+
+    async fn barrier_frame(
+        &mut self,
+        at_unix_ns: i64,
+        journal_seq: Option<u64>,
+    ) -> Result<u64, SessionError> {
+        let seq = self.seq();
+        if let Some(j) = journal_seq {
+            self.pending
+                .lock()
+                .expect("pending lock poisoned")
+                .push_back((seq, j));
+        }
+        self.send(Kind::Barrier(pb::Barrier {
+            seq,
+            consistent_at_unix_ns: at_unix_ns,
+        }))
+        .await?;
+        Ok(seq)
+    }
+
+    async fn wait_ack(&mut self, seq: u64) -> Result<(), SessionError> {
+        let deadline = tokio::time::Instant::now() + ACK_TIMEOUT;
+        loop {
+            self.check()?;
+            if *self.acks.borrow() >= seq {
+                return Ok(());
+            }
+            tokio::select! {
+                r = self.acks.changed() => {
+                    if r.is_err() {
+                        // The reader ended; its error is picked up by check().
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+                () = tokio::time::sleep_until(deadline) => return Err(SessionError::AckTimeout(ACK_TIMEOUT)),
+                () = self.stop.cancelled() => return Err(SessionError::Stopped),
+            }
+        }
+    }
+
+    async fn remote_hashes(&mut self, offset: u64, len: u64) -> Result<Vec<Hash>, SessionError> {
+        let chunks = len.div_ceil(HASH_BLOCK) as u32;
+        let resp = self
+            .client
+            .read_hashes(pb::ReadHashesRequest {
+                volume: self.name(),
+                offset,
+                chunk_bytes: HASH_BLOCK,
+                chunks,
+            })
+            .await
+            .map_err(|status| SessionError::Peer {
+                call: "ReadHashes",
+                status,
+            })?
+            .into_inner();
+        resp.blake3
+            .into_iter()
+            .map(|h| {
+                <[u8; 32]>::try_from(h.as_slice())
+                    .map_err(|_| SessionError::Closed("malformed hash from the secondary".into()))
+            })
+            .collect()
+    }
+
+    fn start_resync(&self, total: u64) {
+        self.link
+            .stats
+            .resync_total_bytes
+            .store(total, Ordering::Relaxed);
+        self.link
+            .stats
+            .resync_remaining_bytes
+            .store(total, Ordering::Relaxed);
+        *self
+            .link
+            .resync_started
+            .lock()
+            .expect("resync lock poisoned") = Some(Instant::now());
+    }
+
+    fn resync_progress(&self, done: u64, sent: u64) {
+        let s = &self.link.stats;
+        let _ = s
+            .resync_remaining_bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| {
+                Some(r.saturating_sub(done))
+            });
+        s.resync_bytes_sent.fetch_add(sent, Ordering::Relaxed);
+    }
+
+    /// Copies the change set to a secondary that is not consistent (new,
+    /// or an interrupted earlier sync): unordered direct frames, skipping
+    /// holes and blocks whose blake3 already matches, persisting progress
+    /// every [`GROUP`] so an interruption resumes where it stopped.
+    async fn initial_sync(&mut self, fresh: bool) -> Result<(), SessionError> {
+        self.link.set_phase(Phase::InitialSync);
+        loop {
+            let cp = self
+                .tracker
+                .consumer_checkpoint(&self.consumer)
+                .map_err(tracking)?;
+            if cp.dirty_bytes <= FINAL_ROUND_BYTES {
+                return Ok(());
+            }
+            tracing::info!(volume = %self.name(), bytes = cp.dirty_bytes, fresh, "initial sync pass");
+            self.start_resync(cp.dirty_bytes);
+            for extent in &cp.extents {
+                let mut start = extent.offset;
+                while start < extent.end() {
+                    let end = (start + GROUP).min(extent.end());
+                    self.sync_group(start, end, fresh).await?;
+                    let seq = self.barrier_frame(0, None).await?;
+                    self.wait_ack(seq).await?;
+                    self.tracker
+                        .consumer_clear(&self.consumer, cp.id, Some((start, end)), true)
+                        .map_err(tracking)?;
+                    start = end;
+                }
+            }
+        }
+    }
+
+    /// One group of the initial sync.
+    async fn sync_group(&mut self, start: u64, end: u64, fresh: bool) -> Result<(), SessionError> {
+        let remote = if fresh {
+            None
+        } else {
+            Some(self.remote_hashes(start, end - start).await?)
+        };
+        let holes = hashes::hole_map(&self.link.volume, start, end);
+        let mut pos = start;
+        while pos < end {
+            self.check()?;
+            let piece_end = (pos + PIECE).min(end);
+            let len = piece_end - pos;
+            let in_hole = holes.iter().any(|&(s, e)| s <= pos && piece_end <= e);
+            let data = if in_hole {
+                None
+            } else {
+                Some(
+                    self.link
+                        .volume
+                        .device()
+                        .read(pos, len as usize)
+                        .await
+                        .map_err(|e| SessionError::Local(format!("read: {e}")))?,
+                )
+            };
+            // Runs of blocks that differ: (offset, length, zero).
+            let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+            let mut skipped = 0;
+            let mut b = pos;
+            while b < piece_end {
+                let blen = (piece_end - b).min(HASH_BLOCK);
+                let slice = data
+                    .as_ref()
+                    .map(|d| &d[(b - pos) as usize..(b - pos + blen) as usize]);
+                let zero = slice.is_none_or(|s| s.iter().all(|&x| x == 0));
+                let same = match &remote {
+                    None => zero,
+                    Some(h) => {
+                        let mine = match slice {
+                            Some(s) if !zero => *blake3::hash(s).as_bytes(),
+                            _ => hashes::zero_hash(blen),
+                        };
+                        h.get(((b - start) / HASH_BLOCK) as usize) == Some(&mine)
+                    }
+                };
+                if same {
+                    skipped += blen;
+                } else {
+                    match runs.last_mut() {
+                        Some((o, l, z)) if *z == zero && *o + *l == b => *l += blen,
+                        _ => runs.push((b, blen, zero)),
+                    }
+                }
+                b += blen;
+            }
+            let mut sent = 0;
+            for (offset, length, zero) in runs {
+                self.buckets.resync.take(length).await;
+                if zero {
+                    self.zero_frame(offset, length, false, true, None).await?;
+                } else {
+                    let d = data.as_ref().expect("non-zero runs come from data");
+                    let slice =
+                        d[(offset - pos) as usize..(offset - pos + length) as usize].to_vec();
+                    self.write_frame(offset, slice, false, true, false, false, None)
+                        .await?;
+                }
+                sent += length;
+            }
+            self.link
+                .stats
+                .resync_bytes_skipped
+                .fetch_add(skipped, Ordering::Relaxed);
+            self.resync_progress(len, sent);
+            pos = piece_end;
+        }
+        Ok(())
+    }
+
+    /// Ships one piece of a catch-up scan as a staged frame.
+    async fn scan_piece(&mut self, offset: u64, len: u64) -> Result<(), SessionError> {
+        let device = self.link.volume.device();
+        let in_hole = hashes::hole_map(&self.link.volume, offset, offset + len)
+            .iter()
+            .any(|&(s, e)| s <= offset && offset + len <= e);
+        self.buckets.resync.take(len).await;
+        let data = if in_hole {
+            None
+        } else {
+            Some(
+                device
+                    .read(offset, len as usize)
+                    .await
+                    .map_err(|e| SessionError::Local(format!("read: {e}")))?,
+            )
+        };
+        match data {
+            Some(d) if d.iter().any(|&b| b != 0) => {
+                self.write_frame(offset, d, true, false, false, false, None)
+                    .await?;
+            }
+            _ => {
+                self.zero_frame(offset, len, true, false, None).await?;
+            }
+        }
+        self.resync_progress(len, len);
+        Ok(())
+    }
+
+    /// Ships one journal entry: staged (async, catch-up) or direct with an
+    /// acknowledgement (sync streaming).
+    async fn ship(&mut self, e: Entry, staged: bool) -> Result<(), SessionError> {
+        let ack = (!staged).then_some(e.seq);
+        match e.op {
+            Op::Change(Change::Write { offset, mut data }) => {
+                // Frames stay under the gRPC message limit: a large client
+                // write travels as pieces, acknowledged (sync) by its last.
+                let mut at = offset;
+                let split = data.len() as u64 > PIECE;
+                while data.len() as u64 > PIECE {
+                    let rest = data.split_off(PIECE as usize);
+                    let piece = std::mem::replace(&mut data, rest);
+                    self.write_frame(at, piece, staged, false, false, false, None)
+                        .await?;
+                    at += PIECE;
+                }
+                if split && e.fua && !staged {
+                    // FUA over several pieces: one barrier makes them all durable.
+                    self.write_frame(at, data, false, false, false, false, None)
+                        .await?;
+                    self.barrier_frame(0, ack).await?;
+                } else {
+                    self.write_frame(at, data, staged, false, e.fua && !staged, !staged, ack)
+                        .await?;
+                }
+            }
+            Op::Change(Change::Zero { offset, len }) => {
+                self.zero_frame(offset, len, staged, false, ack).await?;
+            }
+            Op::Flush if staged => {}
+            Op::Flush => {
+                self.barrier_frame(0, ack).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Opens a cut: a checkpoint of the change set, then every journal
+    /// entry recorded before it. Returns the entries and the journal seq.
+    fn cut(&self) -> Result<(u64, Vec<Entry>, u64, i64), SessionError> {
+        let cp = self
+            .tracker
+            .consumer_checkpoint(&self.consumer)
+            .map_err(tracking)?;
+        let at = now_unix_ns();
+        let mut j = self.link.journal();
+        let entries = j.take(u64::MAX);
+        Ok((cp.id, entries, j.last_seq(), at))
+    }
+
+    fn finish_cut(&self, cut: &Cut, persist: bool) -> Result<(), SessionError> {
+        match self
+            .tracker
+            .consumer_clear(&self.consumer, cut.checkpoint, None, persist)
+        {
+            // A newer checkpoint (a rescan) superseded this one: the bits
+            // stay until a later cut clears them, which is safe.
+            Ok(_) | Err(TrackingError::StaleCheckpoint { .. }) => {}
+            Err(e) => return Err(tracking(e)),
+        }
+        self.link.journal().release(cut.journal_seq);
+        self.link.set_consistent_at(cut.at_unix_ns);
+        Ok(())
+    }
+
+    /// Catch-up then streaming, until the link breaks or replication stops.
+    async fn stream(&mut self) -> Result<(), SessionError> {
+        self.link.set_phase(Phase::CatchUp);
+        self.link.journal().start_capture();
+        let cp = self
+            .tracker
+            .consumer_checkpoint(&self.consumer)
+            .map_err(tracking)?;
+        tracing::info!(volume = %self.name(), bytes = cp.dirty_bytes, "catch-up: resending the change set as one atomic batch");
+        self.start_resync(cp.dirty_bytes);
+        let mut scan = Scan::new(cp.extents);
+        // The first commit marks the secondary consistent even when there
+        // is nothing to send.
+        let mut batch_open = true;
+        let mut cut: Option<Cut> = None;
+        let mut last_barrier = Instant::now();
+        let mut last_persist = Instant::now();
+        loop {
+            self.check()?;
+            let acked = *self.acks.borrow();
+            if let Some(c) = cut.as_ref().filter(|c| acked >= c.frame) {
+                let persist = last_persist.elapsed() >= PERSIST_EVERY;
+                self.finish_cut(c, persist)?;
+                if persist {
+                    last_persist = Instant::now();
+                }
+                cut = None;
+                if self.link.phase() == Phase::CatchUp && scan.is_done() {
+                    self.link.mark_synced().map_err(SessionError::Local)?;
+                    self.link.set_phase(Phase::Streaming);
+                    self.link
+                        .stats
+                        .resync_remaining_bytes
+                        .store(0, Ordering::Relaxed);
+                    tracing::info!(volume = %self.name(), mode = self.link.config().mode.as_str(), "secondary consistent and streaming");
+                }
+            }
+            if let Some(c) = &cut
+                && c.sent.elapsed() > ACK_TIMEOUT
+            {
+                return Err(SessionError::AckTimeout(ACK_TIMEOUT));
+            }
+            if self.link.journal().overflowed() {
+                self.link.journal().start_capture();
+                let cp = self
+                    .tracker
+                    .consumer_checkpoint(&self.consumer)
+                    .map_err(tracking)?;
+                tracing::warn!(volume = %self.name(), bytes = cp.dirty_bytes, "journal overflow: rescanning the change set");
+                self.link.stats.overflows.fetch_add(1, Ordering::Relaxed);
+                self.start_resync(cp.dirty_bytes);
+                scan = Scan::new(cp.extents);
+                self.link.set_phase(Phase::CatchUp);
+                batch_open = true;
+            }
+            let direct =
+                self.link.config().mode == Mode::Sync && self.link.phase() == Phase::Streaming;
+            let entries = self.link.journal().take(JOURNAL_TAKE);
+            let shipped = !entries.is_empty();
+            for e in entries {
+                self.ship(e, !direct).await?;
+            }
+            batch_open |= shipped && !direct;
+            if let Some((offset, len)) = scan.next_piece() {
+                self.scan_piece(offset, len).await?;
+                continue;
+            }
+            if !direct && batch_open && cut.is_none() {
+                let (checkpoint, entries, journal_seq, at) = self.cut()?;
+                for e in entries {
+                    self.ship(e, true).await?;
+                }
+                let frame = self.seq();
+                self.send(Kind::Commit(pb::BatchCommit {
+                    seq: frame,
+                    consistent_at_unix_ns: at,
+                }))
+                .await?;
+                cut = Some(Cut {
+                    frame,
+                    checkpoint,
+                    journal_seq,
+                    at_unix_ns: at,
+                    sent: Instant::now(),
+                });
+                batch_open = false;
+            }
+            if direct && cut.is_none() && last_barrier.elapsed() >= BARRIER_EVERY {
+                let (checkpoint, entries, journal_seq, at) = self.cut()?;
+                for e in entries {
+                    self.ship(e, false).await?;
+                }
+                let frame = self.barrier_frame(at, None).await?;
+                cut = Some(Cut {
+                    frame,
+                    checkpoint,
+                    journal_seq,
+                    at_unix_ns: at,
+                    sent: Instant::now(),
+                });
+                last_barrier = Instant::now();
+            }
+            if shipped {
+                continue;
+            }
+            tokio::select! {
+                r = self.acks.changed() => {
+                    if r.is_err() {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+                () = self.link.wake.notified() => {}
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                () = self.stop.cancelled() => return Err(SessionError::Stopped),
+            }
+        }
+    }
+}

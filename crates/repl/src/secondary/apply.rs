@@ -1,0 +1,299 @@
+//! Applying a replication stream to a secondary volume.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use ember_nbd::Export;
+use ember_proto::repl::v1 as pb;
+use ember_proto::repl::v1::repl_frame::Kind;
+use ember_storage::StorageError;
+use tokio::sync::mpsc;
+use tonic::{Status, Streaming};
+
+use super::SecondaryVolume;
+use super::staging::{CommittedBatch, StagedChange};
+use crate::frame;
+
+type AckTx = mpsc::Sender<Result<pb::ReplAck, Status>>;
+
+fn storage_status(what: &str, e: &StorageError) -> Status {
+    match e {
+        StorageError::NoSpace { .. } => Status::resource_exhausted(format!("{what}: {e}")),
+        StorageError::OutOfRange { .. } => Status::invalid_argument(format!("{what}: {e}")),
+        _ => Status::internal(format!("{what}: {e}")),
+    }
+}
+
+/// Zeros a range, falling back to writing zeros where the file system
+/// cannot punch holes.
+async fn zero(sv: &SecondaryVolume, offset: u64, len: u64) -> Result<(), StorageError> {
+    let device = sv.volume.device();
+    match device.zero(offset, len, false).await {
+        Err(StorageError::Unsupported { .. }) => {
+            let mut pos = offset;
+            while pos < offset + len {
+                let n = (offset + len - pos).min(1 << 20);
+                device.write(pos, vec![0u8; n as usize], false).await?;
+                pos += n;
+            }
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+/// Applies a committed batch to the volume and makes it durable, then
+/// records the new consistent point and empties the staging log.
+async fn apply_batch(sv: &SecondaryVolume, batch: CommittedBatch) -> Result<(), Status> {
+    let device = sv.volume.device();
+    let mut bytes = 0;
+    for change in &batch.changes {
+        match *change {
+            StagedChange::Write {
+                offset,
+                len,
+                log_pos,
+            } => {
+                let data = sv
+                    .staging
+                    .lock()
+                    .expect("staging lock poisoned")
+                    .read(log_pos, len)
+                    .map_err(|e| Status::internal(format!("reading the staging log: {e}")))?;
+                device
+                    .write(offset, data, false)
+                    .await
+                    .map_err(|e| storage_status("applying a staged write", &e))?;
+            }
+            StagedChange::Zero { offset, len } => zero(sv, offset, len)
+                .await
+                .map_err(|e| storage_status("applying staged zeros", &e))?,
+        }
+        bytes += match *change {
+            StagedChange::Write { len, .. } | StagedChange::Zero { len, .. } => len,
+        };
+    }
+    device
+        .flush()
+        .await
+        .map_err(|e| storage_status("syncing the secondary", &e))?;
+    sv.update(|r| {
+        r.applied_seq = batch.seq;
+        r.consistent = true;
+        r.consistent_at_unix_ns = batch.consistent_at_unix_ns;
+    })?;
+    sv.applied_bytes.fetch_add(bytes, Ordering::Relaxed);
+    sv.staging
+        .lock()
+        .expect("staging lock poisoned")
+        .reset()
+        .map_err(|e| Status::internal(format!("emptying the staging log: {e}")))
+}
+
+/// Start-up: replays a committed batch a crash left behind (idempotent),
+/// unless it was already applied.
+pub(super) async fn recover(sv: &Arc<SecondaryVolume>) -> Result<(), Status> {
+    let found = sv
+        .staging
+        .lock()
+        .expect("staging lock poisoned")
+        .recover()
+        .map_err(|e| Status::internal(format!("reading the staging log: {e}")))?;
+    let Some(batch) = found else { return Ok(()) };
+    let name = sv.record().volume;
+    if batch.seq <= sv.record().applied_seq {
+        tracing::info!(volume = %name, seq = batch.seq, "staged batch already applied");
+        return sv
+            .staging
+            .lock()
+            .expect("staging lock poisoned")
+            .reset()
+            .map_err(|e| Status::internal(format!("emptying the staging log: {e}")));
+    }
+    tracing::info!(volume = %name, seq = batch.seq, changes = batch.changes.len(), "replaying a committed batch after a crash");
+    apply_batch(sv, batch).await
+}
+
+/// Per-stream state.
+struct Stream {
+    sv: Arc<SecondaryVolume>,
+    session: u64,
+    acks: AckTx,
+}
+
+impl Stream {
+    fn check_range(&self, offset: u64, len: u64) -> Result<(), Status> {
+        let size = self.sv.volume.size();
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(Status::invalid_argument(format!(
+                "frame range {offset}+{len} is outside the secondary ({size} bytes)"
+            )));
+        }
+        Ok(())
+    }
+
+    async fn ack(&self, seq: u64) -> Result<(), Status> {
+        self.acks
+            .send(Ok(pb::ReplAck { seq }))
+            .await
+            .map_err(|_| Status::cancelled("primary went away"))
+    }
+
+    fn mark_unordered(&self) -> Result<(), Status> {
+        if self.sv.record().consistent {
+            tracing::info!(volume = %self.sv.record().volume, "initial sync: secondary inconsistent until the next commit");
+        }
+        self.sv.update(|r| r.consistent = false)
+    }
+
+    async fn write(&self, w: pb::BlockWrite) -> Result<(), Status> {
+        self.check_range(w.offset, w.data.len() as u64)?;
+        if frame::write_crc(w.offset, &w.data) != w.crc32 {
+            return Err(frame::rejected(w.seq, w.offset));
+        }
+        if w.staged {
+            return self
+                .sv
+                .staging
+                .lock()
+                .expect("staging lock poisoned")
+                .stage_write(w.offset, &w.data)
+                .map_err(|e| Status::internal(format!("staging a write: {e}")));
+        }
+        if w.unordered {
+            self.mark_unordered()?;
+        }
+        let len = w.data.len() as u64;
+        self.sv
+            .volume
+            .device()
+            .write(w.offset, w.data, w.fua)
+            .await
+            .map_err(|e| storage_status("applying a write", &e))?;
+        self.sv.applied_bytes.fetch_add(len, Ordering::Relaxed);
+        if w.ack { self.ack(w.seq).await } else { Ok(()) }
+    }
+
+    async fn zero(&self, z: pb::BlockZero) -> Result<(), Status> {
+        self.check_range(z.offset, z.length)?;
+        if frame::zero_crc(z.offset, z.length) != z.crc32 {
+            return Err(frame::rejected(z.seq, z.offset));
+        }
+        if z.staged {
+            return self
+                .sv
+                .staging
+                .lock()
+                .expect("staging lock poisoned")
+                .stage_zero(z.offset, z.length)
+                .map_err(|e| Status::internal(format!("staging zeros: {e}")));
+        }
+        if z.unordered {
+            self.mark_unordered()?;
+        }
+        zero(&self.sv, z.offset, z.length)
+            .await
+            .map_err(|e| storage_status("applying zeros", &e))?;
+        self.sv.applied_bytes.fetch_add(z.length, Ordering::Relaxed);
+        if z.ack { self.ack(z.seq).await } else { Ok(()) }
+    }
+
+    async fn commit(&self, c: pb::BatchCommit) -> Result<(), Status> {
+        let staging = self.sv.staging.clone();
+        let batch = tokio::task::spawn_blocking(move || {
+            staging
+                .lock()
+                .expect("staging lock poisoned")
+                .commit(c.seq, c.consistent_at_unix_ns)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("commit task: {e}")))?
+        .map_err(|e| Status::internal(format!("syncing the staging log: {e}")))?;
+        apply_batch(&self.sv, batch).await?;
+        self.ack(c.seq).await
+    }
+
+    async fn barrier(&self, b: pb::Barrier) -> Result<(), Status> {
+        self.sv
+            .volume
+            .device()
+            .flush()
+            .await
+            .map_err(|e| storage_status("syncing the secondary", &e))?;
+        if b.consistent_at_unix_ns > 0 && self.sv.record().consistent {
+            self.sv
+                .update(|r| r.consistent_at_unix_ns = b.consistent_at_unix_ns)?;
+        }
+        self.ack(b.seq).await
+    }
+
+    async fn handle(&self, kind: Kind) -> Result<(), Status> {
+        match kind {
+            Kind::Open(_) => Err(Status::invalid_argument("a stream opens only once")),
+            Kind::Write(w) => self.write(w).await,
+            Kind::Zero(z) => self.zero(z).await,
+            Kind::Commit(c) => self.commit(c).await,
+            Kind::Barrier(b) => self.barrier(b).await,
+        }
+    }
+}
+
+/// Serves one `Replicate` stream until the primary ends it, a newer stream
+/// for the same volume takes over, or a frame is refused (the error goes
+/// back to the primary and nothing of the refused frame is applied).
+pub(crate) async fn run_stream(
+    sv: Arc<SecondaryVolume>,
+    mut frames: Streaming<pb::ReplFrame>,
+    acks: AckTx,
+) {
+    let session = sv.session.fetch_add(1, Ordering::SeqCst) + 1;
+    let name = sv.record().volume;
+    // A stream that died mid-batch left staged records behind; this stream
+    // starts a fresh batch (after the older stream's frame in hand is done).
+    let guard = sv.apply_lock.lock().await;
+    let reset = sv.staging.lock().expect("staging lock poisoned").reset();
+    drop(guard);
+    if let Err(e) = reset {
+        let _ = acks
+            .send(Err(Status::internal(format!(
+                "emptying the staging log: {e}"
+            ))))
+            .await;
+        return;
+    }
+    let stream = Stream { sv, session, acks };
+    tracing::info!(volume = %name, session, "replication stream opened");
+    loop {
+        let frame = match frames.message().await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break,
+            Err(status) => {
+                tracing::info!(volume = %name, error = %status, "replication stream broke");
+                break;
+            }
+        };
+        let _guard = stream.sv.apply_lock.lock().await;
+        if stream.sv.session.load(Ordering::SeqCst) != stream.session {
+            tracing::info!(volume = %name, session, "replication stream superseded");
+            break;
+        }
+        let Some(kind) = frame.kind else {
+            let _ = stream
+                .acks
+                .send(Err(Status::invalid_argument("empty frame")))
+                .await;
+            break;
+        };
+        if let Err(status) = stream.handle(kind).await {
+            tracing::warn!(volume = %name, error = %status, "replication frame refused; staged batch dropped");
+            let _ = stream
+                .sv
+                .staging
+                .lock()
+                .expect("staging lock poisoned")
+                .reset();
+            let _ = stream.acks.send(Err(status)).await;
+            break;
+        }
+    }
+}

@@ -1,0 +1,266 @@
+//! Two-site fixtures for replication tests: a lab CA, site-a and site-b
+//! agents, a [`FaultProxy`] on the a→b link, and a write-order checker.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::proxy::FaultProxy;
+use crate::{Agent, bin, free_port, run_ok, tempdir};
+
+/// Block size of the stamped workload.
+pub const BLOCK: u64 = 4096;
+
+/// site-a (primary) and site-b (secondary), with the link through a proxy.
+#[derive(Debug)]
+pub struct TwoSites {
+    /// Keeps the directory alive.
+    pub dir: tempfile::TempDir,
+    /// site-a.
+    pub a: Agent,
+    /// site-b.
+    pub b: Agent,
+    /// Between site-a and site-b's peer listener.
+    pub proxy: FaultProxy,
+}
+
+fn pki(dir: &Path) {
+    let ctl = bin("emberctl");
+    let ctl = ctl.to_str().expect("utf8");
+    let d = dir.to_str().expect("utf8");
+    run_ok(ctl, &["pki", "init", "--dir", d]);
+    for n in ["site-a", "site-b"] {
+        run_ok(ctl, &["pki", "issue", "--dir", d, n]);
+    }
+}
+
+fn site_config(root: &Path, pki: &Path, site: &str, port: u16, extra: &str) -> String {
+    let cfg = root.join(format!("{site}.toml"));
+    let p = |f: &str| pki.join(f).display().to_string();
+    std::fs::write(
+        &cfg,
+        format!(
+            "site = \"{site}\"\n{extra}\n[peer]\nlisten = \"127.0.0.1:{port}\"\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n",
+            p(&format!("{site}.crt")),
+            p(&format!("{site}.key")),
+            p("ca.crt")
+        ),
+    )
+    .expect("config");
+    cfg.display().to_string()
+}
+
+impl TwoSites {
+    /// Starts both sites and pairs site-a with site-b through the proxy.
+    /// `a_env`: extra environment for site-a (fault injection);
+    /// `peer_flags`: extra `peer add` flags (rates).
+    pub fn start(a_env: &[(&str, &str)], peer_flags: &[&str]) -> Self {
+        Self::start_with_config(a_env, peer_flags, "")
+    }
+
+    /// As [`Self::start`], with extra TOML for both agents' configs.
+    pub fn start_with_config(a_env: &[(&str, &str)], peer_flags: &[&str], toml: &str) -> Self {
+        let dir = tempdir();
+        let ca = dir.path().join("pki");
+        pki(&ca);
+        let (pa, pb) = (free_port(), free_port());
+        let cfg_a = site_config(dir.path(), &ca, "site-a", pa, toml);
+        let cfg_b = site_config(dir.path(), &ca, "site-b", pb, toml);
+        let a = Agent::start_env(&dir.path().join("site-a"), &["--config", &cfg_a], a_env);
+        let b = Agent::start_with(&dir.path().join("site-b"), &["--config", &cfg_b]);
+        let proxy = FaultProxy::start(format!("127.0.0.1:{pb}").parse().expect("addr"));
+        let addr = proxy.addr.to_string();
+        let mut args = vec![
+            "peer",
+            "add",
+            "site-b",
+            "--address",
+            &addr,
+            "--measure",
+            "1M",
+        ];
+        args.extend_from_slice(peer_flags);
+        a.ctl_json(&args);
+        Self { dir, a, b, proxy }
+    }
+
+    /// `replica status` on site-a.
+    pub fn status(&self, volume: &str) -> serde_json::Value {
+        self.a.ctl_json(&["replica", "status", volume])
+    }
+
+    /// Waits until site-a reports `state` with zero lag; returns the status.
+    pub fn wait_caught_up(&self, volume: &str, timeout: Duration) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self.status(volume);
+            if s["state"] == "in-sync" && s["lag_bytes"] == 0 {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{volume} not caught up within {timeout:?}: {s}\nsite-a log tail: {}",
+                tail(&self.a.log())
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until site-a's status satisfies `pred`.
+    pub fn wait_for(
+        &self,
+        volume: &str,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self.status(volume);
+            if pred(&s) {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{volume}: {what} not reached within {timeout:?}: {s}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `qemu-img compare` of the primary and secondary exports.
+    pub fn assert_identical(&self, volume: &str) {
+        let out = Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(self.a.uri(volume))
+            .arg(self.b.uri(volume))
+            .output()
+            .expect("run qemu-img compare");
+        assert!(
+            out.status.success(),
+            "primary and secondary differ: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// The last lines of a log, for assertion messages.
+pub fn tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+/// Starts the stamped writer (tests/py/stamped_writer.py) on `uri`.
+pub fn stamped_writer(uri: &str, history: &Path, blocks: u64, count: u64, fua: bool) -> Child {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("py/stamped_writer.py");
+    let mut cmd = Command::new("/usr/bin/python3");
+    cmd.arg(script)
+        .arg(uri)
+        .arg(history)
+        .arg(blocks.to_string())
+        .arg(count.to_string())
+        .arg("7");
+    if fua {
+        cmd.arg("fua");
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the stamped writer")
+}
+
+/// Reads the writer's history: (seq, offset) in order.
+pub fn read_history(path: &Path) -> Vec<(u64, u64)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Copies an NBD export to a local file with nbdcopy.
+pub fn snapshot_export(uri: &str, dest: &Path) -> Vec<u8> {
+    run_ok(
+        "nbdcopy",
+        &["--synchronous", uri, dest.to_str().expect("utf8")],
+    );
+    std::fs::read(dest).expect("read copied image")
+}
+
+/// The stamp of block `index` of `image`: `Ok(None)` for zeros,
+/// `Ok(Some(seq))` for a valid stamp, `Err` for anything else (torn).
+pub fn stamp_at(image: &[u8], index: u64) -> Result<Option<u64>, String> {
+    let b = &image[(index * BLOCK) as usize..((index + 1) * BLOCK) as usize];
+    if b.iter().all(|&x| x == 0) {
+        return Ok(None);
+    }
+    let seq = u64::from_le_bytes(b[0..8].try_into().expect("8"));
+    let off = u64::from_le_bytes(b[8..16].try_into().expect("8"));
+    let valid = off == index * BLOCK && b[16..].chunks(8).all(|c| c == &b[0..8]);
+    if valid {
+        Ok(Some(seq))
+    } else {
+        Err(format!(
+            "block {index} is torn or foreign (seq {seq}, offset {off})"
+        ))
+    }
+}
+
+/// Checks that `image` (first `blocks` blocks) equals the state after a
+/// prefix of `history`; returns the prefix length. `history` must cover
+/// the prefix (read it after the image).
+pub fn check_prefix(image: &[u8], blocks: u64, history: &[(u64, u64)]) -> Result<u64, String> {
+    let mut found = Vec::with_capacity(blocks as usize);
+    for i in 0..blocks {
+        found.push(stamp_at(image, i)?);
+    }
+    let p = found.iter().flatten().copied().max().unwrap_or(0);
+    if p as usize > history.len() {
+        return Err(format!(
+            "image holds seq {p} but the history has only {} writes",
+            history.len()
+        ));
+    }
+    let mut expected: Vec<Option<u64>> = vec![None; blocks as usize];
+    for &(seq, off) in &history[..p as usize] {
+        expected[(off / BLOCK) as usize] = Some(seq);
+    }
+    for i in 0..blocks as usize {
+        if expected[i] != found[i] {
+            return Err(format!(
+                "not a prefix of the write history: block {i} holds {:?}, the prefix up to seq {p} says {:?}",
+                found[i], expected[i]
+            ));
+        }
+    }
+    Ok(p)
+}
+
+/// Checks that every acknowledged write in `history` is present: each
+/// block holds its last acknowledged write or a later one.
+pub fn check_acked_present(
+    image: &[u8],
+    blocks: u64,
+    history: &[(u64, u64)],
+) -> Result<(), String> {
+    let mut last: Vec<Option<u64>> = vec![None; blocks as usize];
+    for &(seq, off) in history {
+        last[(off / BLOCK) as usize] = Some(seq);
+    }
+    for (i, want) in last.iter().enumerate() {
+        let have = stamp_at(image, i as u64)?;
+        if let Some(w) = want
+            && have.is_none_or(|h| h < *w)
+        {
+            return Err(format!(
+                "acknowledged write lost: block {i} should hold seq {w} or later, holds {have:?}"
+            ));
+        }
+    }
+    Ok(())
+}
