@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(qemu-utils libnbd-bin python3-libnbd nbdkit fio nbd-client)
+packages=(qemu-utils libnbd-bin python3-libnbd nbdkit fio nbd-client rsync iperf3)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -26,6 +26,18 @@ status=0
 # Benches are compiled and run once as tests so they cannot rot.
 cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log" || status=$?
 cargo bench -p ember-benches --locked -- --test 2>&1 | tee -a "$log" || status=$?
+# The replication benchmark script end to end at toy sizes (debug binaries):
+# proves it runs; the numbers in benches/RESULTS.md come from release runs.
+bench_out=$(mktemp)
+if /usr/bin/python3 benches/repl/compare.py --quick --bin-dir target/debug >"$bench_out" 2>&1; then
+  grep -v '^[ {}]' "$bench_out" || true
+  echo "repl bench smoke: 1 passed" | tee -a "$log"
+else
+  cat "$bench_out"
+  echo "repl bench smoke: 1 failed" | tee -a "$log"
+  status=1
+fi
+rm -f "$bench_out"
 
 passed=$(grep -Eo '[0-9]+ passed' "$log" | awk '{s+=$1} END {print s+0}')
 failed=$(grep -Eo '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')

@@ -166,6 +166,29 @@ fn link_cut_resends_only_the_changed_blocks() {
         "resync after the cut sent {resent} bytes for 8 MiB changed"
     );
     sites.assert_identical("vol");
+
+    // A stalled link (packets held, connections open) is detected by
+    // keepalive instead of wedging the session, and it resumes after.
+    sites.proxy.stall(true);
+    qemu_io(&a_uri, &["write -P 0x55 400M 1M"]);
+    sites.wait_for("vol", Duration::from_secs(20), "stall detected", |s| {
+        s["state"] == "disconnected"
+    });
+    sites.proxy.stall(false);
+    let after = sites.wait_caught_up("vol", Duration::from_secs(60));
+    sites.assert_identical("vol");
+
+    // An admin pause: the same accounting without a fault.
+    sites.a.ctl_json(&["replica", "pause", "vol"]);
+    qemu_io(&a_uri, &["write -P 0x99 300M 2M"]);
+    let paused = sites.status("vol");
+    assert_eq!(paused["state"], "paused", "{paused}");
+    assert!(u(&paused, "lag_bytes") >= 2 * MIB, "{paused}");
+    sites.a.ctl_json(&["replica", "resume", "vol"]);
+    let resumed = sites.wait_caught_up("vol", Duration::from_secs(60));
+    let resent = u(&resumed, "resync_bytes_sent") - u(&after, "resync_bytes_sent");
+    assert_eq!(resent, 2 * MIB, "resume resent {resent} bytes for 2 MiB");
+    sites.assert_identical("vol");
 }
 
 #[test]
@@ -374,6 +397,13 @@ fn corrupt_frames_and_flipped_bits_are_never_applied() {
         tail(&log)
     );
 
+    // A connection reset in the middle of a frame: the session restarts.
+    sites.proxy.reset_after(300_000);
+    qemu_io(&a_uri, &["write -P 0x4d 40M 8M"]);
+    sites.wait_caught_up("vol", Duration::from_secs(60));
+    sites.assert_identical("vol");
+    sites.proxy.restore();
+
     // Bits flipped on the wire: TLS refuses the records, the session
     // restarts and the data still converges.
     sites.proxy.flip_bits(5);
@@ -451,12 +481,19 @@ fn an_interrupted_initial_sync_resumes_where_it_stopped() {
     let mut sites = TwoSites::start(&[], &["--resync-rate", "40M"]);
     let a_uri = sites.a.create_volume("vol", "384M");
     qemu_io(&a_uri, &["write -P 0x3c 0 320M"]);
+    let started = Instant::now();
     sites.a.ctl_json(&[
         "replica", "enable", "vol", "--peer", "site-b", "--mode", "async",
     ]);
     let mid = sites.wait_for("vol", Duration::from_secs(60), "half synced", |s| {
         s["resync_bytes_sent"].as_u64().unwrap_or(0) >= 160 * MIB
     });
+    // 160 MiB at 40 MiB/s: the resync rate limit holds (unlimited takes < 2 s).
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "resync ignored its rate limit: 160 MiB in {:?}",
+        started.elapsed()
+    );
     assert!(
         mid["resync_eta_seconds"].as_f64().unwrap_or(0.0) > 0.0,
         "no ETA while syncing: {mid}"

@@ -385,6 +385,20 @@ impl EmberControl for ControlService {
     }
 
     #[tracing::instrument(skip_all, fields(volume_id = %request.get_ref().volume))]
+    async fn set_replication_paused(
+        &self,
+        request: Request<pb::SetReplicationPausedRequest>,
+    ) -> Result<Response<pb::SetReplicationPausedResponse>, Status> {
+        let req = request.into_inner();
+        let changed = self
+            .replication
+            .set_paused(&req.volume, req.paused)
+            .await
+            .map_err(repl_status)?;
+        Ok(Response::new(pb::SetReplicationPausedResponse { changed }))
+    }
+
+    #[tracing::instrument(skip_all, fields(volume_id = %request.get_ref().volume))]
     async fn verify_replica(
         &self,
         request: Request<pb::VerifyReplicaRequest>,

@@ -47,6 +47,10 @@ pub(crate) enum ReplicaCmd {
     },
     /// Every volume this agent is primary for.
     List,
+    /// Stop shipping for now; writes are tracked and sent on resume.
+    Pause { volume: String },
+    /// Ship again: exactly the blocks written while paused, atomically.
+    Resume { volume: String },
     /// Compare both sides by blake3 and list ranges that differ.
     Verify {
         volume: String,
@@ -151,6 +155,31 @@ fn detail(s: &pb::ReplicationStatus) {
     }
 }
 
+async fn set_paused(
+    api: &mut EmberControlClient<Channel>,
+    out: Out,
+    volume: String,
+    paused: bool,
+) -> anyhow::Result<()> {
+    let changed = api
+        .set_replication_paused(pb::SetReplicationPausedRequest {
+            volume: volume.clone(),
+            paused,
+        })
+        .await?
+        .into_inner()
+        .changed;
+    let verb = if paused { "paused" } else { "resumed" };
+    if out.json {
+        out.print_json(&json!({ "volume": volume, "paused": paused, "changed": changed }));
+    } else if changed {
+        println!("replication of {volume} {verb}");
+    } else {
+        println!("replication of {volume} was already {verb}");
+    }
+    Ok(())
+}
+
 fn rpo_arg(raw: &str) -> anyhow::Result<u64> {
     Ok(humantime::parse_duration(raw)
         .with_context(|| format!("--rpo {raw:?}: use a duration like 30s or 5m"))?
@@ -234,6 +263,8 @@ pub(crate) async fn run(
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         },
+        ReplicaCmd::Pause { volume } => set_paused(api, out, volume, true).await?,
+        ReplicaCmd::Resume { volume } => set_paused(api, out, volume, false).await?,
         ReplicaCmd::List => {
             let r = api
                 .list_replications(pb::ListReplicationsRequest {})

@@ -12,6 +12,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ember_proto::repl::v1::ember_peer_server::EmberPeerServer;
+
+/// HTTP/2 flow-control window per stream.
+pub(crate) const STREAM_WINDOW: u32 = 16 << 20;
+/// HTTP/2 flow-control window per connection.
+pub(crate) const CONNECTION_WINDOW: u32 = 32 << 20;
+/// Largest replication message (a 4 MiB frame plus headers).
+pub(crate) const MAX_MESSAGE: usize = 8 << 20;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
@@ -85,7 +92,15 @@ pub async fn serve_peers(
         }
     });
     tonic::transport::Server::builder()
-        .add_service(EmberPeerServer::new(service))
+        // Large HTTP/2 windows: replication streams are bulk transfers and
+        // the default 64 KiB window caps them at a window per round trip.
+        .initial_stream_window_size(Some(STREAM_WINDOW))
+        .initial_connection_window_size(Some(CONNECTION_WINDOW))
+        .add_service(
+            EmberPeerServer::new(service)
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
+        )
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::ReceiverStream::new(rx),
             cancel.cancelled_owned(),

@@ -114,7 +114,8 @@ pub struct VerifyReport {
 struct Running {
     link: Arc<ReplicaLink>,
     stop: CancellationToken,
-    task: JoinHandle<()>,
+    /// The session task; `None` while paused.
+    task: Option<JoinHandle<()>>,
 }
 
 /// The replicas of this agent.
@@ -231,12 +232,14 @@ impl Replication {
         ));
         volume.set_replication(Some(link.clone()));
         let stop = CancellationToken::new();
-        let task = tokio::spawn(session::run(
-            link.clone(),
-            self.ctx.clone(),
-            self.buckets(&peer),
-            stop.clone(),
-        ));
+        let task = (!link.config().paused).then(|| {
+            tokio::spawn(session::run(
+                link.clone(),
+                self.ctx.clone(),
+                self.buckets(&peer),
+                stop.clone(),
+            ))
+        });
         self.running.lock().expect("running lock poisoned").insert(
             name,
             Running {
@@ -317,6 +320,7 @@ impl Replication {
             enabled_at_unix: now_unix(),
             last_consistent_at_unix_ns: 0,
             synced: false,
+            paused: false,
         };
         ember_volume::fsutil::write_json_atomic(&self.config_path(&req.volume), &config)
             .map_err(|e| internal("persist replica config", e))?;
@@ -340,7 +344,9 @@ impl Replication {
             return Ok(false);
         };
         running.stop.cancel();
-        let _ = running.task.await;
+        if let Some(task) = running.task {
+            let _ = task.await;
+        }
         let cfg = running.link.config();
         running.link.volume.set_replication(None);
         // Waiters of held writes see their sender dropped and complete.
@@ -527,6 +533,48 @@ impl Replication {
         Ok(report)
     }
 
+    /// Pauses (`true`) or resumes shipping. While paused every write is
+    /// tracked in the change set; resuming sends exactly those blocks in
+    /// one atomic catch-up batch. Returns whether the state changed.
+    ///
+    /// # Errors
+    /// Not a primary replica here; persisting the config.
+    pub async fn set_paused(&self, volume: &str, paused: bool) -> Result<bool> {
+        let link = self.link(volume).ok_or_else(|| {
+            ReplError::NotFound(format!("volume {volume} is not a primary replica here"))
+        })?;
+        if link.config().paused == paused {
+            return Ok(false);
+        }
+        link.config.lock().expect("config lock poisoned").paused = paused;
+        link.persist()
+            .map_err(|e| internal("persist replica config", e))?;
+        if paused {
+            let (stop, task) = {
+                let mut running = self.running.lock().expect("running lock poisoned");
+                let r = running.get_mut(volume).expect("link exists");
+                let fresh = CancellationToken::new();
+                (std::mem::replace(&mut r.stop, fresh), r.task.take())
+            };
+            stop.cancel();
+            if let Some(task) = task {
+                let _ = task.await;
+            }
+            tracing::info!(volume, "replication paused by an admin; writes are tracked");
+        } else {
+            let mut running = self.running.lock().expect("running lock poisoned");
+            let r = running.get_mut(volume).expect("link exists");
+            r.task = Some(tokio::spawn(session::run(
+                link.clone(),
+                self.ctx.clone(),
+                self.buckets(&link.config().peer),
+                r.stop.clone(),
+            )));
+            tracing::info!(volume, "replication resumed");
+        }
+        Ok(true)
+    }
+
     /// Restarts a volume's session (it resumes from the change set).
     fn restart(&self, volume: &str) {
         let config = {
@@ -555,7 +603,9 @@ impl Replication {
             .collect();
         for r in running {
             r.stop.cancel();
-            let _ = r.task.await;
+            if let Some(task) = r.task {
+                let _ = task.await;
+            }
             if let Err(e) = r.link.persist() {
                 tracing::warn!(volume = %r.link.config().volume, error = %e, "cannot persist the replica config");
             }
@@ -589,6 +639,7 @@ fn primary_status(link: &ReplicaLink) -> ReplicaStatus {
     let (lag_seconds, lag_bytes) = link.lag();
     let phase = link.phase();
     let state = match phase {
+        _ if cfg.paused => "paused",
         Phase::InitialSync | Phase::CatchUp => "syncing",
         Phase::Streaming if cfg.mode == Mode::Async && lag_seconds >= 1.0 => "lagging",
         Phase::Streaming => "in-sync",

@@ -258,6 +258,8 @@ impl PeerRegistry {
             .http2_keep_alive_interval(Duration::from_secs(1))
             .keep_alive_timeout(Duration::from_secs(3))
             .keep_alive_while_idle(true)
+            .initial_stream_window_size(crate::listener::STREAM_WINDOW)
+            .initial_connection_window_size(crate::listener::CONNECTION_WINDOW)
             .tcp_nodelay(true);
         let endpoint = match request_timeout {
             Some(t) => endpoint.timeout(t),
@@ -275,7 +277,9 @@ impl PeerRegistry {
             tracing::warn!(peer = %site, %address, error = %reason, "cannot connect to peer");
             unreachable(reason)
         })?;
-        Ok(EmberPeerClient::new(channel))
+        Ok(EmberPeerClient::new(channel)
+            .max_decoding_message_size(crate::listener::MAX_MESSAGE)
+            .max_encoding_message_size(crate::listener::MAX_MESSAGE))
     }
 
     async fn hello(

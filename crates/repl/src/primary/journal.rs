@@ -207,6 +207,11 @@ impl Journal {
         n
     }
 
+    /// Bytes captured and not yet shipped.
+    pub(crate) fn unsent_bytes(&self) -> u64 {
+        self.bytes
+    }
+
     /// Lag: age of the oldest change not yet on the secondary, and the
     /// bytes written since (both 0 when caught up).
     pub(crate) fn lag(&self) -> (Duration, u64) {

@@ -12,6 +12,9 @@ use tokio::sync::Notify;
 
 use super::journal::{Journal, Op};
 
+/// Unsent journal bytes that wake the session before its next tick.
+const WAKE_BACKLOG: u64 = 4 << 20;
+
 /// Replication mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -98,6 +101,10 @@ pub(crate) struct ReplicaConfig {
     /// costs reads, not network).
     #[serde(default)]
     pub synced: bool,
+    /// An admin paused shipping (`replica pause`): writes are tracked in
+    /// the change set and sent on `resume`.
+    #[serde(default)]
+    pub paused: bool,
 }
 
 /// Where the session is.
@@ -276,8 +283,17 @@ impl ReplicationHook for ReplicaLink {
 
     fn completed(&self, change: Change, fua: bool) -> Option<AckWait> {
         let wait = self.waits();
-        let (_, rx) = self.journal().record(Op::Change(change), fua, wait);
-        self.wake.notify_one();
+        let (backlog, rx) = {
+            let mut j = self.journal();
+            let (_, rx) = j.record(Op::Change(change), fua, wait);
+            (j.unsent_bytes(), rx)
+        };
+        // Async writes do not wake the session one by one: it collects
+        // them on its own tick, so the writer's path stays a memcpy and a
+        // lock, and frames leave in batches.
+        if wait || backlog >= WAKE_BACKLOG {
+            self.wake.notify_one();
+        }
         rx.map(boxed)
     }
 

@@ -30,8 +30,10 @@ use crate::service::Identity;
 use crate::throttle::TokenBucket;
 use crate::version::ProtocolVersion;
 
-/// Largest data frame.
+/// Largest data frame of the journal stream.
 const PIECE: u64 = 1 << 20;
+/// Largest data frame of the initial sync (bulk: fewer, larger messages).
+const BULK_PIECE: u64 = 4 << 20;
 /// Initial sync persists its progress (resume point) every this many bytes.
 const GROUP: u64 = 64 << 20;
 /// Initial-sync passes stop once the change set is this small; the rest
@@ -45,6 +47,12 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(30);
 const BARRIER_EVERY: Duration = Duration::from_secs(1);
 /// Journal bytes shipped between checks for acknowledgements.
 const JOURNAL_TAKE: u64 = 4 << 20;
+/// Async streaming: a batch is committed at most this often, so the
+/// secondary's fsyncs stay few whatever the write rate; this bounds the
+/// extra lag batching adds.
+const COMMIT_INTERVAL: Duration = Duration::from_millis(20);
+/// Async streaming: the session collects journal entries this often.
+const TICK: Duration = Duration::from_millis(5);
 /// The persisted change set is rewritten at most this often in streaming.
 const PERSIST_EVERY: Duration = Duration::from_secs(1);
 
@@ -546,20 +554,39 @@ impl Session<'_> {
             }
             tracing::info!(volume = %self.name(), bytes = cp.dirty_bytes, fresh, "initial sync pass");
             self.start_resync(cp.dirty_bytes);
+            // Barriers are pipelined: group k+1 streams while the secondary
+            // makes group k durable; a group's range is cleared (the resume
+            // point) only once its barrier is acknowledged.
+            let mut in_flight: Option<(u64, u64, u64)> = None;
             for extent in &cp.extents {
                 let mut start = extent.offset;
                 while start < extent.end() {
                     let end = (start + GROUP).min(extent.end());
                     self.sync_group(start, end, fresh).await?;
+                    if let Some(prev) = in_flight.take() {
+                        self.finish_group(cp.id, prev).await?;
+                    }
                     let seq = self.barrier_frame(0, None).await?;
-                    self.wait_ack(seq).await?;
-                    self.tracker
-                        .consumer_clear(&self.consumer, cp.id, Some((start, end)), true)
-                        .map_err(tracking)?;
+                    in_flight = Some((seq, start, end));
                     start = end;
                 }
             }
+            if let Some(prev) = in_flight.take() {
+                self.finish_group(cp.id, prev).await?;
+            }
         }
+    }
+
+    async fn finish_group(
+        &mut self,
+        checkpoint: u64,
+        (seq, start, end): (u64, u64, u64),
+    ) -> Result<(), SessionError> {
+        self.wait_ack(seq).await?;
+        self.tracker
+            .consumer_clear(&self.consumer, checkpoint, Some((start, end)), true)
+            .map_err(tracking)?;
+        Ok(())
     }
 
     /// One group of the initial sync.
@@ -573,7 +600,7 @@ impl Session<'_> {
         let mut pos = start;
         while pos < end {
             self.check()?;
-            let piece_end = (pos + PIECE).min(end);
+            let piece_end = (pos + BULK_PIECE).min(end);
             let len = piece_end - pos;
             let in_hole = holes.iter().any(|&(s, e)| s <= pos && piece_end <= e);
             let data = if in_hole {
@@ -754,6 +781,7 @@ impl Session<'_> {
         let mut batch_open = true;
         let mut cut: Option<Cut> = None;
         let mut last_barrier = Instant::now();
+        let mut last_cut = Instant::now() - COMMIT_INTERVAL;
         let mut last_persist = Instant::now();
         loop {
             self.check()?;
@@ -805,7 +833,10 @@ impl Session<'_> {
                 self.scan_piece(offset, len).await?;
                 continue;
             }
-            if !direct && batch_open && cut.is_none() {
+            let due =
+                self.link.phase() != Phase::Streaming || last_cut.elapsed() >= COMMIT_INTERVAL;
+            if !direct && batch_open && cut.is_none() && due {
+                last_cut = Instant::now();
                 let (checkpoint, entries, journal_seq, at) = self.cut()?;
                 for e in entries {
                     self.ship(e, true).await?;
@@ -850,7 +881,7 @@ impl Session<'_> {
                     }
                 }
                 () = self.link.wake.notified() => {}
-                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                () = tokio::time::sleep(if direct { Duration::from_millis(50) } else { TICK }) => {}
                 () = self.stop.cancelled() => return Err(SessionError::Stopped),
             }
         }

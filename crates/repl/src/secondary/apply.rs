@@ -164,12 +164,16 @@ impl Stream {
             self.mark_unordered()?;
         }
         let len = w.data.len() as u64;
-        self.sv
-            .volume
-            .device()
+        let device = self.sv.volume.device();
+        device
             .write(w.offset, w.data, w.fua)
             .await
             .map_err(|e| storage_status("applying a write", &e))?;
+        if w.unordered {
+            // Bulk copy: start writeback now so the next barrier's fdatasync
+            // does not find the whole group still in the page cache.
+            device.start_writeback(w.offset, len);
+        }
         self.sv.applied_bytes.fetch_add(len, Ordering::Relaxed);
         if w.ack { self.ack(w.seq).await } else { Ok(()) }
     }

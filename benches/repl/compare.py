@@ -1,0 +1,319 @@
+#!/usr/bin/python3
+"""Replication benchmarks, each side by side with its peer in one run,
+reported as ratios (this machine is noisy; ratios travel, absolutes don't).
+
+  initial-sync  enable replication of a volume with 50 % allocated random
+                data (emberd: blake3/hole-skipping initial sync over mutual
+                TLS) vs nbdcopy between two qemu-nbd exports of the same
+                image (no TLS). Ratio = nbdcopy time / ember time.
+  latency       4 KiB QD1 random writes (fio, ioengine=nbd): p50/p99 with
+                replication off, async and sync, rounds interleaved; the
+                link RTT (median of pings) for the sync budget.
+  stream        sequential 1 MiB writes to an async volume: time until the
+                secondary has everything, vs the loopback TCP ceiling
+                (iperf3) and the disk write ceiling (fio to a file).
+  resync        change 1 % of a full volume while replication is paused,
+                resume, time to in-sync vs rsync --inplace --no-whole-file
+                --ignore-times on the image files.
+
+usage: benches/repl/compare.py [--quick] [--bin-dir DIR] [--only NAME,...]
+       [--sync-size 4G] [--resync-size 8G] [--rounds N]
+Needs: emberd and emberctl (cargo build --release --bins), qemu-utils,
+libnbd-bin, fio, rsync, iperf3.
+"""
+import argparse
+import json
+import os
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+MIB = 1 << 20
+
+
+def size_arg(s):
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(s[:-1]) * units[s[-1]] if s[-1] in units else int(s)
+
+
+def run(*cmd, check=True, capture=True):
+    r = subprocess.run(cmd, capture_output=capture, text=True)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {r.stderr}{r.stdout}")
+    return r.stdout
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class Lab:
+    def __init__(self, bins, tmp):
+        self.ctl_bin = os.path.join(bins, "emberctl")
+        self.dir = os.path.join(tmp, "lab")
+        run(self.ctl_bin, "lab", "up", "--dir", self.dir, "--detach", "--size", "16M")
+        with open(os.path.join(self.dir, "lab.json")) as f:
+            self.lab = json.load(f)
+
+    def api(self, site):
+        return self.lab["sites"][site]["api"]
+
+    def ctl(self, site, *args):
+        out = run(self.ctl_bin, "--api", self.api(site), "--json", *args)
+        return json.loads(out) if out.strip() else None
+
+    def uri(self, site, vol):
+        return f"nbd://{self.lab['sites'][site]['nbd']}/{vol}"
+
+    def data_file(self, site, vol):
+        return os.path.join(self.dir, site, "volumes", vol, "data.img")
+
+    def status(self, vol):
+        return self.ctl("site-a", "replica", "status", vol)
+
+    def wait_in_sync(self, vol, timeout=3600):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            s = self.status(vol)
+            if s["state"] == "in-sync" and s["lag_bytes"] == 0:
+                return s
+            time.sleep(0.02)
+        raise RuntimeError(f"{vol} not in sync: {s}")
+
+    def down(self):
+        run(self.ctl_bin, "lab", "down", "--dir", self.dir, check=False)
+
+
+def make_half_random(path, size, seed=1):
+    """A sparse image with a random half of its 1 MiB chunks random."""
+    rng = random.Random(seed)
+    chunks = size // MIB
+    chosen = sorted(rng.sample(range(chunks), chunks // 2))
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for c in chosen:
+            f.seek(c * MIB)
+            f.write(os.urandom(MIB))
+    return len(chosen) * MIB
+
+
+def qemu_nbd(path, port):
+    p = subprocess.Popen(
+        ["qemu-nbd", "-f", "raw", "--cache=writeback", "-p", str(port), "-b", "127.0.0.1",
+         "-t", path],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return p
+        except OSError:
+            time.sleep(0.05)
+    p.kill()
+    raise RuntimeError("qemu-nbd did not listen")
+
+
+def bench_initial_sync(lab, tmp, size, rounds):
+    src = os.path.join(tmp, "src.img")
+    allocated = make_half_random(src, size)
+    results = {"ember": [], "nbdcopy": []}
+    for r in range(rounds):
+        # Ember: fill a primary, time enable → in-sync.
+        vol = f"isync{r}"
+        lab.ctl("site-a", "volume", "create", vol, "--size", str(size))
+        run("nbdcopy", "--destination-is-zero", src, lab.uri("site-a", vol))
+        run("sync")
+        t0 = time.time()
+        lab.ctl("site-a", "replica", "enable", vol, "--peer", "site-b", "--mode", "async")
+        s = lab.wait_in_sync(vol)
+        results["ember"].append(time.time() - t0)
+        sent = s["resync_bytes_sent"]
+        lab.ctl("site-a", "replica", "disable", vol, "--delete-secondary")
+        lab.ctl("site-a", "volume", "delete", vol)
+        # Peer: nbdcopy between two qemu-nbd exports.
+        a = os.path.join(tmp, "a.img")
+        b = os.path.join(tmp, "b.img")
+        run("cp", "--sparse=always", src, a)
+        with open(b, "wb") as f:
+            f.truncate(size)
+        run("sync")
+        pa, pb = free_port(), free_port()
+        qa, qb = qemu_nbd(a, pa), qemu_nbd(b, pb)
+        try:
+            t0 = time.time()
+            # --flush: the copy ends durable, as ember's initial sync does.
+            run("nbdcopy", "--flush", f"nbd://127.0.0.1:{pa}", f"nbd://127.0.0.1:{pb}")
+            results["nbdcopy"].append(time.time() - t0)
+        finally:
+            qa.kill()
+            qb.kill()
+            qa.wait()
+            qb.wait()
+        run("cmp", src, b)
+        os.remove(a)
+        os.remove(b)
+    e, n = statistics.median(results["ember"]), statistics.median(results["nbdcopy"])
+    print(f"initial-sync {size >> 20} MiB ({allocated >> 20} MiB allocated random): "
+          f"ember {e:.2f} s (sent {sent >> 20} MiB)  nbdcopy {n:.2f} s  "
+          f"ratio nbdcopy/ember {n / e:.2f}x  (target >= 1.0x)")
+    return {"ember_s": e, "nbdcopy_s": n, "ratio": n / e}
+
+
+def fio_json(*args):
+    """Runs fio with JSON output to a file (fio prints notes on stdout)."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        run("fio", *args, "--output-format=json", f"--output={f.name}")
+        return json.load(open(f.name))
+
+
+def fio_lat(uri, runtime):
+    out = fio_json("--name=lat", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite",
+                   "--bs=4k", "--iodepth=1", "--size=256M", "--time_based",
+                   f"--runtime={runtime}", "--percentile_list=50:99")
+    job = out["jobs"][0]["write"]
+    pct = job["clat_ns"]["percentile"]
+    return pct["50.000000"] / 1000, pct["99.000000"] / 1000, job["iops"]
+
+
+def bench_latency(lab, rounds, runtime):
+    vols = {"off": "lat-off", "async": "lat-async", "sync": "lat-sync"}
+    for mode, vol in vols.items():
+        lab.ctl("site-a", "volume", "create", vol, "--size", "256M")
+        if mode != "off":
+            lab.ctl("site-a", "replica", "enable", vol, "--peer", "site-b", "--mode", mode)
+            lab.wait_in_sync(vol)
+    samples = {m: [] for m in vols}
+    rtts = []
+    for r in range(rounds):
+        order = list(vols) if r % 2 == 0 else list(reversed(vols))
+        for mode in order:
+            samples[mode].append(fio_lat(lab.uri("site-a", vols[mode]), runtime))
+        rtts.append(lab.ctl("site-a", "peer", "list")[0]["rtt_us"])
+    med = {m: (statistics.median(s[0] for s in v), statistics.median(s[1] for s in v))
+           for m, v in samples.items()}
+    rtt = statistics.median(rtts)
+    for m in vols:
+        print(f"latency 4k QD1 {m:>5}: p50 {med[m][0]:7.1f} us  p99 {med[m][1]:7.1f} us")
+    async_ratio = med["async"][0] / med["off"][0]
+    sync_add = med["sync"][0] - med["off"][0]
+    print(f"latency: async/off p50 {async_ratio:.3f}x (target <= 1.05x); sync adds "
+          f"{sync_add:.0f} us at p50 vs budget RTT {rtt} us + 100 us = {rtt + 100} us")
+    return {"median_us": med, "rtt_us": rtt, "async_ratio": async_ratio, "sync_add_us": sync_add}
+
+
+def bench_stream(lab, tmp, size):
+    vol = "stream"
+    lab.ctl("site-a", "volume", "create", vol, "--size", str(size))
+    lab.ctl("site-a", "replica", "enable", vol, "--peer", "site-b", "--mode", "async")
+    lab.wait_in_sync(vol)
+    t0 = time.time()
+    run("fio", "--name=s", "--ioengine=nbd", f"--uri={lab.uri('site-a', vol)}", "--rw=write",
+        "--bs=1m", "--iodepth=8", f"--size={size}", "--refill_buffers")
+    lab.wait_in_sync(vol)
+    stream = size / (time.time() - t0)
+    port = free_port()
+    server = subprocess.Popen(["iperf3", "-s", "-1", "-p", str(port), "-B", "127.0.0.1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    try:
+        out = json.loads(run("iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", "3", "-J"))
+        net = out["end"]["sum_received"]["bits_per_second"] / 8
+    finally:
+        server.wait(timeout=10)
+    target = os.path.join(tmp, "disk.img")
+    out = fio_json("--name=d", f"--filename={target}", "--rw=write", "--bs=1m",
+                   "--iodepth=8", f"--size={size}", "--end_fsync=1")
+    disk = out["jobs"][0]["write"]["bw_bytes"]
+    os.remove(target)
+    ceiling = min(net, disk)
+    print(f"stream: {stream / MIB:.0f} MiB/s to the secondary; ceilings: loopback TCP "
+          f"{net / MIB:.0f} MiB/s, disk {disk / MIB:.0f} MiB/s; ratio {stream / ceiling:.2f}x "
+          f"of the lower ceiling")
+    return {"stream_Bps": stream, "iperf3_Bps": net, "disk_Bps": disk, "ratio": stream / ceiling}
+
+
+def bench_resync(lab, tmp, size):
+    vol = "resync"
+    lab.ctl("site-a", "volume", "create", vol, "--size", str(size))
+    run("fio", "--name=fill", "--ioengine=nbd", f"--uri={lab.uri('site-a', vol)}",
+        "--rw=write", "--bs=1m", "--iodepth=8", f"--size={size}", "--refill_buffers")
+    lab.ctl("site-a", "replica", "enable", vol, "--peer", "site-b", "--mode", "async")
+    lab.wait_in_sync(vol)
+    old = os.path.join(tmp, "old.img")
+    run("cp", lab.data_file("site-b", vol), old)
+    before = lab.status(vol)["resync_bytes_sent"]
+    lab.ctl("site-a", "replica", "pause", vol)
+    rng = random.Random(5)
+    chunks = size // MIB
+    changed = sorted(rng.sample(range(chunks), max(1, chunks // 100)))
+    args = []
+    for c in changed:
+        args += ["-c", f"write -P {c % 250 + 1} {c * MIB} 1M"]
+    run("qemu-io", "-f", "raw", *args, lab.uri("site-a", vol))
+    run("sync")
+    t0 = time.time()
+    lab.ctl("site-a", "replica", "resume", vol)
+    s = lab.wait_in_sync(vol)
+    ember = time.time() - t0
+    resent = s["resync_bytes_sent"] - before
+    t0 = time.time()
+    run("rsync", "--inplace", "--no-whole-file", "--ignore-times",
+        lab.data_file("site-a", vol), old)
+    rsync = time.time() - t0
+    run("cmp", lab.data_file("site-a", vol), old)
+    os.remove(old)
+    print(f"resync after changing {len(changed)} MiB of {size >> 20} MiB: ember {ember:.2f} s "
+          f"(resent {resent >> 20} MiB)  rsync {rsync:.2f} s  ratio rsync/ember "
+          f"{rsync / ember:.1f}x  (target >= 30x)")
+    return {"ember_s": ember, "rsync_s": rsync, "resent": resent, "ratio": rsync / ember}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the script works")
+    ap.add_argument("--bin-dir", default=os.path.join(ROOT, "target", "release"))
+    ap.add_argument("--only", default="initial-sync,latency,stream,resync")
+    ap.add_argument("--sync-size", default="4G")
+    ap.add_argument("--stream-size", default="2G")
+    ap.add_argument("--resync-size", default="8G")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--runtime", type=int, default=5)
+    ap.add_argument("--dir", default=None, help="work dir (default: a temp dir)")
+    a = ap.parse_args()
+    if a.quick:
+        a.sync_size, a.stream_size, a.resync_size = "128M", "64M", "128M"
+        a.rounds, a.runtime = 1, 1
+    for tool in ["qemu-nbd", "qemu-io", "nbdcopy", "fio", "rsync", "iperf3"]:
+        if shutil.which(tool) is None:
+            sys.exit(f"missing tool: {tool}")
+    tmp = tempfile.mkdtemp(prefix="ember-repl-bench-", dir=a.dir)
+    lab = Lab(a.bin_dir, tmp)
+    results = {}
+    try:
+        only = a.only.split(",")
+        if "initial-sync" in only:
+            results["initial-sync"] = bench_initial_sync(lab, tmp, size_arg(a.sync_size), 1 if a.quick else 2)
+        if "latency" in only:
+            results["latency"] = bench_latency(lab, a.rounds, a.runtime)
+        if "stream" in only:
+            results["stream"] = bench_stream(lab, tmp, size_arg(a.stream_size))
+        if "resync" in only:
+            results["resync"] = bench_resync(lab, tmp, size_arg(a.resync_size))
+    finally:
+        lab.down()
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(json.dumps(results, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
