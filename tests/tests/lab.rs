@@ -59,6 +59,36 @@ fn lab_up_detached_writes_lab_json_pairs_sites_and_lab_down_stops_them() {
             uri,
         ],
     );
+    // The demo volume is replicated to site-b: once caught up, site-b's
+    // read-only export holds the same bytes.
+    assert_eq!(lab["volume"]["replication"]["mode"], "async");
+    let secondary = lab["volume"]["nbd_uri"]["site-b"]
+        .as_str()
+        .expect("site-b uri");
+    let api_a = lab["sites"]["site-a"]["api"].as_str().expect("api");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let s: serde_json::Value = serde_json::from_slice(
+            &run_ok(
+                ctl,
+                &["--api", api_a, "replica", "status", "demo", "--json"],
+            )
+            .stdout,
+        )
+        .expect("json");
+        if s["state"] == "in-sync" && s["lag_bytes"] == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "demo never caught up: {s}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    run_ok(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", uri, secondary],
+    );
 
     run_ok(
         ctl,
