@@ -3,7 +3,8 @@
 
 Writes sequence-stamped 4 KiB blocks at random block offsets, one at a time
 (each acknowledged before the next is issued, so the history is a total
-order), and appends "SEQ OFFSET" to HISTORY after every acknowledgement.
+order), and appends "SEQ OFFSET ACK_UNIX_NS" to HISTORY after every
+acknowledgement (the wall clock when the acknowledgement arrived).
 Stops after COUNT writes or when the server goes away.
 
 Block layout: seq (u64 LE), offset (u64 LE), then seq repeated 510 times.
@@ -13,6 +14,7 @@ usage: stamped_writer.py URI HISTORY BLOCKS COUNT SEED [fua]
 import random
 import struct
 import sys
+import time
 
 import nbd
 
@@ -35,7 +37,7 @@ def main():
             except Exception as e:  # the server died or the link was cut
                 print(f"stopped at seq {seq}: {e}", file=sys.stderr)
                 return
-            out.write(f"{seq} {off}\n")
+            out.write(f"{seq} {off} {time.time_ns()}\n")
     print(f"wrote {count} blocks", file=sys.stderr)
 
 

@@ -22,6 +22,9 @@ pub struct TwoSites {
     pub b: Agent,
     /// Between site-a and site-b's peer listener.
     pub proxy: FaultProxy,
+    /// Between site-b and site-a's peer listener (site-b pairs back, so
+    /// that after a promotion it can replicate to site-a).
+    pub proxy_back: FaultProxy,
 }
 
 fn pki(dir: &Path) {
@@ -81,7 +84,35 @@ impl TwoSites {
         ];
         args.extend_from_slice(peer_flags);
         a.ctl_json(&args);
-        Self { dir, a, b, proxy }
+        let proxy_back = FaultProxy::start(format!("127.0.0.1:{pa}").parse().expect("addr"));
+        let back = proxy_back.addr.to_string();
+        b.ctl_json(&[
+            "peer",
+            "add",
+            "site-a",
+            "--address",
+            &back,
+            "--measure",
+            "1M",
+        ]);
+        Self {
+            dir,
+            a,
+            b,
+            proxy,
+            proxy_back,
+        }
+    }
+
+    /// Cuts (or restores) the link both ways.
+    pub fn cut_both(&self, cut: bool) {
+        for p in [&self.proxy, &self.proxy_back] {
+            if cut {
+                p.cut();
+            } else {
+                p.restore();
+            }
+        }
     }
 
     /// `replica status` on site-a.
@@ -173,12 +204,25 @@ pub fn stamped_writer(uri: &str, history: &Path, blocks: u64, count: u64, fua: b
 
 /// Reads the writer's history: (seq, offset) in order.
 pub fn read_history(path: &Path) -> Vec<(u64, u64)> {
+    read_timed_history(path)
+        .into_iter()
+        .map(|(seq, off, _)| (seq, off))
+        .collect()
+}
+
+/// Reads the writer's history with acknowledgement times:
+/// (seq, offset, unix ns) in order.
+pub fn read_timed_history(path: &Path) -> Vec<(u64, u64, i64)> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
         .filter_map(|l| {
             let mut it = l.split_whitespace();
-            Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+            Some((
+                it.next()?.parse().ok()?,
+                it.next()?.parse().ok()?,
+                it.next()?.parse().ok()?,
+            ))
         })
         .collect()
 }

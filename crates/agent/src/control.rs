@@ -87,6 +87,8 @@ fn replication_pb(s: ember_repl::ReplicaStatus) -> pb::ReplicationStatus {
         rpo_seconds: s.rpo_seconds,
         on_peer_loss: s.on_peer_loss.into(),
         last_error: s.last_error,
+        generation: s.generation,
+        recovery_point_unix_ns: s.recovery_point_unix_ns,
     }
 }
 
@@ -396,6 +398,48 @@ impl EmberControl for ControlService {
             .await
             .map_err(repl_status)?;
         Ok(Response::new(pb::SetReplicationPausedResponse { changed }))
+    }
+
+    #[tracing::instrument(skip_all, fields(volume_id = %request.get_ref().volume, force = request.get_ref().force))]
+    async fn promote_replica(
+        &self,
+        request: Request<pb::PromoteReplicaRequest>,
+    ) -> Result<Response<pb::PromoteReplicaResponse>, Status> {
+        let req = request.into_inner();
+        ember_volume::parse_volume(&req.volume)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let report = self
+            .replication
+            .promote(&req.volume, req.force)
+            .await
+            .map_err(repl_status)?;
+        let status = self.replication.status(&req.volume).map_err(repl_status)?;
+        Ok(Response::new(pb::PromoteReplicaResponse {
+            status: Some(replication_pb(status)),
+            forced: report.forced,
+            recovery_point_unix_ns: report.recovery_point_unix_ns,
+            already_primary: report.already_primary,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(volume_id = %request.get_ref().volume, discard_local = request.get_ref().discard_local))]
+    async fn demote_replica(
+        &self,
+        request: Request<pb::DemoteReplicaRequest>,
+    ) -> Result<Response<pb::DemoteReplicaResponse>, Status> {
+        let req = request.into_inner();
+        ember_volume::parse_volume(&req.volume)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let discarded_bytes = self
+            .replication
+            .demote(&req.volume, req.discard_local)
+            .await
+            .map_err(repl_status)?;
+        let status = self.replication.status(&req.volume).map_err(repl_status)?;
+        Ok(Response::new(pb::DemoteReplicaResponse {
+            status: Some(replication_pb(status)),
+            discarded_bytes,
+        }))
     }
 
     #[tracing::instrument(skip_all, fields(volume_id = %request.get_ref().volume))]

@@ -157,7 +157,7 @@ pub async fn run(
         peer_task = Some(tokio::spawn(ember_repl::serve_peers(
             listener,
             server_tls,
-            ember_repl::PeerService::with_secondaries(identity, secondaries.clone()),
+            ember_repl::PeerService::with_replication(identity, replication.clone()),
             cancel.child_token(),
         )));
     }

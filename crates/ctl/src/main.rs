@@ -2,6 +2,7 @@
 //! default and `--json` for scripts, plus `lab` to run a local lab.
 
 mod client;
+mod failover;
 mod lab;
 mod output;
 mod pki;

@@ -1,4 +1,5 @@
-//! `emberctl replica …`: enable, disable, status (once or live), list, verify.
+//! `emberctl replica …`: enable, disable, status (once or live), list, verify;
+//! promote and demote live in [`crate::failover`].
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -51,6 +52,23 @@ pub(crate) enum ReplicaCmd {
     Pause { volume: String },
     /// Ship again: exactly the blocks written while paused, atomically.
     Resume { volume: String },
+    /// Promote the secondary held here. Planned: the primary drains to lag
+    /// 0 and becomes this site's secondary (zero loss, no resync).
+    Promote {
+        volume: String,
+        /// The primary is gone: come up on the last consistent image and
+        /// report the recovery point (writes after it are lost).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Demote the primary held here: a planned switchover to the peer.
+    Demote {
+        volume: String,
+        /// This site lost a split-brain (or gives up its unreplicated
+        /// writes): follow the peer now; its changes here are overwritten.
+        #[arg(long)]
+        discard_local: bool,
+    },
     /// Compare both sides by blake3 and list ranges that differ.
     Verify {
         volume: String,
@@ -82,6 +100,9 @@ pub(crate) fn status_json(s: &pb::ReplicationStatus) -> Value {
         "bytes_shipped": s.bytes_shipped, "frames_rejected": s.frames_rejected,
         "sessions": s.sessions, "rpo_seconds": s.rpo_seconds,
         "on_peer_loss": s.on_peer_loss, "last_error": s.last_error,
+        "generation": s.generation,
+        "recovery_point": rfc3339(s.recovery_point_unix_ns),
+        "recovery_point_unix_ns": s.recovery_point_unix_ns,
     })
 }
 
@@ -148,6 +169,13 @@ fn detail(s: &pb::ReplicationStatus) {
             s.sessions,
             s.rpo_seconds,
             s.on_peer_loss
+        );
+    }
+    println!("generation {}", s.generation);
+    if s.recovery_point_unix_ns > 0 {
+        println!(
+            "force-promoted: came up on the image of {} (writes after it were lost)",
+            since(s.recovery_point_unix_ns)
         );
     }
     if !s.last_error.is_empty() {
@@ -263,6 +291,13 @@ pub(crate) async fn run(
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         },
+        ReplicaCmd::Promote { volume, force } => {
+            crate::failover::promote(api, out, volume, force).await?;
+        }
+        ReplicaCmd::Demote {
+            volume,
+            discard_local,
+        } => crate::failover::demote(api, out, volume, discard_local).await?,
         ReplicaCmd::Pause { volume } => set_paused(api, out, volume, true).await?,
         ReplicaCmd::Resume { volume } => set_paused(api, out, volume, false).await?,
         ReplicaCmd::List => {

@@ -12,7 +12,9 @@
 //!   initial sync, catch-up, verify) and [`SecondarySet`], the volumes it
 //!   holds for its peers (staging log, atomic batches).
 
+mod audit;
 mod error;
+mod fencing;
 mod frame;
 mod hashes;
 mod listener;
@@ -28,7 +30,8 @@ mod version;
 pub use error::{ReplError, Result};
 pub use listener::serve_peers;
 pub use manager::{
-    DEFAULT_JOURNAL_BYTES, EnableRequest, Mismatch, ReplicaStatus, Replication, VerifyReport,
+    DEFAULT_JOURNAL_BYTES, EnableRequest, Mismatch, PromoteReport, ReplicaStatus, Replication,
+    VerifyReport,
 };
 pub use primary::link::{Mode, PeerLossPolicy};
 pub use registry::{LinkMeasurement, LinkRates, PeerInfo, PeerRegistry, PeerState};

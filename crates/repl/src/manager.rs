@@ -13,7 +13,12 @@ use ember_volume::VolumeStore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+mod roles;
+
+pub use roles::PromoteReport;
+
 use crate::PeerRegistry;
+use crate::audit::AuditLog;
 use crate::error::{ReplError, Result};
 use crate::hashes;
 use crate::primary::link::{
@@ -87,6 +92,11 @@ pub struct ReplicaStatus {
     pub on_peer_loss: &'static str,
     /// Why the link is down, if it is.
     pub last_error: String,
+    /// Fencing generation (bumped by every promotion).
+    pub generation: u64,
+    /// After a forced promotion: the old primary's time of the image this
+    /// primary came up on (unix ns): writes after it were lost. 0 otherwise.
+    pub recovery_point_unix_ns: i64,
 }
 
 /// One mismatching range found by verify.
@@ -128,6 +138,7 @@ pub struct Replication {
     running: Mutex<HashMap<String, Running>>,
     buckets: Mutex<HashMap<String, Arc<LinkBuckets>>>,
     journal_bytes: u64,
+    audit: AuditLog,
 }
 
 impl std::fmt::Debug for Running {
@@ -167,6 +178,7 @@ impl Replication {
             running: Mutex::new(HashMap::new()),
             buckets: Mutex::new(HashMap::new()),
             journal_bytes: DEFAULT_JOURNAL_BYTES,
+            audit: AuditLog::new(&data_dir.join("replicas")),
         };
         for entry in std::fs::read_dir(&dir).map_err(|e| internal("read replicas dir", e))? {
             let path = entry.map_err(|e| internal("read replicas dir", e))?.path();
@@ -180,7 +192,15 @@ impl Replication {
                 let _ = std::fs::remove_file(&path);
                 continue;
             }
-            this.start(config)?;
+            if this.secondaries.get(&config.volume).is_some() {
+                // A role change was cut short between writing the new role
+                // and removing the old: the secondary role wins (it refuses
+                // writes); the admin re-runs the promotion.
+                tracing::warn!(volume = %config.volume, "volume is both primary and secondary on disk; keeping it a secondary");
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
+            this.start(config, true)?;
         }
         Ok(this)
     }
@@ -208,7 +228,10 @@ impl Replication {
             .clone()
     }
 
-    fn start(&self, config: ReplicaConfig) -> Result<Arc<ReplicaLink>> {
+    /// Starts the link of `config`. `all_dirty`: a new change set starts
+    /// with every block dirty (a new replica); otherwise clean (a promotion:
+    /// both sides hold the same image, or the peer reports what differs).
+    fn start(&self, config: ReplicaConfig, all_dirty: bool) -> Result<Arc<ReplicaLink>> {
         let volume = self
             .store
             .export(&config.volume)
@@ -220,7 +243,7 @@ impl Replication {
         })?;
         let dir = self.store_tracking_dir(&config.volume);
         tracker
-            .add_consumer(&dir, &consumer_name(&config.peer), true)
+            .add_consumer(&dir, &consumer_name(&config.peer), all_dirty)
             .map_err(|e| internal("create the replica's change set", e))?;
         let name = config.volume.clone();
         let peer = config.peer.clone();
@@ -321,10 +344,15 @@ impl Replication {
             last_consistent_at_unix_ns: 0,
             synced: false,
             paused: false,
+            generation: 1,
+            fenced: false,
+            split_brain: false,
+            wrote_disconnected: false,
+            recovery_point_unix_ns: 0,
         };
         ember_volume::fsutil::write_json_atomic(&self.config_path(&req.volume), &config)
             .map_err(|e| internal("persist replica config", e))?;
-        self.start(config)?;
+        self.start(config, true)?;
         tracing::info!(volume = %req.volume, peer = %req.peer, mode = req.mode.as_str(), "replication enabled");
         Ok((self.status(&req.volume)?, true))
     }
@@ -417,6 +445,8 @@ impl Replication {
                 rpo_seconds: 0,
                 on_peer_loss: "",
                 last_error: String::new(),
+                generation: s.generation,
+                recovery_point_unix_ns: 0,
             });
         }
         if self.store.export(volume).is_none() {
@@ -587,7 +617,7 @@ impl Replication {
             r.link.journal().release_waiters();
             r.link.config()
         };
-        if let Err(e) = self.start(config) {
+        if let Err(e) = self.start(config, false) {
             tracing::error!(volume, error = %e, "cannot restart replication");
         }
     }
@@ -646,6 +676,13 @@ fn primary_status(link: &ReplicaLink) -> ReplicaStatus {
         Phase::Disconnected if cfg.mode == Mode::Sync => "degraded",
         Phase::Disconnected => "disconnected",
     };
+    let state = if cfg.split_brain || link.peer_split_brain.load(Ordering::SeqCst) {
+        "split-brain"
+    } else if cfg.fenced {
+        "fenced"
+    } else {
+        state
+    };
     let s = &link.stats;
     let remaining = if matches!(phase, Phase::InitialSync | Phase::CatchUp) {
         s.resync_remaining_bytes.load(Ordering::Relaxed)
@@ -687,5 +724,7 @@ fn primary_status(link: &ReplicaLink) -> ReplicaStatus {
         rpo_seconds: cfg.rpo_seconds,
         on_peer_loss: cfg.on_peer_loss.as_str(),
         last_error: link.last_error.lock().expect("error lock poisoned").clone(),
+        generation: cfg.generation,
+        recovery_point_unix_ns: cfg.recovery_point_unix_ns,
     }
 }

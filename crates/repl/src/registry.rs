@@ -225,6 +225,23 @@ impl PeerRegistry {
         Ok((client, record.protocol_version, record.rates))
     }
 
+    /// A client for one-off calls to `site` (60 s per request) and the
+    /// site's backend id and negotiated protocol version.
+    pub(crate) async fn call_client(
+        &self,
+        site: &str,
+    ) -> Result<(EmberPeerClient<Channel>, String, u32)> {
+        let record = self
+            .peers
+            .lock()
+            .await
+            .get(site)
+            .cloned()
+            .ok_or_else(|| ReplError::NotFound(format!("site {site} is not paired")))?;
+        let client = self.connect(site, &record.address).await?;
+        Ok((client, record.backend_id, record.protocol_version))
+    }
+
     /// The paired peer `site`: its negotiated protocol version and rates.
     pub(crate) async fn peer(&self, site: &str) -> Option<(u32, LinkRates)> {
         self.peers

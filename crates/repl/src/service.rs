@@ -8,7 +8,9 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::fencing;
 use crate::hashes;
+use crate::manager::Replication;
 use crate::secondary::{SecondarySet, run_stream};
 use crate::version::ProtocolVersion;
 
@@ -40,6 +42,7 @@ impl Identity {
 pub struct PeerService {
     identity: Identity,
     secondaries: Option<Arc<SecondarySet>>,
+    replication: Option<Arc<Replication>>,
 }
 
 impl PeerService {
@@ -48,15 +51,24 @@ impl PeerService {
         Self {
             identity,
             secondaries: None,
+            replication: None,
         }
     }
 
-    /// A service that also holds secondaries for its peers.
-    pub fn with_secondaries(identity: Identity, secondaries: Arc<SecondarySet>) -> Self {
+    /// A service that replicates: it holds secondaries for its peers and
+    /// takes part in role changes (promotion, demotion, fencing).
+    pub fn with_replication(identity: Identity, replication: Arc<Replication>) -> Self {
         Self {
             identity,
-            secondaries: Some(secondaries),
+            secondaries: Some(replication.secondaries().clone()),
+            replication: Some(replication),
         }
+    }
+
+    fn replication(&self) -> Result<&Arc<Replication>, Status> {
+        self.replication
+            .as_ref()
+            .ok_or_else(|| Status::unimplemented("this agent does not replicate"))
     }
 
     fn secondaries(&self) -> Result<&Arc<SecondarySet>, Status> {
@@ -137,7 +149,36 @@ impl EmberPeer for PeerService {
         if req.size_bytes == 0 {
             return Err(Status::invalid_argument("size_bytes must be positive"));
         }
-        Ok(Response::new(self.secondaries()?.open_replica(req).await?))
+        Ok(Response::new(
+            self.replication()?.open_replica_for_peer(req).await?,
+        ))
+    }
+
+    async fn demote(
+        &self,
+        request: Request<pb::DemoteRequest>,
+    ) -> Result<Response<pb::DemoteResponse>, Status> {
+        let req = request.into_inner();
+        ember_volume::parse_volume(&req.volume)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if req.generation == 0 {
+            return Err(Status::invalid_argument("generation must be positive"));
+        }
+        Ok(Response::new(
+            self.replication()?.demote_for_peer(req).await?,
+        ))
+    }
+
+    async fn promote(
+        &self,
+        request: Request<pb::PeerPromoteRequest>,
+    ) -> Result<Response<pb::PeerPromoteResponse>, Status> {
+        let req = request.into_inner();
+        ember_volume::parse_volume(&req.volume)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(
+            self.replication()?.promote_for_peer(req).await?,
+        ))
     }
 
     async fn close_replica(
@@ -193,6 +234,17 @@ impl EmberPeer for PeerService {
                 "secondary {} is detached; enable replication again to reattach it",
                 open.volume
             )));
+        }
+        let rec = sv.record();
+        if open.generation.max(1) < rec.generation {
+            return Err(fencing::stale_generation(
+                &open.volume,
+                open.generation,
+                rec.generation,
+            ));
+        }
+        if open.generation > rec.generation {
+            sv.update(|r| r.generation = open.generation)?;
         }
         let size = ember_nbd::Export::size(sv.volume.as_ref());
         if open.size_bytes != size {

@@ -8,15 +8,19 @@ pub enum ProtocolVersion {
     V1 = 1,
     /// Replication: OpenReplica, CloseReplica, ReadHashes, Replicate.
     V2 = 2,
+    /// Failover: generations (fencing), Demote, Promote, divergent ranges.
+    V3 = 3,
 }
 
 impl ProtocolVersion {
     /// The newest version this build speaks.
-    pub const CURRENT: Self = Self::V2;
+    pub const CURRENT: Self = Self::V3;
     /// Every version this build can speak, oldest first.
-    pub const SUPPORTED: &'static [u32] = &[1, 2];
+    pub const SUPPORTED: &'static [u32] = &[1, 2, 3];
     /// The oldest version that can replicate.
     pub const REPLICATION: u32 = 2;
+    /// The oldest version that can promote and demote.
+    pub const FAILOVER: u32 = 3;
 
     /// The highest version both sides support.
     pub fn negotiate(theirs: &[u32]) -> Option<u32> {
@@ -36,7 +40,8 @@ mod tests {
     fn picks_the_highest_common_version_or_none() {
         assert_eq!(ProtocolVersion::negotiate(&[1, 7]), Some(1));
         assert_eq!(ProtocolVersion::negotiate(&[1, 2]), Some(2));
-        assert_eq!(ProtocolVersion::negotiate(&[3, 4]), None);
+        assert_eq!(ProtocolVersion::negotiate(&[2, 3, 4]), Some(3));
+        assert_eq!(ProtocolVersion::negotiate(&[4, 5]), None);
         assert_eq!(ProtocolVersion::negotiate(&[]), None);
     }
 }

@@ -2,7 +2,7 @@
 //! volume's replication hook (every completed write enters the journal)
 //! and the state its session task and the status API share.
 
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
@@ -105,6 +105,32 @@ pub(crate) struct ReplicaConfig {
     /// the change set and sent on `resume`.
     #[serde(default)]
     pub paused: bool,
+    /// Fencing generation: bumped by every promotion. A peer at a newer
+    /// generation refuses this primary.
+    #[serde(default = "first_generation")]
+    pub generation: u64,
+    /// A peer answered with a newer generation: this site was promoted
+    /// past and refuses writes until demoted.
+    #[serde(default)]
+    pub fenced: bool,
+    /// Both sides took writes as primary since they split; writes are
+    /// refused until an admin names the loser.
+    #[serde(default)]
+    pub split_brain: bool,
+    /// A write completed while no session was connected: the secondary may
+    /// lack acknowledged writes, so a promotion of it means split-brain.
+    /// Cleared once a catch-up brings the secondary up to date.
+    #[serde(default)]
+    pub wrote_disconnected: bool,
+    /// A forced promotion brought this primary up on the secondary's last
+    /// consistent image taken at this time (primary clock, unix ns; 0 =
+    /// not force-promoted): the data-loss window ends here.
+    #[serde(default)]
+    pub recovery_point_unix_ns: i64,
+}
+
+fn first_generation() -> u64 {
+    1
 }
 
 /// Where the session is.
@@ -168,6 +194,11 @@ pub(crate) struct ReplicaLink {
     pub(crate) last_error: Mutex<String>,
     /// Counters.
     pub(crate) stats: LinkStats,
+    /// Client writes are refused: fenced, in split-brain, or draining for a
+    /// planned switchover.
+    writes_refused: AtomicBool,
+    /// The peer reported split-brain (it holds writes we lack).
+    pub(crate) peer_split_brain: AtomicBool,
 }
 
 impl ReplicaLink {
@@ -177,6 +208,7 @@ impl ReplicaLink {
         config_path: std::path::PathBuf,
         journal_bytes: u64,
     ) -> Self {
+        let refused = config.fenced || config.split_brain;
         Self {
             volume,
             config_path,
@@ -187,6 +219,52 @@ impl ReplicaLink {
             resync_started: Mutex::new(None),
             last_error: Mutex::new(String::new()),
             stats: LinkStats::default(),
+            writes_refused: AtomicBool::new(refused),
+            peer_split_brain: AtomicBool::new(false),
+        }
+    }
+
+    /// Refuses (or serves again) client writes. Writes already past the
+    /// check complete and are replicated as usual.
+    pub(crate) fn refuse_writes(&self, refuse: bool) {
+        self.writes_refused.store(refuse, Ordering::SeqCst);
+    }
+
+    /// Changes and persists the configuration.
+    pub(crate) fn update(&self, f: impl FnOnce(&mut ReplicaConfig)) -> Result<(), String> {
+        {
+            let mut cfg = self.config.lock().expect("config lock poisoned");
+            let before = cfg.clone();
+            f(&mut cfg);
+            if *cfg == before {
+                return Ok(());
+            }
+        }
+        self.persist()
+    }
+
+    /// A peer holds the volume at a newer generation: stop acting as primary.
+    pub(crate) fn fence(&self, their_generation: u64) {
+        self.refuse_writes(true);
+        if let Err(e) = self.update(|c| c.fenced = true) {
+            tracing::error!(volume = %self.config().volume, error = %e, "cannot persist the fence");
+        }
+        tracing::warn!(volume = %self.config().volume, their_generation, "fenced: the peer was promoted past this primary; writes refused until it demotes this site");
+    }
+
+    /// Records a write that completed with no session connected (persisted
+    /// before the write is acknowledged: it decides split-brain later).
+    fn note_disconnected_write(&self) {
+        if self
+            .config
+            .lock()
+            .expect("config lock poisoned")
+            .wrote_disconnected
+        {
+            return;
+        }
+        if let Err(e) = self.update(|c| c.wrote_disconnected = true) {
+            tracing::error!(volume = %self.config().volume, error = %e, "cannot persist a disconnected write");
         }
     }
 
@@ -225,16 +303,13 @@ impl ReplicaLink {
         ember_volume::fsutil::write_json_atomic(&self.config_path, &cfg).map_err(|e| e.to_string())
     }
 
-    /// Records that the first full sync finished.
+    /// Records that the secondary caught up: the first full sync is done
+    /// and it holds every write, including those taken while disconnected.
     pub(crate) fn mark_synced(&self) -> Result<(), String> {
-        {
-            let mut cfg = self.config.lock().expect("config lock poisoned");
-            if cfg.synced {
-                return Ok(());
-            }
-            cfg.synced = true;
-        }
-        self.persist()
+        self.update(|c| {
+            c.synced = true;
+            c.wrote_disconnected = false;
+        })
     }
 
     /// Records the secondary's new consistent point.
@@ -274,7 +349,7 @@ fn boxed(rx: tokio::sync::oneshot::Receiver<()>) -> AckWait {
 
 impl ReplicationHook for ReplicaLink {
     fn refuses_writes(&self) -> bool {
-        false
+        self.writes_refused.load(Ordering::SeqCst)
     }
 
     fn wants_changes(&self) -> bool {
@@ -282,6 +357,9 @@ impl ReplicationHook for ReplicaLink {
     }
 
     fn completed(&self, change: Change, fua: bool) -> Option<AckWait> {
+        if self.phase() == Phase::Disconnected {
+            self.note_disconnected_write();
+        }
         let wait = self.waits();
         let (backlog, rx) = {
             let mut j = self.journal();

@@ -24,27 +24,26 @@ use super::journal::{Entry, Op};
 use super::link::{Mode, PeerLossPolicy, Phase, ReplicaLink, now_unix_ns};
 use crate::PeerRegistry;
 use crate::error::ReplError;
+use crate::fencing::{self, Refusal};
 use crate::frame;
 use crate::hashes::{self, Hash};
 use crate::service::Identity;
 use crate::throttle::TokenBucket;
 use crate::version::ProtocolVersion;
 
+mod initial_sync;
+
 /// Largest data frame of the journal stream.
 const PIECE: u64 = 1 << 20;
-/// Largest data frame of the initial sync (bulk: fewer, larger messages).
-const BULK_PIECE: u64 = 4 << 20;
-/// Initial sync persists its progress (resume point) every this many bytes.
-const GROUP: u64 = 64 << 20;
-/// Initial-sync passes stop once the change set is this small; the rest
-/// goes in the atomic catch-up batch that makes the secondary consistent.
-const FINAL_ROUND_BYTES: u64 = 64 << 20;
 /// Initial sync compares blake3 per block of this size.
 const HASH_BLOCK: u64 = 64 << 10;
 /// A commit or barrier not acknowledged within this long ends the session.
 const ACK_TIMEOUT: Duration = Duration::from_secs(30);
 /// Sync mode: a barrier (durability and bitmap clearing) this often.
 const BARRIER_EVERY: Duration = Duration::from_secs(1);
+/// A frame batch leaves once it holds this much data or this many frames.
+const OUTBOX_BYTES: u64 = 1 << 20;
+const OUTBOX_FRAMES: usize = 1024;
 /// Journal bytes shipped between checks for acknowledgements.
 const JOURNAL_TAKE: u64 = 4 << 20;
 /// Async streaming: a batch is committed at most this often, so the
@@ -90,6 +89,14 @@ pub(crate) enum SessionError {
     Local(String),
     #[error("stopped")]
     Stopped,
+    #[error(
+        "fenced: the peer holds this volume at generation {0} (it was promoted); this site refuses writes until demoted"
+    )]
+    Fenced(u64),
+    #[error(
+        "split-brain: both sites took writes as primary since they split; an admin must name the loser (emberctl replica demote VOL --discard-local)"
+    )]
+    SplitBrain,
 }
 
 fn tracking(e: TrackingError) -> SessionError {
@@ -125,6 +132,11 @@ struct Session<'a> {
     /// injected fault is one refusal and one retry.
     corrupted: bool,
     stop: &'a CancellationToken,
+    /// The peer understands frame batches.
+    batching: bool,
+    /// Staged frames not sent yet (see [`Session::send`]).
+    outbox: Vec<pb::ReplFrame>,
+    outbox_bytes: u64,
 }
 
 /// Runs sessions for `link` until `stop` is cancelled.
@@ -197,19 +209,48 @@ async fn session(
             mode: cfg.mode.as_str().into(),
             primary_site: ctx.identity.site.clone(),
             primary_backend_id: ctx.identity.backend_id.clone(),
+            generation: cfg.generation,
         })
         .await
-        .map_err(|status| SessionError::Peer {
-            call: "OpenReplica",
-            status,
+        .map_err(|status| match fencing::refusal(&status) {
+            Some(Refusal::StaleGeneration { generation }) => {
+                link.fence(generation);
+                SessionError::Fenced(generation)
+            }
+            Some(Refusal::SplitBrain) => {
+                link.peer_split_brain.store(true, Ordering::SeqCst);
+                SessionError::SplitBrain
+            }
+            None => SessionError::Peer {
+                call: "OpenReplica",
+                status,
+            },
         })?
         .into_inner();
+    link.peer_split_brain.store(false, Ordering::SeqCst);
+    let generation = adopt_peer_verdict(link, &opened)?;
+    if !opened.divergent.is_empty() {
+        let extents: Vec<Extent> = opened
+            .divergent
+            .iter()
+            .map(|r| Extent {
+                offset: r.offset,
+                length: r.length,
+            })
+            .collect();
+        let bytes: u64 = extents.iter().map(|e| e.length).sum();
+        tracing::info!(volume = %cfg.volume, peer = %cfg.peer, bytes, "failback: adding the peer's divergent blocks to the change set");
+        tracker
+            .consumer_mark(&link.consumer(), &extents)
+            .map_err(tracking)?;
+    }
     let state = opened.state.unwrap_or_default();
     let (tx, rx) = mpsc::channel(16);
     tx.send(pb::ReplFrame {
         kind: Some(Kind::Open(pb::StreamOpen {
             volume: cfg.volume.clone(),
             size_bytes: size,
+            generation,
         })),
     })
     .await
@@ -248,11 +289,41 @@ async fn session(
         next_seq: 0,
         corrupted: false,
         stop,
+        batching: version >= ProtocolVersion::FAILOVER,
+        outbox: Vec::new(),
+        outbox_bytes: 0,
     };
     if !state.consistent || !cfg.synced {
         s.initial_sync(opened.created).await?;
     }
     s.stream().await
+}
+
+/// The peer accepted this site as primary. If it was a split-brain loser
+/// that yielded at a higher generation, move past it; if this site was
+/// fenced, the peer's acceptance lifts the fence. Returns the generation to
+/// stream at.
+fn adopt_peer_verdict(
+    link: &ReplicaLink,
+    opened: &pb::OpenReplicaResponse,
+) -> Result<u64, SessionError> {
+    let cfg = link.config();
+    let generation = if opened.prior_generation > cfg.generation {
+        opened.prior_generation + 1
+    } else {
+        cfg.generation
+    };
+    if generation != cfg.generation || cfg.fenced || cfg.split_brain {
+        link.update(|c| {
+            c.generation = generation;
+            c.fenced = false;
+            c.split_brain = false;
+        })
+        .map_err(SessionError::Local)?;
+        link.refuse_writes(false);
+        tracing::warn!(volume = %cfg.volume, peer = %cfg.peer, generation, "the peer accepted this site as primary: fence lifted");
+    }
+    Ok(generation)
 }
 
 /// Reads acknowledgements: releases sync-mode waiters directly (no hop
@@ -337,7 +408,37 @@ impl Session<'_> {
         }
     }
 
+    /// Sends a frame. Staged write and zero frames gather in the outbox
+    /// (peers of protocol 3 and later) and leave as one batch message when
+    /// it is full or before any other frame, so order is kept.
     async fn send(&mut self, kind: Kind) -> Result<(), SessionError> {
+        let staged = match &kind {
+            Kind::Write(w) => w.staged.then_some(w.data.len() as u64),
+            Kind::Zero(z) => z.staged.then_some(0),
+            _ => None,
+        };
+        if let (Some(bytes), true) = (staged, self.batching) {
+            self.outbox.push(pb::ReplFrame { kind: Some(kind) });
+            self.outbox_bytes += bytes;
+            if self.outbox_bytes >= OUTBOX_BYTES || self.outbox.len() >= OUTBOX_FRAMES {
+                self.flush_outbox().await?;
+            }
+            return Ok(());
+        }
+        self.flush_outbox().await?;
+        self.send_now(kind).await
+    }
+
+    async fn flush_outbox(&mut self) -> Result<(), SessionError> {
+        if self.outbox.is_empty() {
+            return Ok(());
+        }
+        self.outbox_bytes = 0;
+        let frames = std::mem::take(&mut self.outbox);
+        self.send_now(Kind::Batch(pb::FrameBatch { frames })).await
+    }
+
+    async fn send_now(&mut self, kind: Kind) -> Result<(), SessionError> {
         if self
             .tx
             .send(pb::ReplFrame { kind: Some(kind) })
@@ -538,137 +639,6 @@ impl Session<'_> {
         s.resync_bytes_sent.fetch_add(sent, Ordering::Relaxed);
     }
 
-    /// Copies the change set to a secondary that is not consistent (new,
-    /// or an interrupted earlier sync): unordered direct frames, skipping
-    /// holes and blocks whose blake3 already matches, persisting progress
-    /// every [`GROUP`] so an interruption resumes where it stopped.
-    async fn initial_sync(&mut self, fresh: bool) -> Result<(), SessionError> {
-        self.link.set_phase(Phase::InitialSync);
-        loop {
-            let cp = self
-                .tracker
-                .consumer_checkpoint(&self.consumer)
-                .map_err(tracking)?;
-            if cp.dirty_bytes <= FINAL_ROUND_BYTES {
-                return Ok(());
-            }
-            tracing::info!(volume = %self.name(), bytes = cp.dirty_bytes, fresh, "initial sync pass");
-            self.start_resync(cp.dirty_bytes);
-            // Barriers are pipelined: group k+1 streams while the secondary
-            // makes group k durable; a group's range is cleared (the resume
-            // point) only once its barrier is acknowledged.
-            let mut in_flight: Option<(u64, u64, u64)> = None;
-            for extent in &cp.extents {
-                let mut start = extent.offset;
-                while start < extent.end() {
-                    let end = (start + GROUP).min(extent.end());
-                    self.sync_group(start, end, fresh).await?;
-                    if let Some(prev) = in_flight.take() {
-                        self.finish_group(cp.id, prev).await?;
-                    }
-                    let seq = self.barrier_frame(0, None).await?;
-                    in_flight = Some((seq, start, end));
-                    start = end;
-                }
-            }
-            if let Some(prev) = in_flight.take() {
-                self.finish_group(cp.id, prev).await?;
-            }
-        }
-    }
-
-    async fn finish_group(
-        &mut self,
-        checkpoint: u64,
-        (seq, start, end): (u64, u64, u64),
-    ) -> Result<(), SessionError> {
-        self.wait_ack(seq).await?;
-        self.tracker
-            .consumer_clear(&self.consumer, checkpoint, Some((start, end)), true)
-            .map_err(tracking)?;
-        Ok(())
-    }
-
-    /// One group of the initial sync.
-    async fn sync_group(&mut self, start: u64, end: u64, fresh: bool) -> Result<(), SessionError> {
-        let remote = if fresh {
-            None
-        } else {
-            Some(self.remote_hashes(start, end - start).await?)
-        };
-        let holes = hashes::hole_map(&self.link.volume, start, end);
-        let mut pos = start;
-        while pos < end {
-            self.check()?;
-            let piece_end = (pos + BULK_PIECE).min(end);
-            let len = piece_end - pos;
-            let in_hole = holes.iter().any(|&(s, e)| s <= pos && piece_end <= e);
-            let data = if in_hole {
-                None
-            } else {
-                Some(
-                    self.link
-                        .volume
-                        .device()
-                        .read(pos, len as usize)
-                        .await
-                        .map_err(|e| SessionError::Local(format!("read: {e}")))?,
-                )
-            };
-            // Runs of blocks that differ: (offset, length, zero).
-            let mut runs: Vec<(u64, u64, bool)> = Vec::new();
-            let mut skipped = 0;
-            let mut b = pos;
-            while b < piece_end {
-                let blen = (piece_end - b).min(HASH_BLOCK);
-                let slice = data
-                    .as_ref()
-                    .map(|d| &d[(b - pos) as usize..(b - pos + blen) as usize]);
-                let zero = slice.is_none_or(|s| s.iter().all(|&x| x == 0));
-                let same = match &remote {
-                    None => zero,
-                    Some(h) => {
-                        let mine = match slice {
-                            Some(s) if !zero => *blake3::hash(s).as_bytes(),
-                            _ => hashes::zero_hash(blen),
-                        };
-                        h.get(((b - start) / HASH_BLOCK) as usize) == Some(&mine)
-                    }
-                };
-                if same {
-                    skipped += blen;
-                } else {
-                    match runs.last_mut() {
-                        Some((o, l, z)) if *z == zero && *o + *l == b => *l += blen,
-                        _ => runs.push((b, blen, zero)),
-                    }
-                }
-                b += blen;
-            }
-            let mut sent = 0;
-            for (offset, length, zero) in runs {
-                self.buckets.resync.take(length).await;
-                if zero {
-                    self.zero_frame(offset, length, false, true, None).await?;
-                } else {
-                    let d = data.as_ref().expect("non-zero runs come from data");
-                    let slice =
-                        d[(offset - pos) as usize..(offset - pos + length) as usize].to_vec();
-                    self.write_frame(offset, slice, false, true, false, false, None)
-                        .await?;
-                }
-                sent += length;
-            }
-            self.link
-                .stats
-                .resync_bytes_skipped
-                .fetch_add(skipped, Ordering::Relaxed);
-            self.resync_progress(len, sent);
-            pos = piece_end;
-        }
-        Ok(())
-    }
-
     /// Ships one piece of a catch-up scan as a staged frame.
     async fn scan_piece(&mut self, offset: u64, len: u64) -> Result<(), SessionError> {
         let device = self.link.volume.device();
@@ -687,7 +657,7 @@ impl Session<'_> {
             )
         };
         match data {
-            Some(d) if d.iter().any(|&b| b != 0) => {
+            Some(d) if !hashes::is_zero(&d) => {
                 self.write_frame(offset, d, true, false, false, false, None)
                     .await?;
             }

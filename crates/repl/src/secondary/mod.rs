@@ -26,6 +26,8 @@ use tonic::Status;
 pub(crate) use apply::run_stream;
 use staging::StagingLog;
 
+use crate::fencing;
+
 /// What the secondary remembers about one volume.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct SecondaryRecord {
@@ -38,6 +40,25 @@ pub(crate) struct SecondaryRecord {
     /// Replication was disabled but the copy kept (read-only until promoted).
     #[serde(default)]
     pub(crate) detached: bool,
+    /// Fencing generation of the primary this copy follows.
+    #[serde(default = "first_generation")]
+    pub(crate) generation: u64,
+    /// An admin discarded this site's writes after split-brain: the next
+    /// primary is accepted whatever its generation.
+    #[serde(default)]
+    pub(crate) yielded: bool,
+    /// Ranges this site wrote as a primary that the new primary may lack
+    /// (`(offset, length)`): sent back on every `OpenReplica` until the
+    /// copy is consistent again, so a crash of either side loses none.
+    #[serde(default)]
+    pub(crate) divergent: Vec<(u64, u64)>,
+    /// The primary's replication mode (a forced promotion keeps it).
+    #[serde(default)]
+    pub(crate) mode: String,
+}
+
+fn first_generation() -> u64 {
+    1
 }
 
 impl SecondaryRecord {
@@ -47,6 +68,33 @@ impl SecondaryRecord {
             consistent_at_unix_ns: self.consistent_at_unix_ns,
             applied_seq: self.applied_seq,
             primary_site: self.primary_site.clone(),
+            generation: self.generation,
+        }
+    }
+
+    /// A record for a volume that stops being primary here and follows
+    /// `primary_site` from now on.
+    pub(crate) fn demoted(
+        volume: &str,
+        primary_site: &str,
+        primary_backend_id: &str,
+        generation: u64,
+        consistent_at_unix_ns: Option<i64>,
+        divergent: Vec<(u64, u64)>,
+        yielded: bool,
+    ) -> Self {
+        Self {
+            volume: volume.to_owned(),
+            primary_site: primary_site.to_owned(),
+            primary_backend_id: primary_backend_id.to_owned(),
+            consistent: consistent_at_unix_ns.is_some(),
+            consistent_at_unix_ns: consistent_at_unix_ns.unwrap_or(0),
+            applied_seq: 0,
+            detached: false,
+            generation,
+            yielded,
+            divergent,
+            mode: String::new(),
         }
     }
 }
@@ -199,6 +247,7 @@ impl SecondarySet {
                 applied_seq: r.applied_seq,
                 detached: r.detached,
                 applied_bytes: sv.applied_bytes.load(Ordering::Relaxed),
+                generation: r.generation,
             }
         })
     }
@@ -208,8 +257,16 @@ impl SecondarySet {
         &self,
         req: pb::OpenReplicaRequest,
     ) -> Result<pb::OpenReplicaResponse, Status> {
+        let generation = req.generation.max(1);
         if let Some(sv) = self.get(&req.volume) {
             let rec = sv.record();
+            if !rec.yielded && generation < rec.generation {
+                return Err(fencing::stale_generation(
+                    &req.volume,
+                    generation,
+                    rec.generation,
+                ));
+            }
             if rec.primary_backend_id != req.primary_backend_id {
                 return Err(Status::failed_precondition(format!(
                     "volume {} is a secondary of {} (backend {}), not of {}",
@@ -224,10 +281,22 @@ impl SecondarySet {
                     req.size_bytes
                 )));
             }
-            sv.update(|r| r.detached = false)?;
+            sv.update(|r| {
+                r.detached = false;
+                r.yielded = false;
+                r.mode.clone_from(&req.mode);
+                // Not older than ours (checked above) unless we yielded.
+                r.generation = generation;
+            })?;
             return Ok(pb::OpenReplicaResponse {
                 created: false,
                 state: Some(sv.record().to_proto()),
+                divergent: rec
+                    .divergent
+                    .iter()
+                    .map(|&(offset, length)| pb::Range { offset, length })
+                    .collect(),
+                prior_generation: rec.generation,
             });
         }
         if self.store.get(&req.volume).is_some() {
@@ -249,6 +318,10 @@ impl SecondarySet {
             consistent_at_unix_ns: 0,
             applied_seq: 0,
             detached: false,
+            generation,
+            yielded: false,
+            divergent: Vec::new(),
+            mode: req.mode.clone(),
         };
         ember_volume::fsutil::write_json_atomic(
             &self.dir.join(format!("{}.json", req.volume)),
@@ -260,6 +333,8 @@ impl SecondarySet {
         Ok(pb::OpenReplicaResponse {
             created: true,
             state: Some(sv.record().to_proto()),
+            divergent: Vec::new(),
+            prior_generation: 0,
         })
     }
 
@@ -298,6 +373,53 @@ impl SecondarySet {
         Ok(pb::CloseReplicaResponse { existed: true })
     }
 
+    /// Makes `volume` (a primary until now) a secondary of another site:
+    /// persists the record, then refuses client writes.
+    ///
+    /// # Errors
+    /// The record cannot be persisted (the volume stays as it was).
+    pub(crate) fn adopt(
+        &self,
+        volume: Arc<Volume>,
+        record: SecondaryRecord,
+    ) -> Result<Arc<SecondaryVolume>, Status> {
+        ember_volume::fsutil::write_json_atomic(
+            &self.dir.join(format!("{}.json", record.volume)),
+            &record,
+        )
+        .map_err(|e| io_status("persist secondary state", e))?;
+        self.attach(volume, record)
+    }
+
+    /// Promotion: stops every stream of `volume`, discards a staged batch
+    /// that was never committed (the image stays at its last consistent
+    /// point) and forgets the secondary role. The volume keeps refusing
+    /// client writes until the caller installs its primary role.
+    ///
+    /// # Errors
+    /// The staging log cannot be emptied.
+    pub(crate) async fn release(&self, volume: &str) -> Result<SecondaryRecord, Status> {
+        let sv = self
+            .get(volume)
+            .ok_or_else(|| Status::not_found(format!("no secondary named {volume}")))?;
+        sv.session.fetch_add(1, Ordering::SeqCst);
+        let _guard = sv.apply_lock.lock().await;
+        let staging_path = {
+            let mut staging = sv.staging.lock().expect("staging lock poisoned");
+            staging
+                .reset()
+                .map_err(|e| io_status("emptying the staging log", e))?;
+            staging.path().to_owned()
+        };
+        self.volumes
+            .lock()
+            .expect("secondaries lock poisoned")
+            .remove(volume);
+        let _ = std::fs::remove_file(&sv.record_path);
+        let _ = std::fs::remove_file(staging_path);
+        Ok(sv.record())
+    }
+
     /// Forgets the secondary role of `volume` (it was deleted by the admin).
     pub fn forget(&self, volume: &str) {
         if let Some(sv) = self
@@ -326,4 +448,6 @@ pub struct SecondaryStatus {
     pub detached: bool,
     /// Bytes applied since the agent started.
     pub applied_bytes: u64,
+    /// Fencing generation.
+    pub generation: u64,
 }

@@ -24,6 +24,12 @@ const HEADER: u64 = 32;
 const KIND_WRITE: u32 = 1;
 const KIND_ZERO: u32 = 2;
 const KIND_COMMIT: u32 = 3;
+/// Staged records are written to the file in chunks of at least this much
+/// (one syscall per chunk instead of one per record).
+const WRITE_CHUNK: u64 = 1 << 20;
+/// The open batch is also kept in memory up to this size, so applying it
+/// needs no reads; a larger batch (a big catch-up) is read back.
+const MEMORY_MAX: usize = 64 << 20;
 
 /// One staged change, located in the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,8 +53,13 @@ pub(crate) struct CommittedBatch {
 pub(crate) struct StagingLog {
     file: File,
     path: PathBuf,
-    /// Append position.
+    /// Append position (logical end of the log).
     end: u64,
+    /// Bytes of the log written to the file; `[written, end)` is in `mem` only.
+    written: u64,
+    /// The log's bytes from `mem_start` to `end`.
+    mem: Vec<u8>,
+    mem_start: u64,
     changes: Vec<StagedChange>,
     /// Staged bytes (data and zeroed ranges) in the open batch.
     staged_bytes: u64,
@@ -80,6 +91,9 @@ impl StagingLog {
             file,
             path: path.to_owned(),
             end: 0,
+            written: 0,
+            mem: Vec::new(),
+            mem_start: 0,
             changes: Vec::new(),
             staged_bytes: 0,
         })
@@ -140,19 +154,42 @@ impl StagingLog {
         Ok(found)
     }
 
+    /// Appends bytes to the log: to memory, and to the file once a chunk
+    /// has gathered.
+    fn append(&mut self, parts: &[&[u8]]) -> std::io::Result<()> {
+        for p in parts {
+            self.mem.extend_from_slice(p);
+            self.end += p.len() as u64;
+        }
+        if self.end - self.written >= WRITE_CHUNK {
+            self.write_out()?;
+        }
+        if self.mem.len() > MEMORY_MAX {
+            self.write_out()?;
+            self.mem.clear();
+            self.mem_start = self.end;
+        }
+        Ok(())
+    }
+
+    /// Writes the part of the log that is only in memory to the file.
+    fn write_out(&mut self) -> std::io::Result<()> {
+        let from = (self.written - self.mem_start) as usize;
+        self.file.write_all_at(&self.mem[from..], self.written)?;
+        self.written = self.end;
+        Ok(())
+    }
+
     /// Appends a staged write (page cache only; [`Self::commit`] syncs).
     pub(crate) fn stage_write(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
         let h = header(KIND_WRITE, offset, data.len() as u64, data);
-        let mut buf = Vec::with_capacity(h.len() + data.len());
-        buf.extend_from_slice(&h);
-        buf.extend_from_slice(data);
-        self.file.write_all_at(&buf, self.end)?;
+        let log_pos = self.end + HEADER;
+        self.append(&[&h, data])?;
         self.changes.push(StagedChange::Write {
             offset,
             len: data.len() as u64,
-            log_pos: self.end + HEADER,
+            log_pos,
         });
-        self.end += buf.len() as u64;
         self.staged_bytes += data.len() as u64;
         Ok(())
     }
@@ -160,9 +197,8 @@ impl StagingLog {
     /// Appends a staged zero range.
     pub(crate) fn stage_zero(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
         let h = header(KIND_ZERO, offset, len, &[]);
-        self.file.write_all_at(&h, self.end)?;
+        self.append(&[&h])?;
         self.changes.push(StagedChange::Zero { offset, len });
-        self.end += HEADER;
         self.staged_bytes += len;
         Ok(())
     }
@@ -175,8 +211,8 @@ impl StagingLog {
         consistent_at_unix_ns: i64,
     ) -> std::io::Result<CommittedBatch> {
         let h = header(KIND_COMMIT, seq, consistent_at_unix_ns as u64, &[]);
-        self.file.write_all_at(&h, self.end)?;
-        self.end += HEADER;
+        self.append(&[&h])?;
+        self.write_out()?;
         self.file.sync_data()?;
         self.staged_bytes = 0;
         Ok(CommittedBatch {
@@ -186,8 +222,12 @@ impl StagingLog {
         })
     }
 
-    /// Reads a staged write's data back.
+    /// Reads a staged write's data back (from memory while it is there).
     pub(crate) fn read(&self, log_pos: u64, len: u64) -> std::io::Result<Vec<u8>> {
+        if log_pos >= self.mem_start && log_pos + len <= self.end {
+            let at = (log_pos - self.mem_start) as usize;
+            return Ok(self.mem[at..at + len as usize].to_vec());
+        }
         let mut data = vec![0u8; len as usize];
         self.file.read_exact_at(&mut data, log_pos)?;
         Ok(data)
@@ -200,6 +240,13 @@ impl StagingLog {
         self.file.set_len(0)?;
         self.file.flush()?;
         self.end = 0;
+        self.written = 0;
+        self.mem.clear();
+        if self.mem.capacity() > WRITE_CHUNK as usize * 8 {
+            // A big catch-up batch: do not keep its memory for ever.
+            self.mem = Vec::new();
+        }
+        self.mem_start = 0;
         self.changes.clear();
         self.staged_bytes = 0;
         Ok(())
@@ -238,6 +285,39 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
+
+        // A batch larger than the memory copy: early records are read back
+        // from the file, late ones from memory; both match what was staged.
+        log.reset().expect("reset");
+        let block = 1 << 20;
+        let count = MEMORY_MAX / block + 8;
+        for i in 0..count {
+            log.stage_write((i * block) as u64, &vec![i as u8; block])
+                .expect("stage");
+        }
+        let batch = log.commit(6, 99).expect("commit");
+        for (i, change) in batch.changes.iter().enumerate() {
+            let StagedChange::Write { log_pos, len, .. } = *change else {
+                panic!("unexpected {change:?}")
+            };
+            assert_eq!(log.read(log_pos, len).expect("read"), vec![i as u8; block]);
+        }
+        drop(log);
+        let mut log = StagingLog::open(&path).expect("open");
+        let found = log.recover().expect("recover").expect("committed batch");
+        assert_eq!(found.changes.len(), count);
+        let StagedChange::Write { log_pos, len, .. } = found.changes[count - 1] else {
+            panic!("a write")
+        };
+        assert_eq!(
+            log.read(log_pos, len).expect("read"),
+            vec![(count - 1) as u8; block]
+        );
+        log.reset().expect("reset");
+        log.stage_write(8192, &[9u8; 4096]).expect("stage");
+        log.stage_zero(0, 4096).expect("stage");
+        log.commit(7, 1).expect("commit");
+        drop(log);
 
         // A flipped data byte invalidates the whole batch.
         let f = OpenOptions::new()

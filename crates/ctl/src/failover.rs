@@ -1,0 +1,86 @@
+//! `emberctl replica promote|demote`: role changes.
+
+use anyhow::Context;
+use ember_common::format_size;
+use ember_proto::control::v1 as pb;
+use ember_proto::control::v1::ember_control_client::EmberControlClient;
+use serde_json::json;
+use tonic::transport::Channel;
+
+use crate::output::Out;
+use crate::replica::{rfc3339, status_json};
+
+pub(crate) async fn promote(
+    api: &mut EmberControlClient<Channel>,
+    out: Out,
+    volume: String,
+    force: bool,
+) -> anyhow::Result<()> {
+    let r = api
+        .promote_replica(pb::PromoteReplicaRequest {
+            volume: volume.clone(),
+            force,
+        })
+        .await?
+        .into_inner();
+    let status = r.status.context("agent returned no status")?;
+    if out.json {
+        let mut v = status_json(&status);
+        v["forced"] = json!(r.forced);
+        v["already_primary"] = json!(r.already_primary);
+        out.print_json(&v);
+        return Ok(());
+    }
+    if r.already_primary {
+        println!(
+            "{volume} is already primary here (generation {})",
+            status.generation
+        );
+    } else if r.forced {
+        println!(
+            "{volume} force-promoted: primary at generation {}; recovery point {} — writes {} acknowledged after it are lost",
+            status.generation,
+            rfc3339(r.recovery_point_unix_ns).unwrap_or_else(|| "unknown".into()),
+            status.peer_site
+        );
+    } else {
+        println!(
+            "{volume} promoted (planned, zero loss): primary at generation {}, replicating to {}",
+            status.generation, status.peer_site
+        );
+    }
+    Ok(())
+}
+
+pub(crate) async fn demote(
+    api: &mut EmberControlClient<Channel>,
+    out: Out,
+    volume: String,
+    discard_local: bool,
+) -> anyhow::Result<()> {
+    let r = api
+        .demote_replica(pb::DemoteReplicaRequest {
+            volume: volume.clone(),
+            discard_local,
+        })
+        .await?
+        .into_inner();
+    let status = r.status.context("agent returned no status")?;
+    if out.json {
+        let mut v = status_json(&status);
+        v["discarded_bytes"] = json!(r.discarded_bytes);
+        out.print_json(&v);
+    } else if discard_local {
+        println!(
+            "{volume} now follows {}; {} changed here will be overwritten from it (audit-logged)",
+            status.peer_site,
+            format_size(r.discarded_bytes)
+        );
+    } else {
+        println!(
+            "{volume} handed over to {} (planned switchover)",
+            status.peer_site
+        );
+    }
+    Ok(())
+}
