@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(qemu-utils libnbd-bin python3-libnbd nbdkit fio nbd-client rsync iperf3)
+packages=(qemu-utils libnbd-bin python3-libnbd nbdkit fio nbd-client rsync iperf3 python3-prometheus-client)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

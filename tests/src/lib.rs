@@ -58,6 +58,26 @@ pub fn require_tool(tool: &str) -> bool {
     );
 }
 
+/// Like [`require_tool`] for a module of Debian's `/usr/bin/python3`.
+pub fn require_python_module(module: &str) -> bool {
+    let found = Command::new("/usr/bin/python3")
+        .args(["-c", &format!("import {module}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if found {
+        return true;
+    }
+    if std::env::var("EMBER_IT_ALLOW_SKIP").as_deref() == Ok("1") {
+        eprintln!("SKIP: python module {module} not installed");
+        return false;
+    }
+    panic!(
+        "python module {module} is not installed; the test script installs it (scripts/test-all.sh), or set EMBER_IT_ALLOW_SKIP=1 to skip locally"
+    );
+}
+
 /// A free TCP port on loopback.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -21,6 +21,9 @@ struct Faults {
     flips_left: u64,
     /// Close a connection after this many more forwarded bytes (mid-frame reset).
     reset_after: Option<u64>,
+    /// Bandwidth per connection and direction, bytes per second (0: none):
+    /// a slow WAN link without tc.
+    rate: u64,
 }
 
 /// A running proxy. Dropping it stops accepting; live pumps end with their sockets.
@@ -114,6 +117,11 @@ impl FaultProxy {
         self.faults.lock().expect("faults").stalled = stalled;
     }
 
+    /// Limits each connection, each direction, to `bytes_per_sec` (0 lifts it).
+    pub fn set_rate(&self, bytes_per_sec: u64) {
+        self.faults.lock().expect("faults").rate = bytes_per_sec;
+    }
+
     /// Flips one bit in each of the next `chunks` forwarded chunks.
     pub fn flip_bits(&self, chunks: u64) {
         self.faults.lock().expect("faults").flips_left = chunks;
@@ -144,7 +152,8 @@ fn pump(
     flipped: &AtomicU64,
 ) {
     let _ = from.set_read_timeout(Some(Duration::from_millis(50)));
-    let mut buf = vec![0u8; 64 * 1024];
+    // 16 KiB reads: fine-grained pacing when a rate is set.
+    let mut buf = vec![0u8; 16 * 1024];
     let close = |a: &TcpStream, b: &TcpStream| {
         let _ = a.shutdown(Shutdown::Both);
         let _ = b.shutdown(Shutdown::Both);
@@ -189,7 +198,12 @@ fn pump(
                 }
                 None => false,
             };
-            break (f.delay, reset);
+            let pace = if f.rate > 0 {
+                Duration::from_secs_f64(n as f64 / f.rate as f64)
+            } else {
+                Duration::ZERO
+            };
+            break (f.delay + pace, reset);
         };
         if reset {
             // Forward part of the chunk, then drop the connection mid-frame.

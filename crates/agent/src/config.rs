@@ -136,6 +136,8 @@ pub struct Config {
     pub site: String,
     /// Peer listener for replication (mutual TLS); absent: no pairing.
     pub peer: Option<PeerSection>,
+    /// Prometheus `/metrics` listener, `host:port`; absent: none.
+    pub metrics: Option<String>,
 }
 
 impl Default for Config {
@@ -153,6 +155,7 @@ impl Default for Config {
             raw_volumes: Vec::new(),
             site: "local".into(),
             peer: None,
+            metrics: None,
         }
     }
 }

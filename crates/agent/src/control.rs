@@ -85,11 +85,40 @@ fn replication_pb(s: ember_repl::ReplicaStatus) -> pb::ReplicationStatus {
         frames_rejected: s.frames_rejected,
         sessions: s.sessions,
         rpo_seconds: s.rpo_seconds,
+        rpo_policy: s.rpo_policy.into(),
+        rpo_breached: s.rpo_breached,
+        rpo_breaches: s.rpo_breaches,
+        rpo_escalated: s.rpo_escalated,
         on_peer_loss: s.on_peer_loss.into(),
         last_error: s.last_error,
         generation: s.generation,
         recovery_point_unix_ns: s.recovery_point_unix_ns,
     }
+}
+
+fn event_pb(e: ember_repl::Event) -> pb::ReplicationEvent {
+    pb::ReplicationEvent {
+        at_unix_ns: e.at_unix_ns,
+        volume: e.volume,
+        kind: e.kind.as_str().into(),
+        state: e.state,
+        lag_seconds: e.lag_seconds,
+        resync_remaining_bytes: e.resync_remaining_bytes,
+        generation: e.generation,
+        message: e.message,
+    }
+}
+
+/// A response stream fed by a task: `f` gets the sending half and runs
+/// until the client goes away.
+fn stream_from_task<F, Fut>(f: F) -> <ControlService as EmberControl>::WatchEventsStream
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<pb::ReplicationEvent, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(256);
+    tokio::spawn(f(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
 fn peer_pb(p: ember_repl::PeerInfo) -> pb::Peer {
@@ -204,6 +233,23 @@ impl EmberControl for ControlService {
             volume_count: self.store.list().len() as u32,
             site: self.site.clone(),
             peer_address: self.peer_address.clone().unwrap_or_default(),
+            replication_targets: self
+                .replication
+                .targets()
+                .await
+                .into_iter()
+                .map(|t| pb::ReplicationTarget {
+                    site: t.site,
+                    backend_id: t.backend_id,
+                    state: t.state.into(),
+                    rtt_us: t.rtt_us,
+                    throughput_bytes_per_sec: t.throughput_bytes_per_sec,
+                    sync_possible: t.sync_possible,
+                    min_rpo_seconds: t.min_rpo_seconds,
+                    max_rpo_seconds: t.max_rpo_seconds,
+                    volumes: t.volumes,
+                })
+                .collect(),
         }))
     }
 
@@ -325,6 +371,12 @@ impl EmberControl for ControlService {
         if req.peer_site.is_empty() {
             return Err(Status::invalid_argument("peer_site is required"));
         }
+        let rpo_policy = match pb::RpoPolicy::try_from(req.rpo_policy) {
+            Ok(pb::RpoPolicy::Unspecified | pb::RpoPolicy::Alert) => ember_repl::RpoPolicy::Alert,
+            Ok(pb::RpoPolicy::Throttle) => ember_repl::RpoPolicy::Throttle,
+            Ok(pb::RpoPolicy::Escalate) => ember_repl::RpoPolicy::Escalate,
+            Err(_) => return Err(Status::invalid_argument("unknown rpo_policy")),
+        };
         let rpo_seconds = match (req.rpo_seconds, mode) {
             (0, ember_repl::Mode::Async) => 30,
             (r, _) => r,
@@ -336,6 +388,7 @@ impl EmberControl for ControlService {
                 peer: req.peer_site,
                 mode,
                 rpo_seconds,
+                rpo_policy,
                 on_peer_loss,
             })
             .await
@@ -440,6 +493,41 @@ impl EmberControl for ControlService {
             status: Some(replication_pb(status)),
             discarded_bytes,
         }))
+    }
+
+    type WatchEventsStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::ReplicationEvent, Status>> + Send>,
+    >;
+
+    async fn watch_events(
+        &self,
+        request: Request<pb::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let only = request.into_inner().volume;
+        if !only.is_empty() {
+            parse_volume(&only).map_err(status)?;
+        }
+        let mut rx = self.replication.events().subscribe();
+        let stream = stream_from_task(move |tx| async move {
+            loop {
+                let event = match rx.recv().await {
+                    Ok(e) if only.is_empty() || e.volume == only => event_pb(e),
+                    Ok(_) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        pb::ReplicationEvent {
+                            kind: "events-lost".into(),
+                            message: format!("{n} events dropped: this watcher fell behind"),
+                            ..Default::default()
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                };
+                if tx.send(Ok(event)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(stream))
     }
 
     #[tracing::instrument(skip_all, fields(volume_id = %request.get_ref().volume))]

@@ -4,6 +4,7 @@
 
 pub mod config;
 mod control;
+mod metrics;
 mod registry;
 mod server;
 

@@ -31,6 +31,9 @@ struct Args {
     /// This agent's site name.
     #[arg(long)]
     site: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (host:port).
+    #[arg(long)]
+    metrics: Option<String>,
     /// Turn change tracking off (benchmarking only).
     #[arg(long)]
     no_tracking: bool,
@@ -65,6 +68,9 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(v) = args.nbd_unix {
         config.nbd_unix = Some(v);
+    }
+    if let Some(v) = args.metrics {
+        config.metrics = Some(v);
     }
     if let Some(v) = args.io_engine {
         config.io_engine = v;

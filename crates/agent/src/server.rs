@@ -162,6 +162,19 @@ pub async fn run(
         )));
     }
 
+    let mut metrics_task = None;
+    if let Some(addr) = &config.metrics {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding metrics listener {addr}"))?;
+        tracing::info!(metrics = %listener.local_addr()?, "Prometheus metrics at /metrics");
+        metrics_task = Some(tokio::spawn(crate::metrics::serve(
+            listener,
+            replication.clone(),
+            cancel.child_token(),
+        )));
+    }
+
     let control = ControlService {
         store: store.clone(),
         nbd: nbd_address,
@@ -218,6 +231,9 @@ pub async fn run(
     nbd.drained().await;
     if let Some(t) = peer_task {
         finish_server("peer listener", t).await;
+    }
+    if let Some(t) = metrics_task {
+        let _ = t.await;
     }
     replication.shutdown().await;
     store.shutdown().await;

@@ -1,4 +1,5 @@
-//! `emberctl replica promote|demote`: role changes.
+//! `emberctl replica promote|demote`: role changes, and `emberctl events`,
+//! the stream that reports them (with state changes and RPO breaches).
 
 use anyhow::Context;
 use ember_common::format_size;
@@ -81,6 +82,45 @@ pub(crate) async fn demote(
             "{volume} handed over to {} (planned switchover)",
             status.peer_site
         );
+    }
+    Ok(())
+}
+
+pub(crate) async fn events(
+    api: &mut EmberControlClient<Channel>,
+    out: Out,
+    volume: Option<String>,
+) -> anyhow::Result<()> {
+    let mut stream = api
+        .watch_events(pb::WatchEventsRequest {
+            volume: volume.unwrap_or_default(),
+        })
+        .await?
+        .into_inner();
+    while let Some(e) = stream.message().await? {
+        if out.json {
+            // One compact line per event, flushed: scripts follow it live.
+            println!(
+                "{}",
+                json!({
+                    "at": rfc3339(e.at_unix_ns), "at_unix_ns": e.at_unix_ns,
+                    "volume": e.volume, "kind": e.kind, "state": e.state,
+                    "lag_seconds": e.lag_seconds,
+                    "resync_remaining_bytes": e.resync_remaining_bytes,
+                    "generation": e.generation, "message": e.message,
+                })
+            );
+        } else {
+            println!(
+                "{} {:<16} {:<12} {}",
+                rfc3339(e.at_unix_ns).unwrap_or_default(),
+                e.kind,
+                e.volume,
+                e.message
+            );
+        }
+        use std::io::Write;
+        std::io::stdout().flush()?;
     }
     Ok(())
 }

@@ -293,6 +293,7 @@ async fn pair_and_create(sites: &mut [Site], size_bytes: u64) -> anyhow::Result<
         mode: pb::ReplicationMode::Async as i32,
         rpo_seconds: 30,
         on_peer_loss: pb::PeerLossPolicy::Degrade as i32,
+        rpo_policy: pb::RpoPolicy::Alert as i32,
     })
     .await
     .map_err(|s| anyhow::anyhow!("replicating the demo volume failed: {}", s.message()))?;

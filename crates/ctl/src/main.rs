@@ -59,6 +59,13 @@ enum Command {
     /// Replication of volumes to paired sites.
     #[command(subcommand)]
     Replica(replica::ReplicaCmd),
+    /// Follow replication events (state changes, RPO breaches, resync
+    /// progress, promotions) until interrupted; one line each (JSON with --json).
+    Events {
+        /// Only this volume's events.
+        #[arg(long)]
+        volume: Option<String>,
+    },
     /// A local lab: two paired sites and a replicated demo volume.
     #[command(subcommand)]
     Lab(lab::LabCmd),
@@ -337,6 +344,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             }
         },
         Command::Replica(cmd) => replica::run(cmd, &mut api, out).await?,
+        Command::Events { volume } => failover::events(&mut api, out, volume).await?,
         Command::Snapshot(cmd) => match cmd {
             SnapshotCmd::Create { volume, name } => {
                 let r = api

@@ -69,6 +69,12 @@ impl Out {
                 "capacity_total_bytes": c.capacity_total_bytes, "capacity_free_bytes": c.capacity_free_bytes,
                 "features": c.features, "io_engine": c.io_engine, "nbd_address": c.nbd_address,
                 "volume_count": c.volume_count, "site": c.site, "peer_address": c.peer_address,
+                "replication_targets": c.replication_targets.iter().map(|t| json!({
+                    "site": t.site, "backend_id": t.backend_id, "state": t.state,
+                    "rtt_us": t.rtt_us, "throughput_bytes_per_sec": t.throughput_bytes_per_sec,
+                    "sync_possible": t.sync_possible, "min_rpo_seconds": t.min_rpo_seconds,
+                    "max_rpo_seconds": t.max_rpo_seconds, "volumes": t.volumes,
+                })).collect::<Vec<_>>(),
             }));
         }
         table(
@@ -99,6 +105,22 @@ impl Out {
                 vec!["features".into(), c.features.join(", ")],
             ],
         );
+        for t in &c.replication_targets {
+            println!(
+                "replication to {} ({}): RPO {}s..{}s, sync {}, RTT {} µs, {} volumes",
+                t.site,
+                t.state,
+                t.min_rpo_seconds,
+                t.max_rpo_seconds,
+                if t.sync_possible {
+                    "possible"
+                } else {
+                    "not possible"
+                },
+                t.rtt_us,
+                t.volumes
+            );
+        }
     }
 
     pub(crate) fn volumes(&self, vols: &[pb::Volume]) {

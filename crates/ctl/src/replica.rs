@@ -31,6 +31,10 @@ pub(crate) enum ReplicaCmd {
         /// or suspend (hold writes until it is back).
         #[arg(long, value_parser = ["degrade", "suspend"], default_value = "degrade")]
         on_peer_loss: String,
+        /// When the lag nears the RPO: alert (report breaches), throttle
+        /// (slow writers to the link) or escalate (sync while lag is high).
+        #[arg(long, value_parser = ["alert", "throttle", "escalate"], default_value = "alert")]
+        rpo_policy: String,
     },
     /// Stop replicating; the secondary stays as a read-only copy.
     Disable {
@@ -101,6 +105,8 @@ pub(crate) fn status_json(s: &pb::ReplicationStatus) -> Value {
         "sessions": s.sessions, "rpo_seconds": s.rpo_seconds,
         "on_peer_loss": s.on_peer_loss, "last_error": s.last_error,
         "generation": s.generation,
+        "rpo_policy": s.rpo_policy, "rpo_breached": s.rpo_breached,
+        "rpo_breaches": s.rpo_breaches, "rpo_escalated": s.rpo_escalated,
         "recovery_point": rfc3339(s.recovery_point_unix_ns),
         "recovery_point_unix_ns": s.recovery_point_unix_ns,
     })
@@ -162,13 +168,24 @@ fn detail(s: &pb::ReplicationStatus) {
     );
     if s.role == "primary" {
         println!(
-            "resync sent {} (skipped {} already identical); frames rejected {}; sessions {}; RPO target {}s; on peer loss: {}",
+            "resync sent {} (skipped {} already identical); frames rejected {}; sessions {}; on peer loss: {}",
             format_size(s.resync_bytes_sent),
             format_size(s.resync_bytes_skipped),
             s.frames_rejected,
             s.sessions,
-            s.rpo_seconds,
             s.on_peer_loss
+        );
+        println!(
+            "RPO target {}s, policy {}: {}{} ({} breaches so far)",
+            s.rpo_seconds,
+            s.rpo_policy,
+            if s.rpo_breached { "BREACHED" } else { "met" },
+            if s.rpo_escalated {
+                ", escalated to sync"
+            } else {
+                ""
+            },
+            s.rpo_breaches
         );
     }
     println!("generation {}", s.generation);
@@ -226,7 +243,13 @@ pub(crate) async fn run(
             mode,
             rpo,
             on_peer_loss,
+            rpo_policy,
         } => {
+            let rpo_policy = match rpo_policy.as_str() {
+                "throttle" => pb::RpoPolicy::Throttle,
+                "escalate" => pb::RpoPolicy::Escalate,
+                _ => pb::RpoPolicy::Alert,
+            };
             let mode = match mode.as_str() {
                 "sync" => pb::ReplicationMode::Sync,
                 _ => pb::ReplicationMode::Async,
@@ -242,6 +265,7 @@ pub(crate) async fn run(
                     mode: mode as i32,
                     rpo_seconds: rpo.as_deref().map(rpo_arg).transpose()?.unwrap_or(0),
                     on_peer_loss: policy as i32,
+                    rpo_policy: rpo_policy as i32,
                 })
                 .await?
                 .into_inner();

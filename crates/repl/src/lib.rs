@@ -14,6 +14,7 @@
 
 mod audit;
 mod error;
+mod events;
 mod fencing;
 mod frame;
 mod hashes;
@@ -28,12 +29,14 @@ mod tls;
 mod version;
 
 pub use error::{ReplError, Result};
+pub use events::{Event, EventBus, EventKind};
 pub use listener::serve_peers;
 pub use manager::{
-    DEFAULT_JOURNAL_BYTES, EnableRequest, Mismatch, PromoteReport, ReplicaStatus, Replication,
-    VerifyReport,
+    DEFAULT_JOURNAL_BYTES, EnableRequest, MAX_RPO_SECONDS, Mismatch, PromoteReport, ReplicaStatus,
+    Replication, SYNC_RTT_MAX_US, TargetCapability, VerifyReport,
 };
 pub use primary::link::{Mode, PeerLossPolicy};
+pub use primary::rpo::RpoPolicy;
 pub use registry::{LinkMeasurement, LinkRates, PeerInfo, PeerRegistry, PeerState};
 pub use secondary::{SecondarySet, SecondaryStatus};
 pub use service::{Identity, PeerService};

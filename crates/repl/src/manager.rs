@@ -20,10 +20,12 @@ pub use roles::PromoteReport;
 use crate::PeerRegistry;
 use crate::audit::AuditLog;
 use crate::error::{ReplError, Result};
+use crate::events::EventBus;
 use crate::hashes;
 use crate::primary::link::{
     Mode, PeerLossPolicy, Phase, ReplicaConfig, ReplicaLink, consumer_name,
 };
+use crate::primary::rpo::{self, RpoPolicy};
 use crate::primary::session::{self, Ctx, LinkBuckets};
 use crate::secondary::SecondarySet;
 use crate::service::Identity;
@@ -46,6 +48,8 @@ pub struct EnableRequest {
     pub mode: Mode,
     /// RPO target, seconds.
     pub rpo_seconds: u64,
+    /// What happens when the RPO target is at risk.
+    pub rpo_policy: RpoPolicy,
     /// Sync-mode peer-loss policy.
     pub on_peer_loss: PeerLossPolicy,
 }
@@ -88,6 +92,14 @@ pub struct ReplicaStatus {
     pub sessions: u64,
     /// RPO target.
     pub rpo_seconds: u64,
+    /// `alert`, `throttle` or `escalate` (empty on a secondary).
+    pub rpo_policy: &'static str,
+    /// The lag is above the RPO target now.
+    pub rpo_breached: bool,
+    /// RPO breaches since the agent started.
+    pub rpo_breaches: u64,
+    /// The escalate policy is replicating synchronously for now.
+    pub rpo_escalated: bool,
     /// Sync-mode peer-loss policy.
     pub on_peer_loss: &'static str,
     /// Why the link is down, if it is.
@@ -98,6 +110,39 @@ pub struct ReplicaStatus {
     /// primary came up on (unix ns): writes after it were lost. 0 otherwise.
     pub recovery_point_unix_ns: i64,
 }
+
+/// What this agent offers for replication to one paired peer: the input
+/// of placement (a Cinder volume type's RPO against these bounds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetCapability {
+    /// Peer site.
+    pub site: String,
+    /// Its backend id.
+    pub backend_id: String,
+    /// `connected` or `unreachable` at the probe just made.
+    pub state: &'static str,
+    /// Median ping round trip, microseconds.
+    pub rtt_us: u64,
+    /// Measured bulk throughput at pairing, bytes per second.
+    pub throughput_bytes_per_sec: u64,
+    /// Sync replication is possible: reachable, and a round trip short
+    /// enough (≤ [`SYNC_RTT_MAX_US`]) to wait for on every write.
+    pub sync_possible: bool,
+    /// Lowest RPO this link can hold: 0 when sync is possible, else 1 s
+    /// (async commits every 20 ms plus the round trip).
+    pub min_rpo_seconds: u64,
+    /// Highest RPO the agent can hold in write order: the per-volume
+    /// journal against the highest recent write rate among the volumes
+    /// replicating to this peer (capped at [`MAX_RPO_SECONDS`]).
+    pub max_rpo_seconds: u64,
+    /// Volumes replicating to this peer now.
+    pub volumes: u32,
+}
+
+/// Round trips above this make sync replication impractical.
+pub const SYNC_RTT_MAX_US: u64 = 50_000;
+/// Cap of the reported maximum RPO (one day).
+pub const MAX_RPO_SECONDS: u64 = 86_400;
 
 /// One mismatching range found by verify.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,6 +218,7 @@ impl Replication {
                 registry,
                 identity,
                 corrupt_frames: AtomicU64::new(corrupt_frames),
+                events: EventBus::default(),
             }),
             secondaries,
             running: Mutex::new(HashMap::new()),
@@ -203,6 +249,11 @@ impl Replication {
             this.start(config, true)?;
         }
         Ok(this)
+    }
+
+    /// Replication events, for `WatchEvents`.
+    pub fn events(&self) -> &EventBus {
+        &self.ctx.events
     }
 
     /// The secondaries this agent holds.
@@ -247,14 +298,19 @@ impl Replication {
             .map_err(|e| internal("create the replica's change set", e))?;
         let name = config.volume.clone();
         let peer = config.peer.clone();
-        let link = Arc::new(ReplicaLink::new(
+        let link = ReplicaLink::new(
             volume.clone(),
             config,
             self.config_path(&name),
             self.journal_bytes,
-        ));
+        );
         volume.set_replication(Some(link.clone()));
         let stop = CancellationToken::new();
+        tokio::spawn(rpo::watch(
+            Arc::downgrade(&link),
+            self.ctx.events.clone(),
+            stop.clone(),
+        ));
         let task = (!link.config().paused).then(|| {
             tokio::spawn(session::run(
                 link.clone(),
@@ -328,6 +384,7 @@ impl Replication {
             }
             cfg.mode = req.mode;
             cfg.rpo_seconds = req.rpo_seconds;
+            cfg.rpo_policy = req.rpo_policy;
             cfg.on_peer_loss = req.on_peer_loss;
             ember_volume::fsutil::write_json_atomic(&self.config_path(&req.volume), &cfg)
                 .map_err(|e| internal("persist replica config", e))?;
@@ -339,6 +396,7 @@ impl Replication {
             peer: req.peer.clone(),
             mode: req.mode,
             rpo_seconds: req.rpo_seconds,
+            rpo_policy: req.rpo_policy,
             on_peer_loss: req.on_peer_loss,
             enabled_at_unix: now_unix(),
             last_consistent_at_unix_ns: 0,
@@ -355,6 +413,46 @@ impl Replication {
         self.start(config, true)?;
         tracing::info!(volume = %req.volume, peer = %req.peer, mode = req.mode.as_str(), "replication enabled");
         Ok((self.status(&req.volume)?, true))
+    }
+
+    /// Replication capabilities per paired peer (probes each peer).
+    pub async fn targets(&self) -> Vec<TargetCapability> {
+        let links: Vec<Arc<ReplicaLink>> = self
+            .running
+            .lock()
+            .expect("running lock poisoned")
+            .values()
+            .map(|r| r.link.clone())
+            .collect();
+        let mut out = Vec::new();
+        for p in self.ctx.registry.list().await {
+            let mine: Vec<&Arc<ReplicaLink>> =
+                links.iter().filter(|l| l.config().peer == p.site).collect();
+            let rate = mine
+                .iter()
+                .map(|l| l.rpo.write_rate.load(Ordering::Relaxed))
+                .max()
+                .unwrap_or(0);
+            let max_rpo_seconds = match rate {
+                0 => MAX_RPO_SECONDS,
+                r => (self.journal_bytes / r).min(MAX_RPO_SECONDS),
+            };
+            let connected = p.state == crate::PeerState::Connected
+                && p.protocol_version >= ProtocolVersion::REPLICATION;
+            let sync_possible = connected && p.link.rtt_us <= SYNC_RTT_MAX_US;
+            out.push(TargetCapability {
+                site: p.site,
+                backend_id: p.backend_id,
+                state: p.state.as_str(),
+                rtt_us: p.link.rtt_us,
+                throughput_bytes_per_sec: p.link.throughput_bytes_per_sec,
+                sync_possible,
+                min_rpo_seconds: u64::from(!sync_possible),
+                max_rpo_seconds,
+                volumes: mine.len() as u32,
+            });
+        }
+        out
     }
 
     /// Disables replication of a volume; the secondary is kept read-only
@@ -443,6 +541,10 @@ impl Replication {
                 frames_rejected: 0,
                 sessions: 0,
                 rpo_seconds: 0,
+                rpo_policy: "",
+                rpo_breached: false,
+                rpo_breaches: 0,
+                rpo_escalated: false,
                 on_peer_loss: "",
                 last_error: String::new(),
                 generation: s.generation,
@@ -668,21 +770,7 @@ fn primary_status(link: &ReplicaLink) -> ReplicaStatus {
     let cfg = link.config();
     let (lag_seconds, lag_bytes) = link.lag();
     let phase = link.phase();
-    let state = match phase {
-        _ if cfg.paused => "paused",
-        Phase::InitialSync | Phase::CatchUp => "syncing",
-        Phase::Streaming if cfg.mode == Mode::Async && lag_seconds >= 1.0 => "lagging",
-        Phase::Streaming => "in-sync",
-        Phase::Disconnected if cfg.mode == Mode::Sync => "degraded",
-        Phase::Disconnected => "disconnected",
-    };
-    let state = if cfg.split_brain || link.peer_split_brain.load(Ordering::SeqCst) {
-        "split-brain"
-    } else if cfg.fenced {
-        "fenced"
-    } else {
-        state
-    };
+    let state = link.state();
     let s = &link.stats;
     let remaining = if matches!(phase, Phase::InitialSync | Phase::CatchUp) {
         s.resync_remaining_bytes.load(Ordering::Relaxed)
@@ -722,6 +810,10 @@ fn primary_status(link: &ReplicaLink) -> ReplicaStatus {
         frames_rejected: s.frames_rejected.load(Ordering::Relaxed),
         sessions: s.sessions.load(Ordering::Relaxed),
         rpo_seconds: cfg.rpo_seconds,
+        rpo_policy: cfg.rpo_policy.as_str(),
+        rpo_breached: link.rpo.breached.load(Ordering::Relaxed),
+        rpo_breaches: link.rpo.breaches.load(Ordering::Relaxed),
+        rpo_escalated: link.rpo.escalated.load(Ordering::Relaxed),
         on_peer_loss: cfg.on_peer_loss.as_str(),
         last_error: link.last_error.lock().expect("error lock poisoned").clone(),
         generation: cfg.generation,

@@ -22,8 +22,10 @@ use tonic::Status;
 use super::{Replication, now_unix};
 use crate::audit::Entry;
 use crate::error::{ReplError, Result};
+use crate::events::{Event, EventKind};
 use crate::fencing;
 use crate::primary::link::{Mode, PeerLossPolicy, Phase, ReplicaConfig, ReplicaLink, now_unix_ns};
+use crate::primary::rpo::RpoPolicy;
 use crate::secondary::SecondaryRecord;
 use crate::version::ProtocolVersion;
 
@@ -64,6 +66,23 @@ fn to_status(e: ReplError) -> Status {
 }
 
 impl Replication {
+    /// Records a role decision: audit log and event.
+    fn decide(&self, entry: &Entry<'_>) {
+        self.audit.record(entry);
+        let kind = match entry.action {
+            "promote" | "force-promote" => EventKind::Promoted,
+            "split-brain" => EventKind::SplitBrain,
+            _ => EventKind::Demoted,
+        };
+        let mut event = Event::new(
+            kind,
+            entry.volume,
+            format!("{}: {}", entry.action, entry.detail),
+        );
+        event.generation = entry.generation;
+        self.ctx.events.publish(event);
+    }
+
     /// Promotes the secondary of `volume` held here. Planned (`force` off):
     /// the primary drains and becomes this site's secondary — zero loss,
     /// replication continues the other way without resync. Forced: the
@@ -127,6 +146,7 @@ impl Replication {
             peer: rec.primary_site.clone(),
             mode: Mode::parse(&drained.mode).unwrap_or(Mode::Async),
             rpo_seconds: drained.rpo_seconds,
+            rpo_policy: RpoPolicy::parse(&drained.rpo_policy).unwrap_or_default(),
             on_peer_loss: PeerLossPolicy::parse(&drained.on_peer_loss).unwrap_or_default(),
             enabled_at_unix: now_unix(),
             last_consistent_at_unix_ns: drained.drained_at_unix_ns,
@@ -139,7 +159,7 @@ impl Replication {
             recovery_point_unix_ns: 0,
         };
         self.become_primary(config).await?;
-        self.audit.record(&Entry {
+        self.decide(&Entry {
             action: "promote",
             volume: &rec.volume,
             peer: &rec.primary_site,
@@ -168,7 +188,8 @@ impl Replication {
             volume: rec.volume.clone(),
             peer: rec.primary_site.clone(),
             mode: Mode::parse(&rec.mode).unwrap_or(Mode::Async),
-            rpo_seconds: 0,
+            rpo_seconds: rec.rpo_seconds,
+            rpo_policy: RpoPolicy::parse(&rec.rpo_policy).unwrap_or_default(),
             on_peer_loss: PeerLossPolicy::default(),
             enabled_at_unix: now_unix(),
             last_consistent_at_unix_ns: 0,
@@ -181,7 +202,7 @@ impl Replication {
             recovery_point_unix_ns: rec.consistent_at_unix_ns,
         };
         self.become_primary(config).await?;
-        self.audit.record(&Entry {
+        self.decide(&Entry {
             action: "force-promote",
             volume: &rec.volume,
             peer: &rec.primary_site,
@@ -312,9 +333,10 @@ impl Replication {
                 // Already done (a retried call after a lost answer).
                 return Ok(pb::DemoteResponse {
                     mode: rec.mode,
-                    rpo_seconds: 0,
+                    rpo_seconds: rec.rpo_seconds,
                     on_peer_loss: String::new(),
                     drained_at_unix_ns: rec.consistent_at_unix_ns,
+                    rpo_policy: rec.rpo_policy,
                 });
             }
             return Err(Status::failed_precondition(format!(
@@ -376,9 +398,13 @@ impl Replication {
         .await
         .map_err(to_status)?;
         if let Some(sv) = self.secondaries.get(&req.volume) {
-            sv.update(|r| r.mode = cfg.mode.as_str().to_owned())?;
+            sv.update(|r| {
+                r.mode = cfg.mode.as_str().to_owned();
+                r.rpo_seconds = cfg.rpo_seconds;
+                r.rpo_policy = cfg.rpo_policy.as_str().to_owned();
+            })?;
         }
-        self.audit.record(&Entry {
+        self.decide(&Entry {
             action: "demote",
             volume: &req.volume,
             peer: &req.new_primary_site,
@@ -390,6 +416,7 @@ impl Replication {
             rpo_seconds: cfg.rpo_seconds,
             on_peer_loss: cfg.on_peer_loss.as_str().into(),
             drained_at_unix_ns: drained_at,
+            rpo_policy: cfg.rpo_policy.as_str().into(),
         })
     }
 
@@ -448,7 +475,7 @@ impl Replication {
                         c.fenced = true;
                     })
                     .map_err(|e| Status::internal(format!("persisting split-brain: {e}")))?;
-                    self.audit.record(&Entry {
+                    self.decide(&Entry {
                         action: "split-brain",
                         volume: &req.volume,
                         peer: &req.primary_site,
@@ -476,7 +503,7 @@ impl Replication {
                 })
                 .await
                 .map_err(to_status)?;
-            self.audit.record(&Entry {
+            self.decide(&Entry {
                 action: "auto-demote",
                 volume: &req.volume,
                 peer: &req.primary_site,
@@ -530,7 +557,7 @@ impl Replication {
                     )
                 })
                 .await?;
-            self.audit.record(&Entry {
+            self.decide(&Entry {
                 action: "discard-local",
                 volume,
                 peer: &cfg.peer,

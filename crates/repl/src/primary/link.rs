@@ -3,7 +3,7 @@
 //! and the state its session task and the status API share.
 
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Instant, SystemTime};
 
 use ember_volume::{AckWait, Change, ReplicationHook, Volume};
@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use super::journal::{Journal, Op};
+use super::rpo::{self, RpoPolicy, RpoState};
 
 /// Unsent journal bytes that wake the session before its next tick.
 const WAKE_BACKLOG: u64 = 4 << 20;
@@ -86,8 +87,11 @@ pub(crate) struct ReplicaConfig {
     pub peer: String,
     /// Mode.
     pub mode: Mode,
-    /// RPO target in seconds (enforced by the next layer; stored now).
+    /// RPO target in seconds (0: none).
     pub rpo_seconds: u64,
+    /// What happens when the target is at risk.
+    #[serde(default)]
+    pub rpo_policy: RpoPolicy,
     /// Sync-mode behaviour on peer loss.
     #[serde(default)]
     pub on_peer_loss: PeerLossPolicy,
@@ -177,6 +181,8 @@ pub(crate) struct LinkStats {
     pub(crate) sessions: AtomicU64,
     /// Journal overflows (fell back to the bitmap).
     pub(crate) overflows: AtomicU64,
+    /// Bytes clients wrote to the volume since the agent started.
+    pub(crate) bytes_written: AtomicU64,
 }
 
 /// One replicated volume on its primary.
@@ -199,6 +205,10 @@ pub(crate) struct ReplicaLink {
     writes_refused: AtomicBool,
     /// The peer reported split-brain (it holds writes we lack).
     pub(crate) peer_split_brain: AtomicBool,
+    /// RPO breach and escalation state.
+    pub(crate) rpo: RpoState,
+    /// This link, for futures handed to the write path.
+    me: Weak<ReplicaLink>,
 }
 
 impl ReplicaLink {
@@ -207,9 +217,9 @@ impl ReplicaLink {
         config: ReplicaConfig,
         config_path: std::path::PathBuf,
         journal_bytes: u64,
-    ) -> Self {
+    ) -> Arc<Self> {
         let refused = config.fenced || config.split_brain;
-        Self {
+        Arc::new_cyclic(|me| Self {
             volume,
             config_path,
             config: Mutex::new(config),
@@ -221,6 +231,40 @@ impl ReplicaLink {
             stats: LinkStats::default(),
             writes_refused: AtomicBool::new(refused),
             peer_split_brain: AtomicBool::new(false),
+            rpo: RpoState::default(),
+            me: me.clone(),
+        })
+    }
+
+    /// The replica's state as reported: split-brain, fenced, paused,
+    /// syncing, in-sync, lagging (async, lag ≥ 1 s), degraded (sync, peer
+    /// lost) or disconnected.
+    pub(crate) fn state(&self) -> &'static str {
+        let cfg = self.config();
+        if cfg.split_brain || self.peer_split_brain.load(Ordering::SeqCst) {
+            return "split-brain";
+        }
+        if cfg.fenced {
+            return "fenced";
+        }
+        match self.phase() {
+            _ if cfg.paused => "paused",
+            Phase::InitialSync | Phase::CatchUp => "syncing",
+            Phase::Streaming if cfg.mode == Mode::Async && self.lag().0 >= 1.0 => "lagging",
+            Phase::Streaming => "in-sync",
+            Phase::Disconnected if cfg.mode == Mode::Sync => "degraded",
+            Phase::Disconnected => "disconnected",
+        }
+    }
+
+    /// The mode writes are replicated in now: the configured one, or sync
+    /// while the escalate policy holds the lag down.
+    pub(crate) fn effective_mode(&self) -> Mode {
+        let mode = self.config.lock().expect("config lock poisoned").mode;
+        if self.rpo.escalated.load(Ordering::Relaxed) {
+            Mode::Sync
+        } else {
+            mode
         }
     }
 
@@ -321,9 +365,13 @@ impl ReplicaLink {
     }
 
     fn waits(&self) -> bool {
-        let cfg = self.config.lock().expect("config lock poisoned");
-        cfg.mode == Mode::Sync
-            && (self.phase() == Phase::Streaming || cfg.on_peer_loss == PeerLossPolicy::Suspend)
+        let policy = self
+            .config
+            .lock()
+            .expect("config lock poisoned")
+            .on_peer_loss;
+        self.effective_mode() == Mode::Sync
+            && (self.phase() == Phase::Streaming || policy == PeerLossPolicy::Suspend)
     }
 }
 
@@ -360,6 +408,11 @@ impl ReplicationHook for ReplicaLink {
         if self.phase() == Phase::Disconnected {
             self.note_disconnected_write();
         }
+        if let Change::Write { data, .. } = &change {
+            self.stats
+                .bytes_written
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
         let wait = self.waits();
         let (backlog, rx) = {
             let mut j = self.journal();
@@ -371,6 +424,9 @@ impl ReplicationHook for ReplicaLink {
         // lock, and frames leave in batches.
         if wait || backlog >= WAKE_BACKLOG {
             self.wake.notify_one();
+        }
+        if rx.is_none() && rpo::must_throttle(self) {
+            return Some(Box::pin(rpo::throttle(self.me.clone())));
         }
         rx.map(boxed)
     }

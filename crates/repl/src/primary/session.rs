@@ -24,6 +24,7 @@ use super::journal::{Entry, Op};
 use super::link::{Mode, PeerLossPolicy, Phase, ReplicaLink, now_unix_ns};
 use crate::PeerRegistry;
 use crate::error::ReplError;
+use crate::events::EventBus;
 use crate::fencing::{self, Refusal};
 use crate::frame;
 use crate::hashes::{self, Hash};
@@ -70,6 +71,8 @@ pub(crate) struct Ctx {
     /// Fault injection for tests: corrupt this many frames after their
     /// checksum is computed (`EMBER_FAULT_CORRUPT_FRAMES`).
     pub(crate) corrupt_frames: AtomicU64,
+    /// Replication events.
+    pub(crate) events: EventBus,
 }
 
 /// Why a session ended.
@@ -210,6 +213,8 @@ async fn session(
             primary_site: ctx.identity.site.clone(),
             primary_backend_id: ctx.identity.backend_id.clone(),
             generation: cfg.generation,
+            rpo_seconds: cfg.rpo_seconds,
+            rpo_policy: cfg.rpo_policy.as_str().into(),
         })
         .await
         .map_err(|status| match fencing::refusal(&status) {
@@ -791,8 +796,12 @@ impl Session<'_> {
                 self.link.set_phase(Phase::CatchUp);
                 batch_open = true;
             }
-            let direct =
-                self.link.config().mode == Mode::Sync && self.link.phase() == Phase::Streaming;
+            // Sync (configured, or escalated by the RPO policy) ships direct
+            // frames; an escalation waits until the open staged batch is
+            // committed, so no direct frame overtakes staged ones.
+            let want_direct =
+                self.link.effective_mode() == Mode::Sync && self.link.phase() == Phase::Streaming;
+            let direct = want_direct && !batch_open;
             let entries = self.link.journal().take(JOURNAL_TAKE);
             let shipped = !entries.is_empty();
             for e in entries {
@@ -803,8 +812,9 @@ impl Session<'_> {
                 self.scan_piece(offset, len).await?;
                 continue;
             }
-            let due =
-                self.link.phase() != Phase::Streaming || last_cut.elapsed() >= COMMIT_INTERVAL;
+            let due = self.link.phase() != Phase::Streaming
+                || last_cut.elapsed() >= COMMIT_INTERVAL
+                || want_direct;
             if !direct && batch_open && cut.is_none() && due {
                 last_cut = Instant::now();
                 let (checkpoint, entries, journal_seq, at) = self.cut()?;

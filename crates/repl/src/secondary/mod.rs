@@ -55,6 +55,11 @@ pub(crate) struct SecondaryRecord {
     /// The primary's replication mode (a forced promotion keeps it).
     #[serde(default)]
     pub(crate) mode: String,
+    /// The primary's RPO target and policy (likewise).
+    #[serde(default)]
+    pub(crate) rpo_seconds: u64,
+    #[serde(default)]
+    pub(crate) rpo_policy: String,
 }
 
 fn first_generation() -> u64 {
@@ -95,6 +100,8 @@ impl SecondaryRecord {
             yielded,
             divergent,
             mode: String::new(),
+            rpo_seconds: 0,
+            rpo_policy: String::new(),
         }
     }
 }
@@ -285,6 +292,8 @@ impl SecondarySet {
                 r.detached = false;
                 r.yielded = false;
                 r.mode.clone_from(&req.mode);
+                r.rpo_seconds = req.rpo_seconds;
+                r.rpo_policy.clone_from(&req.rpo_policy);
                 // Not older than ours (checked above) unless we yielded.
                 r.generation = generation;
             })?;
@@ -322,6 +331,8 @@ impl SecondarySet {
             yielded: false,
             divergent: Vec::new(),
             mode: req.mode.clone(),
+            rpo_seconds: req.rpo_seconds,
+            rpo_policy: req.rpo_policy.clone(),
         };
         ember_volume::fsutil::write_json_atomic(
             &self.dir.join(format!("{}.json", req.volume)),

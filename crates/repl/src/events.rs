@@ -1,0 +1,117 @@
+//! Replication events for `WatchEvents`: state changes, RPO breaches and
+//! escalations, resync progress, promotions and demotions. A broadcast
+//! channel: every watcher gets every event from the moment it subscribes;
+//! a watcher too slow to keep up is told how many it missed.
+
+use tokio::sync::broadcast;
+
+use crate::primary::link::now_unix_ns;
+
+/// Events kept for slow watchers before they miss some.
+const BACKLOG: usize = 4096;
+
+/// What happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// The replica's state changed (`state` holds the new one).
+    State,
+    /// Lag went above the RPO target.
+    RpoBreach,
+    /// Lag is back under the target.
+    RpoMet,
+    /// The escalate policy switched to sync.
+    Escalated,
+    /// …and back to async.
+    DeEscalated,
+    /// Resync progress (about once a second while syncing).
+    ResyncProgress,
+    /// This site became primary.
+    Promoted,
+    /// This site became a secondary.
+    Demoted,
+    /// A peer holds a newer generation: writes refused.
+    Fenced,
+    /// Both sites took writes since they split.
+    SplitBrain,
+}
+
+impl EventKind {
+    /// Wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::State => "state",
+            Self::RpoBreach => "rpo-breach",
+            Self::RpoMet => "rpo-met",
+            Self::Escalated => "escalated",
+            Self::DeEscalated => "de-escalated",
+            Self::ResyncProgress => "resync-progress",
+            Self::Promoted => "promoted",
+            Self::Demoted => "demoted",
+            Self::Fenced => "fenced",
+            Self::SplitBrain => "split-brain",
+        }
+    }
+}
+
+/// One event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// When (unix ns).
+    pub at_unix_ns: i64,
+    /// Volume.
+    pub volume: String,
+    /// What.
+    pub kind: EventKind,
+    /// Replica state after the event (empty when not known).
+    pub state: String,
+    /// Lag at the time, seconds.
+    pub lag_seconds: f64,
+    /// Resync bytes left (progress events).
+    pub resync_remaining_bytes: u64,
+    /// Generation after the event.
+    pub generation: u64,
+    /// Human-readable detail.
+    pub message: String,
+}
+
+impl Event {
+    /// An event of `kind` for `volume` now; fill in the rest as needed.
+    pub(crate) fn new(kind: EventKind, volume: &str, message: impl Into<String>) -> Self {
+        Self {
+            at_unix_ns: now_unix_ns(),
+            volume: volume.to_owned(),
+            kind,
+            state: String::new(),
+            lag_seconds: 0.0,
+            resync_remaining_bytes: 0,
+            generation: 0,
+            message: message.into(),
+        }
+    }
+}
+
+/// The agent's event bus.
+#[derive(Debug, Clone)]
+pub struct EventBus {
+    tx: broadcast::Sender<Event>,
+}
+
+impl Default for EventBus {
+    fn default() -> Self {
+        Self {
+            tx: broadcast::channel(BACKLOG).0,
+        }
+    }
+}
+
+impl EventBus {
+    /// Publishes an event (nobody listening is fine).
+    pub(crate) fn publish(&self, event: Event) {
+        let _ = self.tx.send(event);
+    }
+
+    /// A new watcher.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.tx.subscribe()
+    }
+}
