@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,16 +28,11 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "benches", "repl"))
+from compare import Lab  # noqa: E402  (the lab driver both benchmarks share)
 MIB = 1 << 20
 POLICIES = ["alert", "throttle", "escalate"]
 RATIOS = [0.5, 1, 2, 3]
-
-
-def run(*cmd):
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"{cmd} failed: {r.stderr}")
-    return r.stdout
 
 
 class RateProxy:
@@ -85,25 +79,6 @@ class RateProxy:
                 pass
 
 
-class Lab:
-    def __init__(self, bins, tmp):
-        self.ctl_bin = os.path.join(bins, "emberctl")
-        self.dir = os.path.join(tmp, "lab")
-        run(self.ctl_bin, "lab", "up", "--dir", self.dir, "--detach", "--size", "16M")
-        with open(os.path.join(self.dir, "lab.json")) as f:
-            self.lab = json.load(f)
-
-    def ctl(self, site, *args):
-        out = run(self.ctl_bin, "--api", self.lab["sites"][site]["api"], "--json", *args)
-        return json.loads(out) if out.strip() else None
-
-    def uri(self, vol):
-        return f"nbd://{self.lab['sites']['site-a']['nbd']}/{vol}"
-
-    def down(self):
-        subprocess.run([self.ctl_bin, "lab", "down", "--dir", self.dir], capture_output=True)
-
-
 def pct(xs, p):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
@@ -122,7 +97,7 @@ def one(lab, policy, ratio, link, target, runtime, n):
         time.sleep(0.1)
     report = os.path.join(os.path.dirname(lab.dir), f"fio-{n}.json")
     fio = subprocess.Popen(
-        ["fio", "--name=offered", "--ioengine=nbd", f"--uri={lab.uri(vol)}", "--rw=randwrite",
+        ["fio", "--name=offered", "--ioengine=nbd", f"--uri={lab.uri('site-a', vol)}", "--rw=randwrite",
          "--bs=64k", "--iodepth=8", "--size=1G", "--time_based", f"--runtime={runtime}",
          f"--rate={int(ratio * link)}", "--output-format=json", f"--output={report}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

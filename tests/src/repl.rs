@@ -145,18 +145,7 @@ impl TwoSites {
         what: &str,
         pred: impl Fn(&serde_json::Value) -> bool,
     ) -> serde_json::Value {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let s = self.status(volume);
-            if pred(&s) {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{volume}: {what} not reached within {timeout:?}: {s}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_status(&self.a, volume, timeout, what, pred)
     }
 
     /// `qemu-img compare` of the primary and secondary exports.
@@ -173,6 +162,29 @@ impl TwoSites {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+}
+
+/// Waits until `agent`'s `replica status` of `volume` satisfies `pred`.
+pub fn wait_status(
+    agent: &Agent,
+    volume: &str,
+    timeout: Duration,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let s = agent.ctl_json(&["replica", "status", volume]);
+        if pred(&s) {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{volume}: {what} not reached within {timeout:?}: {s}\nlog tail: {}",
+            tail(&agent.log())
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

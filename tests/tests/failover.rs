@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use ember_it::repl::{
     TwoSites, check_acked_present, check_prefix, read_history, read_timed_history, snapshot_export,
-    stamped_writer, tail,
+    stamped_writer, wait_status,
 };
 use ember_it::{Agent, require_tool, run, run_ok};
 
@@ -38,29 +38,6 @@ fn u(v: &serde_json::Value, key: &str) -> u64 {
 
 fn status(agent: &Agent, volume: &str) -> serde_json::Value {
     agent.ctl_json(&["replica", "status", volume])
-}
-
-/// Waits until `agent`'s status of `volume` satisfies `pred`.
-fn wait_status(
-    agent: &Agent,
-    volume: &str,
-    timeout: Duration,
-    what: &str,
-    pred: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let s = status(agent, volume);
-        if pred(&s) {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{volume}: {what} not reached within {timeout:?}: {s}\nlog tail: {}",
-            tail(&agent.log())
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn in_sync(s: &serde_json::Value) -> bool {

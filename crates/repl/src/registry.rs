@@ -208,19 +208,22 @@ impl PeerRegistry {
             .await
     }
 
+    async fn record(&self, site: &str) -> Result<PeerRecord> {
+        self.peers
+            .lock()
+            .await
+            .get(site)
+            .cloned()
+            .ok_or_else(|| ReplError::NotFound(format!("site {site} is not paired")))
+    }
+
     /// A client for long-lived replication streams: no per-request timeout,
     /// HTTP/2 keepalive pings so a dead link is noticed within seconds.
     pub(crate) async fn stream_client(
         &self,
         site: &str,
     ) -> Result<(EmberPeerClient<Channel>, u32, LinkRates)> {
-        let record = self
-            .peers
-            .lock()
-            .await
-            .get(site)
-            .cloned()
-            .ok_or_else(|| ReplError::NotFound(format!("site {site} is not paired")))?;
+        let record = self.record(site).await?;
         let client = self.connect_with(site, &record.address, None).await?;
         Ok((client, record.protocol_version, record.rates))
     }
@@ -231,13 +234,7 @@ impl PeerRegistry {
         &self,
         site: &str,
     ) -> Result<(EmberPeerClient<Channel>, String, u32)> {
-        let record = self
-            .peers
-            .lock()
-            .await
-            .get(site)
-            .cloned()
-            .ok_or_else(|| ReplError::NotFound(format!("site {site} is not paired")))?;
+        let record = self.record(site).await?;
         let client = self.connect(site, &record.address).await?;
         Ok((client, record.backend_id, record.protocol_version))
     }
