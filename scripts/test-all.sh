@@ -48,6 +48,16 @@ else
   status=1
 fi
 rm -f "$bench_out"
+bench_out=$(mktemp)
+if /usr/bin/python3 benches/rpo/failback.py --quick --bin-dir target/debug >"$bench_out" 2>&1; then
+  grep -v '^{' "$bench_out" || true
+  echo "failback bench smoke: 1 passed" | tee -a "$log"
+else
+  cat "$bench_out"
+  echo "failback bench smoke: 1 failed" | tee -a "$log"
+  status=1
+fi
+rm -f "$bench_out"
 
 passed=$(grep -Eo '[0-9]+ passed' "$log" | awk '{s+=$1} END {print s+0}')
 failed=$(grep -Eo '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')

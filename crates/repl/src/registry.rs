@@ -217,6 +217,11 @@ impl PeerRegistry {
             .ok_or_else(|| ReplError::NotFound(format!("site {site} is not paired")))
     }
 
+    /// The backend id `site` had at pairing (no connection made).
+    pub(crate) async fn backend_id(&self, site: &str) -> Option<String> {
+        self.record(site).await.ok().map(|r| r.backend_id)
+    }
+
     /// A client for long-lived replication streams: no per-request timeout,
     /// HTTP/2 keepalive pings so a dead link is noticed within seconds.
     pub(crate) async fn stream_client(

@@ -536,12 +536,12 @@ impl Replication {
         };
         let cfg = link.config();
         if discard_local {
+            // From the pairing record: the peer may well be unreachable now.
             let backend = self
                 .ctx
                 .registry
-                .call_client(&cfg.peer)
+                .backend_id(&cfg.peer)
                 .await
-                .map(|(_, b, _)| b)
                 .unwrap_or_default();
             let peer = cfg.peer.clone();
             let bytes = self

@@ -274,7 +274,9 @@ impl SecondarySet {
                     rec.generation,
                 ));
             }
-            if rec.primary_backend_id != req.primary_backend_id {
+            // A copy that yielded after split-brain follows whichever
+            // primary comes; any other follows only its own.
+            if !rec.yielded && rec.primary_backend_id != req.primary_backend_id {
                 return Err(Status::failed_precondition(format!(
                     "volume {} is a secondary of {} (backend {}), not of {}",
                     req.volume, rec.primary_site, rec.primary_backend_id, req.primary_site
@@ -291,6 +293,8 @@ impl SecondarySet {
             sv.update(|r| {
                 r.detached = false;
                 r.yielded = false;
+                r.primary_site.clone_from(&req.primary_site);
+                r.primary_backend_id.clone_from(&req.primary_backend_id);
                 r.mode.clone_from(&req.mode);
                 r.rpo_seconds = req.rpo_seconds;
                 r.rpo_policy.clone_from(&req.rpo_policy);
