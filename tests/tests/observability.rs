@@ -159,6 +159,17 @@ fn events_and_metrics_report_breaches_states_and_promotions() {
     );
     let state = sample(&samples, "ember_replication_state", "m");
     assert_eq!(state["labels"]["peer"], "site-b", "{state}");
+    // fio's writes are in the volume's latency histogram.
+    let count = sample(&samples, "ember_volume_write_latency_seconds_count", "m");
+    assert_eq!(count["type"], "histogram", "{count}");
+    assert!(count["value"].as_f64() > Some(0.0), "{count}");
+    let buckets = samples
+        .iter()
+        .filter(|s| {
+            s["name"] == "ember_volume_write_latency_seconds_bucket" && s["labels"]["volume"] == "m"
+        })
+        .count();
+    assert!(buckets >= 20, "only {buckets} latency buckets");
 
     let _ = fio.kill();
     let _ = fio.wait();

@@ -10,16 +10,21 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 use bytes::Bytes;
+use ember_volume::VolumeStore;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use prometheus_client::collector::Collector;
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -29,9 +34,38 @@ type FloatGauge = Gauge<f64, AtomicU64>;
 
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Renders every replicated volume's metrics.
-pub(crate) fn render(replication: &ember_repl::Replication) -> String {
+/// Every volume's write-latency histogram, labelled by volume: the
+/// histograms live in the volumes (observed on each write), this only
+/// encodes them at scrape time.
+#[derive(Debug)]
+struct WriteLatency(Vec<(String, Histogram)>);
+
+impl Collector for WriteLatency {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let mut family = encoder.encode_descriptor(
+            "ember_volume_write_latency_seconds",
+            "Client write latency until acknowledged (sync replication included)",
+            None,
+            MetricType::Histogram,
+        )?;
+        for (volume, h) in &self.0 {
+            let labels = [("volume", volume.as_str())];
+            h.encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Renders the metrics of every volume and replica.
+pub(crate) fn render(store: &VolumeStore, replication: &ember_repl::Replication) -> String {
     let mut registry = <Registry>::default();
+    registry.register_collector(Box::new(WriteLatency(
+        store
+            .list()
+            .into_iter()
+            .map(|(meta, v)| (meta.name.clone(), v.write_latency().clone()))
+            .collect(),
+    )));
     let lag_seconds = Family::<Labels, FloatGauge>::default();
     let lag_bytes = Family::<Labels, Gauge>::default();
     let rpo_target = Family::<Labels, Gauge>::default();
@@ -126,13 +160,14 @@ pub(crate) fn render(replication: &ember_repl::Replication) -> String {
 }
 
 async fn handle(
+    store: Arc<VolumeStore>,
     replication: Arc<ember_repl::Replication>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let response = if req.method() == Method::GET && req.uri().path() == "/metrics" {
         Response::builder()
             .header("content-type", CONTENT_TYPE)
-            .body(Full::new(Bytes::from(render(&replication))))
+            .body(Full::new(Bytes::from(render(&store, &replication))))
     } else {
         Response::builder()
             .status(StatusCode::NOT_FOUND)
@@ -144,6 +179,7 @@ async fn handle(
 /// Serves `/metrics` until `cancel`.
 pub(crate) async fn serve(
     listener: TcpListener,
+    store: Arc<VolumeStore>,
     replication: Arc<ember_repl::Replication>,
     cancel: CancellationToken,
 ) {
@@ -158,9 +194,9 @@ pub(crate) async fn serve(
             },
             () = cancel.cancelled() => return,
         };
-        let replication = replication.clone();
+        let (store, replication) = (store.clone(), replication.clone());
         tokio::spawn(async move {
-            let service = service_fn(move |req| handle(replication.clone(), req));
+            let service = service_fn(move |req| handle(store.clone(), replication.clone(), req));
             if let Err(e) = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .await

@@ -170,6 +170,7 @@ pub async fn run(
         tracing::info!(metrics = %listener.local_addr()?, "Prometheus metrics at /metrics");
         metrics_task = Some(tokio::spawn(crate::metrics::serve(
             listener,
+            store.clone(),
             replication.clone(),
             cancel.child_token(),
         )));

@@ -17,6 +17,7 @@ use std::sync::{Arc, RwLock as StdRwLock};
 use ember_nbd::{BlockRun, Export};
 use ember_storage::{AllocationRun, FileDevice, StorageError};
 use ember_tracking::{Admission, Tracker};
+use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::RwLock;
 
 use crate::replication::{Change, ReplicationHook};
@@ -35,6 +36,14 @@ pub struct Volume {
     write_gate: RwLock<()>,
     connections: AtomicU32,
     replication: StdRwLock<Option<Arc<dyn ReplicationHook>>>,
+    /// Client write latency (acknowledgement included: tracking, the
+    /// write itself, and in sync mode the secondary), for `/metrics`.
+    write_latency: Histogram,
+}
+
+/// Write-latency buckets: 8 µs to about 4 s, doubling.
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    prometheus_client::metrics::histogram::exponential_buckets(8e-6, 2.0, 20)
 }
 
 impl Volume {
@@ -54,7 +63,13 @@ impl Volume {
             write_gate: RwLock::new(()),
             connections: AtomicU32::new(0),
             replication: StdRwLock::new(None),
+            write_latency: Histogram::new(latency_buckets()),
         }
+    }
+
+    /// Client write latency histogram (seconds).
+    pub fn write_latency(&self) -> &Histogram {
+        &self.write_latency
     }
 
     /// Export name.
@@ -201,6 +216,7 @@ impl Export for Volume {
     }
 
     async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), StorageError> {
+        let started = std::time::Instant::now();
         let hook = self.refuses_writes()?;
         let len = data.len() as u64;
         let publish = hook.map(|h| {
@@ -210,10 +226,15 @@ impl Export for Volume {
             };
             (h, change, fua)
         });
-        self.tracked(offset, len, publish, || {
-            self.device.write(offset, data, fua)
-        })
-        .await
+        let result = self
+            .tracked(offset, len, publish, || {
+                self.device.write(offset, data, fua)
+            })
+            .await;
+        if result.is_ok() {
+            self.write_latency.observe(started.elapsed().as_secs_f64());
+        }
+        result
     }
 
     async fn flush(&self) -> Result<(), StorageError> {
