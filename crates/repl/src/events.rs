@@ -13,7 +13,8 @@ const BACKLOG: usize = 4096;
 /// What happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventKind {
-    /// The replica's state changed (`state` holds the new one).
+    /// The replica's state changed (`state` holds the new one; fencing
+    /// shows as the state `fenced`).
     State,
     /// Lag went above the RPO target.
     RpoBreach,
@@ -29,8 +30,6 @@ pub enum EventKind {
     Promoted,
     /// This site became a secondary.
     Demoted,
-    /// A peer holds a newer generation: writes refused.
-    Fenced,
     /// Both sites took writes since they split.
     SplitBrain,
 }
@@ -47,7 +46,6 @@ impl EventKind {
             Self::ResyncProgress => "resync-progress",
             Self::Promoted => "promoted",
             Self::Demoted => "demoted",
-            Self::Fenced => "fenced",
             Self::SplitBrain => "split-brain",
         }
     }
