@@ -26,38 +26,25 @@ status=0
 # Benches are compiled and run once as tests so they cannot rot.
 cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log" || status=$?
 cargo bench -p ember-benches --locked -- --test 2>&1 | tee -a "$log" || status=$?
-# The replication benchmark script end to end at toy sizes (debug binaries):
-# proves it runs; the numbers in benches/RESULTS.md come from release runs.
-bench_out=$(mktemp)
-if /usr/bin/python3 benches/repl/compare.py --quick --bin-dir target/debug >"$bench_out" 2>&1; then
-  grep -v '^[ {}]' "$bench_out" || true
-  echo "repl bench smoke: 1 passed" | tee -a "$log"
-else
-  cat "$bench_out"
-  echo "repl bench smoke: 1 failed" | tee -a "$log"
-  status=1
-fi
-rm -f "$bench_out"
-bench_out=$(mktemp)
-if /usr/bin/python3 benches/rpo/adherence.py --quick --bin-dir target/debug >"$bench_out" 2>&1; then
-  cat "$bench_out"
-  echo "rpo bench smoke: 1 passed" | tee -a "$log"
-else
-  cat "$bench_out"
-  echo "rpo bench smoke: 1 failed" | tee -a "$log"
-  status=1
-fi
-rm -f "$bench_out"
-bench_out=$(mktemp)
-if /usr/bin/python3 benches/rpo/failback.py --quick --bin-dir target/debug >"$bench_out" 2>&1; then
-  grep -v '^{' "$bench_out" || true
-  echo "failback bench smoke: 1 passed" | tee -a "$log"
-else
-  cat "$bench_out"
-  echo "failback bench smoke: 1 failed" | tee -a "$log"
-  status=1
-fi
-rm -f "$bench_out"
+# Benchmark scripts end to end at toy sizes (debug binaries): proves they
+# run; the numbers in benches/RESULTS.md come from release runs.
+smoke() {
+  local name=$1; shift
+  local out
+  out=$(mktemp)
+  if /usr/bin/python3 "$@" --quick --bin-dir target/debug >"$out" 2>&1; then
+    grep -v '^[ {}]' "$out" || true
+    echo "$name bench smoke: 1 passed" | tee -a "$log"
+  else
+    cat "$out"
+    echo "$name bench smoke: 1 failed" | tee -a "$log"
+    status=1
+  fi
+  rm -f "$out"
+}
+smoke repl benches/repl/compare.py
+smoke rpo benches/rpo/adherence.py
+smoke failback benches/rpo/failback.py
 
 passed=$(grep -Eo '[0-9]+ passed' "$log" | awk '{s+=$1} END {print s+0}')
 failed=$(grep -Eo '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')

@@ -391,23 +391,14 @@ impl Replication {
             *link.config.lock().expect("config lock poisoned") = cfg;
             return Ok((self.status(&req.volume)?, false));
         }
-        let config = ReplicaConfig {
-            volume: req.volume.clone(),
-            peer: req.peer.clone(),
-            mode: req.mode,
-            rpo_seconds: req.rpo_seconds,
-            rpo_policy: req.rpo_policy,
-            on_peer_loss: req.on_peer_loss,
-            enabled_at_unix: now_unix(),
-            last_consistent_at_unix_ns: 0,
-            synced: false,
-            paused: false,
-            generation: 1,
-            fenced: false,
-            split_brain: false,
-            wrote_disconnected: false,
-            recovery_point_unix_ns: 0,
-        };
+        let config = ReplicaConfig::new(
+            &req.volume,
+            &req.peer,
+            req.mode,
+            req.rpo_seconds,
+            req.rpo_policy,
+            req.on_peer_loss,
+        );
         ember_volume::fsutil::write_json_atomic(&self.config_path(&req.volume), &config)
             .map_err(|e| internal("persist replica config", e))?;
         self.start(config, true)?;
@@ -757,13 +748,6 @@ impl Replication {
         }
         Ok(())
     }
-}
-
-fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 fn primary_status(link: &ReplicaLink) -> ReplicaStatus {

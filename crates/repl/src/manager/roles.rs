@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use ember_proto::repl::v1 as pb;
 use tonic::Status;
 
-use super::{Replication, now_unix};
+use super::Replication;
 use crate::audit::Entry;
 use crate::error::{ReplError, Result};
 use crate::events::{Event, EventKind};
@@ -142,21 +142,16 @@ impl Replication {
             .map_err(refused(&rec.primary_site, "Demote"))?
             .into_inner();
         let config = ReplicaConfig {
-            volume: rec.volume.clone(),
-            peer: rec.primary_site.clone(),
-            mode: Mode::parse(&drained.mode).unwrap_or(Mode::Async),
-            rpo_seconds: drained.rpo_seconds,
-            rpo_policy: RpoPolicy::parse(&drained.rpo_policy).unwrap_or_default(),
-            on_peer_loss: PeerLossPolicy::parse(&drained.on_peer_loss).unwrap_or_default(),
-            enabled_at_unix: now_unix(),
             last_consistent_at_unix_ns: drained.drained_at_unix_ns,
-            synced: true,
-            paused: false,
-            generation,
-            fenced: false,
-            split_brain: false,
-            wrote_disconnected: false,
-            recovery_point_unix_ns: 0,
+            ..ReplicaConfig::new(
+                &rec.volume,
+                &rec.primary_site,
+                Mode::parse(&drained.mode).unwrap_or(Mode::Async),
+                drained.rpo_seconds,
+                RpoPolicy::parse(&drained.rpo_policy).unwrap_or_default(),
+                PeerLossPolicy::parse(&drained.on_peer_loss).unwrap_or_default(),
+            )
+            .promoted(generation)
         };
         self.become_primary(config).await?;
         self.decide(&Entry {
@@ -185,21 +180,16 @@ impl Replication {
         }
         let generation = rec.generation + 1;
         let config = ReplicaConfig {
-            volume: rec.volume.clone(),
-            peer: rec.primary_site.clone(),
-            mode: Mode::parse(&rec.mode).unwrap_or(Mode::Async),
-            rpo_seconds: rec.rpo_seconds,
-            rpo_policy: RpoPolicy::parse(&rec.rpo_policy).unwrap_or_default(),
-            on_peer_loss: PeerLossPolicy::default(),
-            enabled_at_unix: now_unix(),
-            last_consistent_at_unix_ns: 0,
-            synced: true,
-            paused: false,
-            generation,
-            fenced: false,
-            split_brain: false,
-            wrote_disconnected: false,
             recovery_point_unix_ns: rec.consistent_at_unix_ns,
+            ..ReplicaConfig::new(
+                &rec.volume,
+                &rec.primary_site,
+                Mode::parse(&rec.mode).unwrap_or(Mode::Async),
+                rec.rpo_seconds,
+                RpoPolicy::parse(&rec.rpo_policy).unwrap_or_default(),
+                PeerLossPolicy::default(),
+            )
+            .promoted(generation)
         };
         self.become_primary(config).await?;
         self.decide(&Entry {

@@ -137,6 +137,46 @@ fn first_generation() -> u64 {
     1
 }
 
+impl ReplicaConfig {
+    /// A new replica of `volume` on `peer`: generation 1, not yet synced.
+    pub(crate) fn new(
+        volume: &str,
+        peer: &str,
+        mode: Mode,
+        rpo_seconds: u64,
+        rpo_policy: RpoPolicy,
+        on_peer_loss: PeerLossPolicy,
+    ) -> Self {
+        Self {
+            volume: volume.to_owned(),
+            peer: peer.to_owned(),
+            mode,
+            rpo_seconds,
+            rpo_policy,
+            on_peer_loss,
+            enabled_at_unix: now_unix_ns() / 1_000_000_000,
+            last_consistent_at_unix_ns: 0,
+            synced: false,
+            paused: false,
+            generation: first_generation(),
+            fenced: false,
+            split_brain: false,
+            wrote_disconnected: false,
+            recovery_point_unix_ns: 0,
+        }
+    }
+
+    /// The same replica as started by a promotion to `generation`: the
+    /// promoted image is the reference, so it counts as synced.
+    pub(crate) fn promoted(self, generation: u64) -> Self {
+        Self {
+            synced: true,
+            generation,
+            ..self
+        }
+    }
+}
+
 /// Where the session is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -260,11 +300,26 @@ impl ReplicaLink {
     /// The mode writes are replicated in now: the configured one, or sync
     /// while the escalate policy holds the lag down.
     pub(crate) fn effective_mode(&self) -> Mode {
-        let mode = self.config.lock().expect("config lock poisoned").mode;
+        self.effective(self.config.lock().expect("config lock poisoned").mode)
+    }
+
+    fn effective(&self, configured: Mode) -> Mode {
         if self.rpo.escalated.load(Ordering::Relaxed) {
             Mode::Sync
         } else {
-            mode
+            configured
+        }
+    }
+
+    /// What the write path needs from the configuration, read under one
+    /// lock (it runs on every client write).
+    pub(crate) fn write_rules(&self) -> WriteRules {
+        let cfg = self.config.lock().expect("config lock poisoned");
+        WriteRules {
+            mode: cfg.mode,
+            on_peer_loss: cfg.on_peer_loss,
+            rpo_policy: cfg.rpo_policy,
+            rpo_seconds: cfg.rpo_seconds,
         }
     }
 
@@ -364,15 +419,20 @@ impl ReplicaLink {
             .last_consistent_at_unix_ns = unix_ns;
     }
 
-    fn waits(&self) -> bool {
-        let policy = self
-            .config
-            .lock()
-            .expect("config lock poisoned")
-            .on_peer_loss;
-        self.effective_mode() == Mode::Sync
-            && (self.phase() == Phase::Streaming || policy == PeerLossPolicy::Suspend)
+    /// Whether a write (or flush) must wait for the secondary.
+    fn waits(&self, rules: &WriteRules) -> bool {
+        self.effective(rules.mode) == Mode::Sync
+            && (self.phase() == Phase::Streaming || rules.on_peer_loss == PeerLossPolicy::Suspend)
     }
+}
+
+/// The configuration the write path reads (see [`ReplicaLink::write_rules`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WriteRules {
+    pub(crate) mode: Mode,
+    pub(crate) on_peer_loss: PeerLossPolicy,
+    pub(crate) rpo_policy: RpoPolicy,
+    pub(crate) rpo_seconds: u64,
 }
 
 /// Name of the change set a link to `peer` uses.
@@ -413,7 +473,8 @@ impl ReplicationHook for ReplicaLink {
                 .bytes_written
                 .fetch_add(data.len() as u64, Ordering::Relaxed);
         }
-        let wait = self.waits();
+        let rules = self.write_rules();
+        let wait = self.waits(&rules);
         let (backlog, rx) = {
             let mut j = self.journal();
             let (_, rx) = j.record(Op::Change(change), fua, wait);
@@ -425,14 +486,14 @@ impl ReplicationHook for ReplicaLink {
         if wait || backlog >= WAKE_BACKLOG {
             self.wake.notify_one();
         }
-        if rx.is_none() && rpo::must_throttle(self) {
+        if rx.is_none() && rpo::must_throttle(self, &rules) {
             return Some(Box::pin(rpo::throttle(self.me.clone())));
         }
         rx.map(boxed)
     }
 
     fn flushed(&self) -> Option<AckWait> {
-        if !self.waits() {
+        if !self.waits(&self.write_rules()) {
             return None;
         }
         let (_, rx) = self.journal().record(Op::Flush, false, true);

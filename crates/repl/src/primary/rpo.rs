@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::link::{Phase, ReplicaLink};
+use super::link::{Phase, ReplicaLink, WriteRules};
 use crate::events::{Event, EventBus, EventKind};
 
 /// How often the watcher looks at the lag (a breach is reported within it).
@@ -192,12 +192,11 @@ fn target(link: &ReplicaLink) -> Option<f64> {
 }
 
 /// Whether a write completing now must wait (throttle policy).
-pub(crate) fn must_throttle(link: &ReplicaLink) -> bool {
-    let policy = link.config.lock().expect("config lock poisoned").rpo_policy;
-    if policy != RpoPolicy::Throttle || link.phase() == Phase::Disconnected {
-        return false;
-    }
-    target(link).is_some_and(|t| predicted_lag(link) > t * ACT_AT)
+pub(crate) fn must_throttle(link: &ReplicaLink, rules: &WriteRules) -> bool {
+    rules.rpo_policy == RpoPolicy::Throttle
+        && rules.rpo_seconds > 0
+        && link.phase() != Phase::Disconnected
+        && predicted_lag(link) > rules.rpo_seconds as f64 * ACT_AT
 }
 
 /// Waits until the lag of `link` is back under half its target.
@@ -205,7 +204,7 @@ pub(crate) async fn throttle(link: Weak<ReplicaLink>) {
     let started = Instant::now();
     while started.elapsed() < THROTTLE_MAX {
         match link.upgrade() {
-            Some(l) if must_throttle(&l) => {}
+            Some(l) if must_throttle(&l, &l.write_rules()) => {}
             _ => return,
         }
         tokio::time::sleep(THROTTLE_POLL).await;
