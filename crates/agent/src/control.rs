@@ -66,6 +66,28 @@ pub(crate) fn repl_status(error: ember_repl::ReplError) -> Status {
     }
 }
 
+fn group_pb(s: ember_repl::GroupStatus) -> pb::GroupStatus {
+    pb::GroupStatus {
+        name: s.name,
+        role: s.role.into(),
+        peer_site: s.peer,
+        members: s
+            .members
+            .into_iter()
+            .map(|m| pb::GroupMemberStatus {
+                volume: m.volume,
+                state: m.state.into(),
+                lag_seconds: m.lag_seconds,
+                lag_bytes: m.lag_bytes,
+                consistent_at_unix_ns: m.consistent_at_unix_ns,
+            })
+            .collect(),
+        consistent_at_unix_ns: s.consistent_at_unix_ns,
+        lag_seconds: s.lag_seconds,
+        consistent: s.consistent,
+    }
+}
+
 fn replication_pb(s: ember_repl::ReplicaStatus) -> pb::ReplicationStatus {
     pb::ReplicationStatus {
         volume: s.volume,
@@ -86,6 +108,7 @@ fn replication_pb(s: ember_repl::ReplicaStatus) -> pb::ReplicationStatus {
         sessions: s.sessions,
         rpo_seconds: s.rpo_seconds,
         rpo_policy: s.rpo_policy.into(),
+        group: s.group,
         rpo_breached: s.rpo_breached,
         rpo_breaches: s.rpo_breaches,
         rpo_escalated: s.rpo_escalated,
@@ -472,6 +495,116 @@ impl EmberControl for ControlService {
             forced: report.forced,
             recovery_point_unix_ns: report.recovery_point_unix_ns,
             already_primary: report.already_primary,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(group = %request.get_ref().name, peer = %request.get_ref().peer_site))]
+    async fn create_group(
+        &self,
+        request: Request<pb::CreateGroupRequest>,
+    ) -> Result<Response<pb::CreateGroupResponse>, Status> {
+        let req = request.into_inner();
+        let (status, created) = self
+            .replication
+            .create_group(&req.name, &req.peer_site)
+            .await
+            .map_err(repl_status)?;
+        Ok(Response::new(pb::CreateGroupResponse {
+            status: Some(group_pb(status)),
+            created,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(group = %request.get_ref().name))]
+    async fn delete_group(
+        &self,
+        request: Request<pb::DeleteGroupRequest>,
+    ) -> Result<Response<pb::DeleteGroupResponse>, Status> {
+        let existed = self
+            .replication
+            .delete_group(&request.into_inner().name)
+            .map_err(repl_status)?;
+        Ok(Response::new(pb::DeleteGroupResponse { existed }))
+    }
+
+    #[tracing::instrument(skip_all, fields(group = %request.get_ref().group, volume_id = %request.get_ref().volume))]
+    async fn add_to_group(
+        &self,
+        request: Request<pb::GroupMemberRequest>,
+    ) -> Result<Response<pb::GroupMemberResponse>, Status> {
+        let req = request.into_inner();
+        ember_volume::parse_volume(&req.volume)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let (status, changed) = self
+            .replication
+            .add_to_group(&req.group, &req.volume)
+            .map_err(repl_status)?;
+        Ok(Response::new(pb::GroupMemberResponse {
+            status: Some(group_pb(status)),
+            changed,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(group = %request.get_ref().group, volume_id = %request.get_ref().volume))]
+    async fn remove_from_group(
+        &self,
+        request: Request<pb::GroupMemberRequest>,
+    ) -> Result<Response<pb::GroupMemberResponse>, Status> {
+        let req = request.into_inner();
+        ember_volume::parse_volume(&req.volume)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let (status, changed) = self
+            .replication
+            .remove_from_group(&req.group, &req.volume)
+            .map_err(repl_status)?;
+        Ok(Response::new(pb::GroupMemberResponse {
+            status: Some(group_pb(status)),
+            changed,
+        }))
+    }
+
+    async fn get_group_status(
+        &self,
+        request: Request<pb::GetGroupStatusRequest>,
+    ) -> Result<Response<pb::GetGroupStatusResponse>, Status> {
+        let status = self
+            .replication
+            .group_status(&request.into_inner().name)
+            .map_err(repl_status)?;
+        Ok(Response::new(pb::GetGroupStatusResponse {
+            status: Some(group_pb(status)),
+        }))
+    }
+
+    async fn list_groups(
+        &self,
+        _: Request<pb::ListGroupsRequest>,
+    ) -> Result<Response<pb::ListGroupsResponse>, Status> {
+        Ok(Response::new(pb::ListGroupsResponse {
+            groups: self
+                .replication
+                .list_groups()
+                .into_iter()
+                .map(group_pb)
+                .collect(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(group = %request.get_ref().name, force = request.get_ref().force))]
+    async fn promote_group(
+        &self,
+        request: Request<pb::PromoteGroupRequest>,
+    ) -> Result<Response<pb::PromoteGroupResponse>, Status> {
+        let req = request.into_inner();
+        let report = self
+            .replication
+            .promote_group(&req.name, req.force)
+            .await
+            .map_err(repl_status)?;
+        Ok(Response::new(pb::PromoteGroupResponse {
+            status: Some(group_pb(report.status)),
+            forced: report.forced,
+            recovery_point_unix_ns: report.recovery_point_unix_ns,
         }))
     }
 

@@ -3,6 +3,7 @@
 
 mod client;
 mod failover;
+mod group;
 mod lab;
 mod output;
 mod pki;
@@ -59,6 +60,10 @@ enum Command {
     /// Replication of volumes to paired sites.
     #[command(subcommand)]
     Replica(replica::ReplicaCmd),
+    /// Consistency groups: volumes replicated with one write order and
+    /// promoted together.
+    #[command(subcommand)]
+    Group(group::GroupCmd),
     /// Follow replication events (state changes, RPO breaches, resync
     /// progress, promotions) until interrupted; one line each (JSON with --json).
     Events {
@@ -344,6 +349,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             }
         },
         Command::Replica(cmd) => replica::run(cmd, &mut api, out).await?,
+        Command::Group(cmd) => group::run(cmd, &mut api, out).await?,
         Command::Events { volume } => failover::events(&mut api, out, volume).await?,
         Command::Snapshot(cmd) => match cmd {
             SnapshotCmd::Create { volume, name } => {

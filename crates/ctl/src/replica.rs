@@ -109,6 +109,7 @@ pub(crate) fn status_json(s: &pb::ReplicationStatus) -> Value {
         "rpo_breaches": s.rpo_breaches, "rpo_escalated": s.rpo_escalated,
         "recovery_point": rfc3339(s.recovery_point_unix_ns),
         "recovery_point_unix_ns": s.recovery_point_unix_ns,
+        "group": s.group,
     })
 }
 

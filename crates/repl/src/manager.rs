@@ -13,8 +13,10 @@ use ember_volume::VolumeStore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+mod groups;
 mod roles;
 
+pub use groups::{GroupMember, GroupPromoteReport, GroupStatus};
 pub use roles::PromoteReport;
 
 use crate::PeerRegistry;
@@ -102,6 +104,8 @@ pub struct ReplicaStatus {
     pub rpo_escalated: bool,
     /// Sync-mode peer-loss policy.
     pub on_peer_loss: &'static str,
+    /// Consistency group (empty: none).
+    pub group: String,
     /// Why the link is down, if it is.
     pub last_error: String,
     /// Fencing generation (bumped by every promotion).
@@ -184,6 +188,8 @@ pub struct Replication {
     buckets: Mutex<HashMap<String, Arc<LinkBuckets>>>,
     journal_bytes: u64,
     audit: AuditLog,
+    groups_dir: PathBuf,
+    groups: Mutex<HashMap<String, groups::RunningGroup>>,
 }
 
 impl std::fmt::Debug for Running {
@@ -225,7 +231,10 @@ impl Replication {
             buckets: Mutex::new(HashMap::new()),
             journal_bytes: DEFAULT_JOURNAL_BYTES,
             audit: AuditLog::new(&data_dir.join("replicas")),
+            groups_dir: data_dir.join("replicas").join("groups"),
+            groups: Mutex::new(HashMap::new()),
         };
+        std::fs::create_dir_all(&this.groups_dir).map_err(|e| internal("create groups dir", e))?;
         for entry in std::fs::read_dir(&dir).map_err(|e| internal("read replicas dir", e))? {
             let path = entry.map_err(|e| internal("read replicas dir", e))?.path();
             if path.extension().and_then(|e| e.to_str()) != Some("json") {
@@ -247,6 +256,17 @@ impl Replication {
                 continue;
             }
             this.start(config, true)?;
+        }
+        for entry in
+            std::fs::read_dir(&this.groups_dir).map_err(|e| internal("read groups dir", e))?
+        {
+            let path = entry.map_err(|e| internal("read groups dir", e))?.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                continue;
+            }
+            let config: groups::GroupConfig = ember_volume::fsutil::read_json(&path)
+                .map_err(|e| internal("read group config", e))?;
+            this.start_group(config);
         }
         Ok(this)
     }
@@ -305,6 +325,7 @@ impl Replication {
             self.journal_bytes,
         );
         volume.set_replication(Some(link.clone()));
+        self.group_link_started(&link);
         let stop = CancellationToken::new();
         tokio::spawn(rpo::watch(
             Arc::downgrade(&link),
@@ -381,6 +402,9 @@ impl Replication {
                     "volume {} already replicates to {}; disable that first",
                     req.volume, cfg.peer
                 )));
+            }
+            if cfg.group.is_some() {
+                groups::check_member_rules(&req.volume, req.mode, req.rpo_policy)?;
             }
             cfg.mode = req.mode;
             cfg.rpo_seconds = req.rpo_seconds;
@@ -465,6 +489,7 @@ impl Replication {
             let _ = task.await;
         }
         let cfg = running.link.config();
+        self.group_member_gone(volume);
         running.link.volume.set_replication(None);
         // Waiters of held writes see their sender dropped and complete.
         running.link.journal().release_waiters();
@@ -537,6 +562,7 @@ impl Replication {
                 rpo_breaches: 0,
                 rpo_escalated: false,
                 on_peer_loss: "",
+                group: s.group,
                 last_error: String::new(),
                 generation: s.generation,
                 recovery_point_unix_ns: 0,
@@ -799,6 +825,7 @@ fn primary_status(link: &ReplicaLink) -> ReplicaStatus {
         rpo_breaches: link.rpo.breaches.load(Ordering::Relaxed),
         rpo_escalated: link.rpo.escalated.load(Ordering::Relaxed),
         on_peer_loss: cfg.on_peer_loss.as_str(),
+        group: cfg.group.clone().unwrap_or_default(),
         last_error: link.last_error.lock().expect("error lock poisoned").clone(),
         generation: cfg.generation,
         recovery_point_unix_ns: cfg.recovery_point_unix_ns,

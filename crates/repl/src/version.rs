@@ -10,17 +10,21 @@ pub enum ProtocolVersion {
     V2 = 2,
     /// Failover: generations (fencing), Demote, Promote, divergent ranges.
     V3 = 3,
+    /// Consistency groups: group commits (`BatchCommit.group_size`).
+    V4 = 4,
 }
 
 impl ProtocolVersion {
     /// The newest version this build speaks.
-    pub const CURRENT: Self = Self::V3;
+    pub const CURRENT: Self = Self::V4;
     /// Every version this build can speak, oldest first.
-    pub const SUPPORTED: &'static [u32] = &[1, 2, 3];
+    pub const SUPPORTED: &'static [u32] = &[1, 2, 3, 4];
     /// The oldest version that can replicate.
     pub const REPLICATION: u32 = 2;
     /// The oldest version that can promote and demote.
     pub const FAILOVER: u32 = 3;
+    /// The oldest version that can replicate consistency groups.
+    pub const GROUPS: u32 = 4;
 
     /// The highest version both sides support.
     pub fn negotiate(theirs: &[u32]) -> Option<u32> {
@@ -40,8 +44,9 @@ mod tests {
     fn picks_the_highest_common_version_or_none() {
         assert_eq!(ProtocolVersion::negotiate(&[1, 7]), Some(1));
         assert_eq!(ProtocolVersion::negotiate(&[1, 2]), Some(2));
-        assert_eq!(ProtocolVersion::negotiate(&[2, 3, 4]), Some(3));
-        assert_eq!(ProtocolVersion::negotiate(&[4, 5]), None);
+        assert_eq!(ProtocolVersion::negotiate(&[2, 3, 4]), Some(4));
+        assert_eq!(ProtocolVersion::negotiate(&[2, 3]), Some(3));
+        assert_eq!(ProtocolVersion::negotiate(&[5, 6]), None);
         assert_eq!(ProtocolVersion::negotiate(&[]), None);
     }
 }

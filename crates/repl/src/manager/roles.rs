@@ -248,6 +248,7 @@ impl Replication {
             let _ = task.await;
         }
         let link = running.link;
+        self.group_member_gone(volume);
         let cfg = link.config();
         let tracker = link
             .volume

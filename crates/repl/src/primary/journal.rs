@@ -24,6 +24,22 @@ pub(crate) enum Op {
     Change(Change),
     /// A client FLUSH (sync mode: becomes a barrier on the secondary).
     Flush,
+    /// A consistency group's point, recorded in every member's journal at
+    /// one instant (see `primary::group`): the member's batch ends here.
+    Marker(Marker),
+}
+
+/// A consistency-group point as one member's journal holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Marker {
+    /// The point's name: the primary's clock when it was taken (unix ns),
+    /// strictly increasing per group.
+    pub(crate) point: i64,
+    /// Members the point was taken across.
+    pub(crate) group_size: u32,
+    /// The member's change-set checkpoint, taken just before the point:
+    /// every block it clears was written before the marker.
+    pub(crate) checkpoint: u64,
 }
 
 /// One captured change.
@@ -58,6 +74,9 @@ pub(crate) struct Journal {
     capacity: u64,
     /// Every change with seq ≤ `released` is on the secondary.
     released: u64,
+    /// A group marker was dropped (overflow or not capturing): the group
+    /// point it named can no longer be reached by this member.
+    lost_marker: bool,
     slots: VecDeque<Slot>,
     waiters: VecDeque<(u64, oneshot::Sender<()>)>,
 }
@@ -73,6 +92,7 @@ impl Journal {
             bytes: 0,
             capacity,
             released: 0,
+            lost_marker: false,
             slots: VecDeque::new(),
             waiters: VecDeque::new(),
         }
@@ -90,7 +110,7 @@ impl Journal {
         let seq = self.last_seq;
         let bytes = match &op {
             Op::Change(c) => c.len(),
-            Op::Flush => 0,
+            Op::Flush | Op::Marker(_) => 0,
         };
         if bytes > 0 {
             let now = SystemTime::now();
@@ -107,6 +127,9 @@ impl Journal {
                 }),
             }
         }
+        if matches!(op, Op::Marker(_)) && (!self.capturing || self.overflowed) {
+            self.lost_marker = true;
+        }
         if self.capturing && !self.overflowed {
             let payload = match &op {
                 Op::Change(Change::Write { data, .. }) => data.len() as u64,
@@ -114,6 +137,7 @@ impl Journal {
             };
             if self.bytes + payload > self.capacity {
                 self.overflowed = true;
+                self.lost_marker |= self.entries.iter().any(|e| matches!(e.op, Op::Marker(_)));
                 self.entries.clear();
                 self.bytes = 0;
             } else {
@@ -143,6 +167,7 @@ impl Journal {
     /// Stops capturing (link down).
     pub(crate) fn stop_capture(&mut self) {
         self.capturing = false;
+        self.lost_marker |= self.entries.iter().any(|e| matches!(e.op, Op::Marker(_)));
         self.entries.clear();
         self.bytes = 0;
     }
@@ -152,12 +177,18 @@ impl Journal {
         self.overflowed
     }
 
+    /// True (once) when a group marker was dropped since the last call.
+    pub(crate) fn take_lost_marker(&mut self) -> bool {
+        std::mem::take(&mut self.lost_marker)
+    }
+
     /// The last sequence number assigned.
     pub(crate) fn last_seq(&self) -> u64 {
         self.last_seq
     }
 
-    /// Takes captured entries, oldest first, up to about `max_bytes`.
+    /// Takes captured entries, oldest first, up to about `max_bytes`; a
+    /// group marker is always the last entry taken, so a batch ends there.
     pub(crate) fn take(&mut self, max_bytes: u64) -> Vec<Entry> {
         let mut out = Vec::new();
         let mut taken = 0;
@@ -171,7 +202,11 @@ impl Journal {
             };
             self.bytes -= payload;
             taken += payload;
+            let marker = matches!(e.op, Op::Marker(_));
             out.push(e);
+            if marker {
+                break;
+            }
         }
         out
     }
@@ -255,6 +290,35 @@ mod tests {
         assert!(j.take(u64::MAX).is_empty());
         assert_eq!(j.start_capture(), 8);
         assert!(!j.overflowed());
+    }
+
+    #[test]
+    fn a_marker_ends_a_take_and_a_dropped_marker_is_reported() {
+        let mut j = Journal::new(3 * 4096);
+        j.start_capture();
+        let marker = Marker {
+            point: 1,
+            group_size: 2,
+            checkpoint: 0,
+        };
+        write(&mut j, 0, false);
+        j.record(Op::Marker(marker), false, false);
+        write(&mut j, 4096, false);
+        let first = j.take(u64::MAX);
+        assert_eq!(first.len(), 2);
+        assert!(matches!(first[1].op, Op::Marker(m) if m == marker));
+        assert_eq!(j.take(u64::MAX).len(), 1);
+        assert!(!j.take_lost_marker());
+
+        j.record(Op::Marker(marker), false, false);
+        for i in 0..4 {
+            write(&mut j, i * 4096, false);
+        }
+        assert!(j.overflowed());
+        assert!(j.take_lost_marker(), "the overflow dropped a marker");
+        assert!(!j.take_lost_marker(), "reported once");
+        j.record(Op::Marker(marker), false, false);
+        assert!(j.take_lost_marker(), "recorded while overflowed: dropped");
     }
 
     #[test]

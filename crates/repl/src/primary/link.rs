@@ -131,6 +131,10 @@ pub(crate) struct ReplicaConfig {
     /// not force-promoted): the data-loss window ends here.
     #[serde(default)]
     pub recovery_point_unix_ns: i64,
+    /// Consistency group (async only): batches end only at the group's
+    /// points, shared with every other member.
+    #[serde(default)]
+    pub group: Option<String>,
 }
 
 fn first_generation() -> u64 {
@@ -163,6 +167,7 @@ impl ReplicaConfig {
             split_brain: false,
             wrote_disconnected: false,
             recovery_point_unix_ns: 0,
+            group: None,
         }
     }
 
@@ -247,6 +252,11 @@ pub(crate) struct ReplicaLink {
     pub(crate) peer_split_brain: AtomicBool,
     /// RPO breach and escalation state.
     pub(crate) rpo: RpoState,
+    /// Group member: the session can take the next group point now (no
+    /// commit in flight, no resync scan running).
+    pub(crate) group_ready: AtomicBool,
+    /// Group member: staged changes wait for the next group point.
+    pub(crate) group_batch_open: AtomicBool,
     /// This link, for futures handed to the write path.
     me: Weak<ReplicaLink>,
 }
@@ -272,6 +282,8 @@ impl ReplicaLink {
             writes_refused: AtomicBool::new(refused),
             peer_split_brain: AtomicBool::new(false),
             rpo: RpoState::default(),
+            group_ready: AtomicBool::new(false),
+            group_batch_open: AtomicBool::new(false),
             me: me.clone(),
         })
     }

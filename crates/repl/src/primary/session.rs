@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tonic::transport::Channel;
 
-use super::journal::{Entry, Op};
+use super::journal::{Entry, Marker, Op};
 use super::link::{Mode, PeerLossPolicy, Phase, ReplicaLink, now_unix_ns};
 use crate::PeerRegistry;
 use crate::error::ReplError;
@@ -140,6 +140,8 @@ struct Session<'a> {
     /// Staged frames not sent yet (see [`Session::send`]).
     outbox: Vec<pb::ReplFrame>,
     outbox_bytes: u64,
+    /// A consistency-group member: batches end only at group markers.
+    grouped: bool,
 }
 
 /// Runs sessions for `link` until `stop` is cancelled.
@@ -154,6 +156,7 @@ pub(crate) async fn run(
         link.stats.sessions.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
         let result = session(&link, &ctx, buckets.clone(), &stop).await;
+        link.group_ready.store(false, Ordering::SeqCst);
         link.set_phase(Phase::Disconnected);
         link.journal().stop_capture();
         let cfg = link.config();
@@ -202,6 +205,12 @@ async fn session(
             cfg.peer
         )));
     }
+    if cfg.group.is_some() && version < ProtocolVersion::GROUPS {
+        return Err(SessionError::Local(format!(
+            "peer {} was paired at protocol version {version}; re-pair it to replicate consistency groups",
+            cfg.peer
+        )));
+    }
     buckets.all.set_rate(rates.max_bytes_per_sec);
     buckets.resync.set_rate(rates.resync_bytes_per_sec);
     let size = ember_nbd::Export::size(link.volume.as_ref());
@@ -215,6 +224,7 @@ async fn session(
             generation: cfg.generation,
             rpo_seconds: cfg.rpo_seconds,
             rpo_policy: cfg.rpo_policy.as_str().into(),
+            group: cfg.group.clone().unwrap_or_default(),
         })
         .await
         .map_err(|status| match fencing::refusal(&status) {
@@ -297,6 +307,7 @@ async fn session(
         batching: version >= ProtocolVersion::FAILOVER,
         outbox: Vec::new(),
         outbox_bytes: 0,
+        grouped: cfg.group.is_some(),
     };
     if !state.consistent || !cfg.synced {
         s.initial_sync(opened.created).await?;
@@ -708,6 +719,8 @@ impl Session<'_> {
             Op::Flush => {
                 self.barrier_frame(0, ack).await?;
             }
+            // Markers end a batch; the stream loop handles them.
+            Op::Marker(_) => {}
         }
         Ok(())
     }
@@ -738,6 +751,39 @@ impl Session<'_> {
         self.link.journal().release(cut.journal_seq);
         self.link.set_consistent_at(cut.at_unix_ns);
         Ok(())
+    }
+
+    /// Ends the open batch at a consistency-group point: the commit names
+    /// the point, and the cut clears the checkpoint the group took just
+    /// before recording it. `ready` is false when the marker came while a
+    /// commit was in flight or a resync scan was running (a race with an
+    /// overflow): this member cannot hold that point, so the session ends
+    /// and the secondary aborts it for every member.
+    async fn group_commit(
+        &mut self,
+        journal_seq: u64,
+        m: Marker,
+        ready: bool,
+    ) -> Result<Cut, SessionError> {
+        if !ready {
+            return Err(SessionError::Local(
+                "a consistency-group point arrived during a resync; restarting".into(),
+            ));
+        }
+        let frame = self.seq();
+        self.send(Kind::Commit(pb::BatchCommit {
+            seq: frame,
+            consistent_at_unix_ns: m.point,
+            group_size: m.group_size,
+        }))
+        .await?;
+        Ok(Cut {
+            frame,
+            checkpoint: m.checkpoint,
+            journal_seq,
+            at_unix_ns: m.point,
+            sent: Instant::now(),
+        })
     }
 
     /// Catch-up then streaming, until the link breaks or replication stops.
@@ -784,6 +830,15 @@ impl Session<'_> {
                 return Err(SessionError::AckTimeout(ACK_TIMEOUT));
             }
             if self.link.journal().overflowed() {
+                if self.grouped && self.link.journal().take_lost_marker() {
+                    // The other members commit a point this member can no
+                    // longer reach: end the session, so the secondary
+                    // aborts the point and every member resyncs.
+                    return Err(SessionError::Local(
+                        "journal overflow dropped a consistency-group point; restarting".into(),
+                    ));
+                }
+                self.link.group_ready.store(false, Ordering::SeqCst);
                 self.link.journal().start_capture();
                 let cp = self
                     .tracker
@@ -804,10 +859,21 @@ impl Session<'_> {
             let direct = want_direct && !batch_open;
             let entries = self.link.journal().take(JOURNAL_TAKE);
             let shipped = !entries.is_empty();
+            let mut marked = false;
             for e in entries {
-                self.ship(e, !direct).await?;
+                if let Op::Marker(m) = e.op {
+                    // `take` ends at a marker: nothing follows it here.
+                    cut = Some(self.group_commit(e.seq, m, cut.is_none() && scan.is_done()).await?);
+                    marked = true;
+                } else {
+                    self.ship(e, !direct).await?;
+                }
             }
-            batch_open |= shipped && !direct;
+            batch_open = if marked {
+                false
+            } else {
+                batch_open || (shipped && !direct)
+            };
             if let Some((offset, len)) = scan.next_piece() {
                 self.scan_piece(offset, len).await?;
                 continue;
@@ -815,7 +881,7 @@ impl Session<'_> {
             let due = self.link.phase() != Phase::Streaming
                 || last_cut.elapsed() >= COMMIT_INTERVAL
                 || want_direct;
-            if !direct && batch_open && cut.is_none() && due {
+            if !self.grouped && !direct && batch_open && cut.is_none() && due {
                 last_cut = Instant::now();
                 let (checkpoint, entries, journal_seq, at) = self.cut()?;
                 for e in entries {
@@ -825,6 +891,7 @@ impl Session<'_> {
                 self.send(Kind::Commit(pb::BatchCommit {
                     seq: frame,
                     consistent_at_unix_ns: at,
+                    group_size: 0,
                 }))
                 .await?;
                 cut = Some(Cut {
@@ -850,6 +917,14 @@ impl Session<'_> {
                     sent: Instant::now(),
                 });
                 last_barrier = Instant::now();
+            }
+            if self.grouped {
+                self.link
+                    .group_batch_open
+                    .store(batch_open, Ordering::SeqCst);
+                self.link
+                    .group_ready
+                    .store(cut.is_none() && scan.is_done(), Ordering::SeqCst);
             }
             if shipped {
                 continue;

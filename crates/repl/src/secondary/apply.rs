@@ -10,7 +10,7 @@ use ember_storage::StorageError;
 use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
-use super::SecondaryVolume;
+use super::{SecondaryVolume, group};
 use super::staging::{CommittedBatch, StagedChange};
 use crate::frame;
 
@@ -129,7 +129,22 @@ pub(super) async fn recover(sv: &Arc<SecondaryVolume>) -> Result<(), Status> {
         .recover()
         .map_err(|e| Status::internal(format!("reading the staging log: {e}")))?;
     let Some(batch) = found else { return Ok(()) };
-    let name = sv.record().volume;
+    let record = sv.record();
+    let name = record.volume.clone();
+    if !record.group.is_empty() {
+        let committed = sv.groups.get(&record.group).committed();
+        if batch.consistent_at_unix_ns > committed {
+            // Sealed, but not every member held the point: drop it (the
+            // primary resends it from its change set).
+            tracing::info!(volume = %name, group = %record.group, point = batch.consistent_at_unix_ns, committed, "dropping a staged group batch its group never committed");
+            return sv
+                .staging
+                .lock()
+                .expect("staging lock poisoned")
+                .reset()
+                .map_err(|e| Status::internal(format!("emptying the staging log: {e}")));
+        }
+    }
     if batch.seq <= sv.record().applied_seq {
         tracing::info!(volume = %name, seq = batch.seq, "staged batch already applied");
         return sv
@@ -242,8 +257,42 @@ impl Stream {
         .await
         .map_err(|e| Status::internal(format!("commit task: {e}")))?
         .map_err(|e| Status::internal(format!("syncing the staging log: {e}")))?;
+        if c.group_size > 0 {
+            self.await_group(c.consistent_at_unix_ns, c.group_size)
+                .await?;
+        }
         apply_batch(&self.sv, batch).await?;
         self.ack(c.seq).await
+    }
+
+    /// A group point: the batch is sealed; apply it only once every member
+    /// holds the point (see `secondary::group`). An aborted point drops
+    /// the batch and ends the stream.
+    async fn await_group(&self, point: i64, size: u32) -> Result<(), Status> {
+        let record = self.sv.record();
+        if record.group.is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "a group commit for {}, which is in no group",
+                record.volume
+            )));
+        }
+        let barrier = self.sv.groups.get(&record.group);
+        match barrier.seal(&record.volume, point, size).await {
+            group::Outcome::Apply => Ok(()),
+            group::Outcome::Abort(reason) => {
+                tracing::info!(volume = %record.volume, group = %record.group, point, %reason, "group point aborted; dropping the staged batch");
+                self.sv
+                    .staging
+                    .lock()
+                    .expect("staging lock poisoned")
+                    .reset()
+                    .map_err(|e| Status::internal(format!("emptying the staging log: {e}")))?;
+                Err(Status::aborted(format!(
+                    "consistency group {}: point {point} aborted: {reason}",
+                    record.group
+                )))
+            }
+        }
     }
 
     async fn barrier(&self, b: pb::Barrier) -> Result<(), Status> {
@@ -295,6 +344,9 @@ pub(crate) async fn run_stream(
 ) {
     let session = sv.session.fetch_add(1, Ordering::SeqCst) + 1;
     let name = sv.record().volume;
+    // A point the older stream had not sealed can no longer complete; say
+    // so before waiting for that stream's frame in hand.
+    sv.leave_group();
     // A stream that died mid-batch left staged records behind; this stream
     // starts a fresh batch (after the older stream's frame in hand is done).
     let guard = sv.apply_lock.lock().await;
@@ -343,4 +395,5 @@ pub(crate) async fn run_stream(
             break;
         }
     }
+    stream.sv.leave_group();
 }

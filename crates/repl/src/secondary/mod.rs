@@ -10,6 +10,7 @@
 //! never reports a torn image as consistent.
 
 mod apply;
+pub(crate) mod group;
 mod staging;
 
 use std::collections::HashMap;
@@ -24,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use tonic::Status;
 
 pub(crate) use apply::run_stream;
+use group::GroupBarriers;
 use staging::StagingLog;
 
 use crate::fencing;
@@ -60,6 +62,9 @@ pub(crate) struct SecondaryRecord {
     pub(crate) rpo_seconds: u64,
     #[serde(default)]
     pub(crate) rpo_policy: String,
+    /// The consistency group the primary put the volume in (empty: none).
+    #[serde(default)]
+    pub(crate) group: String,
 }
 
 fn first_generation() -> u64 {
@@ -102,6 +107,7 @@ impl SecondaryRecord {
             mode: String::new(),
             rpo_seconds: 0,
             rpo_policy: String::new(),
+            group: String::new(),
         }
     }
 }
@@ -139,9 +145,27 @@ pub(crate) struct SecondaryVolume {
     pub(crate) apply_lock: tokio::sync::Mutex<()>,
     /// Bytes applied (direct and committed), for status.
     pub(crate) applied_bytes: AtomicU64,
+    /// Every group's barrier (shared by the set).
+    pub(crate) groups: Arc<GroupBarriers>,
 }
 
 impl SecondaryVolume {
+    /// A stream of a group member started or ended: a group point it had
+    /// not sealed can no longer complete.
+    pub(crate) fn leave_group(&self) {
+        let record = self.record();
+        if !record.group.is_empty() {
+            self.groups.get(&record.group).member_left(&record.volume);
+        }
+    }
+
+    /// Ends the volume's stream and waits for the frame in hand (a group
+    /// member's wait at its barrier included).
+    pub(crate) async fn quiesce(&self) {
+        self.session.fetch_add(1, Ordering::SeqCst);
+        let _guard = self.apply_lock.lock().await;
+    }
+
     pub(crate) fn record(&self) -> SecondaryRecord {
         self.record.lock().expect("record lock poisoned").clone()
     }
@@ -168,6 +192,7 @@ impl SecondaryVolume {
 pub struct SecondarySet {
     dir: PathBuf,
     store: Arc<VolumeStore>,
+    groups: Arc<GroupBarriers>,
     volumes: Mutex<HashMap<String, Arc<SecondaryVolume>>>,
 }
 
@@ -185,9 +210,12 @@ impl SecondarySet {
     pub async fn open(data_dir: &Path, store: Arc<VolumeStore>) -> Result<Self, Status> {
         let dir = data_dir.join("replicas").join("secondary");
         std::fs::create_dir_all(&dir).map_err(|e| io_status("create replicas dir", e))?;
+        let groups = GroupBarriers::open(&dir.join("groups"))
+            .map_err(|e| io_status("create the groups dir", e))?;
         let this = Self {
             dir: dir.clone(),
             store,
+            groups: Arc::new(groups),
             volumes: Mutex::new(HashMap::new()),
         };
         let entries = std::fs::read_dir(&dir).map_err(|e| io_status("read replicas dir", e))?;
@@ -226,6 +254,7 @@ impl SecondarySet {
             session: AtomicU64::new(0),
             apply_lock: tokio::sync::Mutex::new(()),
             applied_bytes: AtomicU64::new(0),
+            groups: self.groups.clone(),
         });
         self.volumes
             .lock()
@@ -255,6 +284,7 @@ impl SecondarySet {
                 detached: r.detached,
                 applied_bytes: sv.applied_bytes.load(Ordering::Relaxed),
                 generation: r.generation,
+                group: r.group,
             }
         })
     }
@@ -298,6 +328,7 @@ impl SecondarySet {
                 r.mode.clone_from(&req.mode);
                 r.rpo_seconds = req.rpo_seconds;
                 r.rpo_policy.clone_from(&req.rpo_policy);
+                r.group.clone_from(&req.group);
                 // Not older than ours (checked above) unless we yielded.
                 r.generation = generation;
             })?;
@@ -337,6 +368,7 @@ impl SecondarySet {
             mode: req.mode.clone(),
             rpo_seconds: req.rpo_seconds,
             rpo_policy: req.rpo_policy.clone(),
+            group: req.group.clone(),
         };
         ember_volume::fsutil::write_json_atomic(
             &self.dir.join(format!("{}.json", req.volume)),
@@ -435,6 +467,46 @@ impl SecondarySet {
         Ok(sv.record())
     }
 
+    /// The secondaries of group `name` here, by name, with the group's
+    /// committed point.
+    pub(crate) fn group_members(&self, name: &str) -> (Vec<SecondaryRecord>, i64) {
+        let mut members: Vec<SecondaryRecord> = self
+            .volumes
+            .lock()
+            .expect("secondaries lock poisoned")
+            .values()
+            .map(|sv| sv.record())
+            .filter(|r| r.group == name)
+            .collect();
+        members.sort_by(|a, b| a.volume.cmp(&b.volume));
+        (members, self.groups.get(name).committed())
+    }
+
+    /// Names of the groups this site holds secondaries of.
+    pub(crate) fn group_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .volumes
+            .lock()
+            .expect("secondaries lock poisoned")
+            .values()
+            .map(|sv| sv.record().group)
+            .filter(|g| !g.is_empty())
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// Forgets group `name`'s barrier (its members were promoted).
+    pub(crate) fn forget_group(&self, name: &str) {
+        self.groups.forget(name);
+    }
+
+    /// The barrier of group `name`.
+    pub(crate) fn group_barrier(&self, name: &str) -> Arc<group::Barrier> {
+        self.groups.get(name)
+    }
+
     /// Forgets the secondary role of `volume` (it was deleted by the admin).
     pub fn forget(&self, volume: &str) {
         if let Some(sv) = self
@@ -465,4 +537,6 @@ pub struct SecondaryStatus {
     pub applied_bytes: u64,
     /// Fencing generation.
     pub generation: u64,
+    /// Consistency group (empty: none).
+    pub group: String,
 }

@@ -1,0 +1,534 @@
+//! Consistency groups: volumes replicated with one shared write order, so
+//! the secondary site holds all of them at one point and a group promotion
+//! lands every member there.
+//!
+//! The primary site persists a group (`DATA/replicas/groups/NAME.json`:
+//! its peer and members) and runs its ticker (`primary::group`); each
+//! member's replica config names the group, which its sessions send to the
+//! secondary. The secondary site knows a group from its members' records
+//! and the group's committed point (`secondary::group`).
+//!
+//! Groups replicate asynchronously. A sync volume already holds every
+//! acknowledged write on both sides, and the `escalate` policy would turn a
+//! member synchronous while the others stay asynchronous, so both are
+//! refused for members.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use super::Replication;
+use crate::audit::Entry;
+use crate::error::{ReplError, Result};
+use crate::primary::group::{self, Members};
+use crate::primary::link::{Mode, ReplicaLink, now_unix_ns};
+use crate::primary::rpo::RpoPolicy;
+use crate::version::ProtocolVersion;
+
+/// A group as the primary site persists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct GroupConfig {
+    pub(crate) name: String,
+    /// The site holding the members' secondaries.
+    pub(crate) peer: String,
+    /// Member volumes, sorted.
+    pub(crate) members: Vec<String>,
+    pub(crate) created_at_unix: i64,
+}
+
+/// A group whose ticker runs here.
+#[derive(Debug)]
+pub(crate) struct RunningGroup {
+    pub(crate) config: GroupConfig,
+    pub(crate) members: Members,
+    pub(crate) stop: CancellationToken,
+}
+
+/// One member's view in a group status.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupMember {
+    /// Volume.
+    pub volume: String,
+    /// The member's replica state (primary states, or consistent /
+    /// inconsistent on the secondary site).
+    pub state: &'static str,
+    /// Lag of the member (primary site).
+    pub lag_seconds: f64,
+    /// Bytes of lag (primary site).
+    pub lag_bytes: u64,
+    /// The point the member's secondary image is consistent with (unix ns).
+    pub consistent_at_unix_ns: i64,
+}
+
+/// A group's status.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupStatus {
+    /// Group name.
+    pub name: String,
+    /// `primary` (the members are written here) or `secondary`.
+    pub role: &'static str,
+    /// The other site.
+    pub peer: String,
+    /// Members, by name.
+    pub members: Vec<GroupMember>,
+    /// The group's consistent point on the secondary site (unix ns of the
+    /// primary's clock; 0 = none yet): every member holds exactly it.
+    pub consistent_at_unix_ns: i64,
+    /// The largest member lag (primary site).
+    pub lag_seconds: f64,
+    /// Every member's image is at the group's point (a group promotion
+    /// would land all of them there).
+    pub consistent: bool,
+}
+
+/// What a group promotion did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupPromoteReport {
+    /// The group, now primary here.
+    pub status: GroupStatus,
+    /// Forced (the old primary was not asked).
+    pub forced: bool,
+    /// Forced: the one point every member came up on (unix ns of the old
+    /// primary's clock); writes acknowledged after it are lost.
+    pub recovery_point_unix_ns: i64,
+}
+
+fn check_name(name: &str) -> Result<()> {
+    ember_volume::parse_volume(name)
+        .map(|_| ())
+        .map_err(|e| ReplError::InvalidArgument(format!("group name: {e}")))
+}
+
+impl Replication {
+    fn group_path(&self, name: &str) -> std::path::PathBuf {
+        self.groups_dir.join(format!("{name}.json"))
+    }
+
+    fn groups(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, RunningGroup>> {
+        self.groups.lock().expect("groups lock poisoned")
+    }
+
+    /// Starts the ticker of a persisted group (agent start, create,
+    /// promotion) with the member links running here.
+    pub(crate) fn start_group(&self, config: GroupConfig) {
+        let links: Vec<Arc<ReplicaLink>> = config
+            .members
+            .iter()
+            .filter_map(|m| self.link(m))
+            .collect();
+        let members: Members = Arc::new(std::sync::Mutex::new(links));
+        let stop = CancellationToken::new();
+        tokio::spawn(group::run(config.name.clone(), members.clone(), stop.clone()));
+        if let Some(old) = self.groups().insert(
+            config.name.clone(),
+            RunningGroup {
+                config,
+                members,
+                stop,
+            },
+        ) {
+            old.stop.cancel();
+        }
+    }
+
+    /// A member link (re)started: the ticker uses the new link.
+    pub(crate) fn group_link_started(&self, link: &Arc<ReplicaLink>) {
+        let cfg = link.config();
+        let Some(name) = cfg.group else { return };
+        if let Some(g) = self.groups().get(&name) {
+            let mut members = g.members.lock().expect("group members lock poisoned");
+            members.retain(|l| l.config().volume != cfg.volume);
+            members.push(link.clone());
+            members.sort_by_key(|l| l.config().volume);
+        }
+    }
+
+    /// `volume` stops being primary here (demoted, disabled): it leaves
+    /// its group on this site; a group left empty is deleted.
+    pub(crate) fn group_member_gone(&self, volume: &str) {
+        let mut groups = self.groups();
+        let Some(name) = groups
+            .iter()
+            .find(|(_, g)| g.config.members.iter().any(|m| m == volume))
+            .map(|(n, _)| n.clone())
+        else {
+            return;
+        };
+        let g = groups.get_mut(&name).expect("found above");
+        g.config.members.retain(|m| m != volume);
+        g.members
+            .lock()
+            .expect("group members lock poisoned")
+            .retain(|l| l.config().volume != volume);
+        if g.config.members.is_empty() {
+            g.stop.cancel();
+            groups.remove(&name);
+            let _ = std::fs::remove_file(self.group_path(&name));
+            tracing::info!(group = %name, "the group's last member left this site; group removed here");
+        } else if let Err(e) =
+            ember_volume::fsutil::write_json_atomic(&self.group_path(&name), &g.config)
+        {
+            tracing::error!(group = %name, error = %e, "cannot persist the group");
+        }
+    }
+
+    /// Creates a group replicating to `peer` (idempotent for the same peer).
+    ///
+    /// # Errors
+    /// A bad name, an unpaired or old peer, the name taken for another peer.
+    pub async fn create_group(&self, name: &str, peer: &str) -> Result<(GroupStatus, bool)> {
+        check_name(name)?;
+        let Some((version, _)) = self.ctx.registry.peer(peer).await else {
+            return Err(ReplError::NotFound(format!(
+                "site {peer} is not paired; run emberctl peer add first"
+            )));
+        };
+        if version < ProtocolVersion::GROUPS {
+            return Err(ReplError::FailedPrecondition(format!(
+                "peer {peer} was paired at protocol version {version}; re-pair it for consistency groups"
+            )));
+        }
+        let existing = self.groups().get(name).map(|g| g.config.peer.clone());
+        if let Some(theirs) = existing {
+            if theirs != peer {
+                return Err(ReplError::FailedPrecondition(format!(
+                    "group {name} already replicates to {theirs}"
+                )));
+            }
+            return Ok((self.group_status(name)?, false));
+        }
+        if !self.secondaries.group_members(name).0.is_empty() {
+            return Err(ReplError::FailedPrecondition(format!(
+                "group {name} is a secondary group on this site; promote it (emberctl group promote) instead"
+            )));
+        }
+        let config = GroupConfig {
+            name: name.to_owned(),
+            peer: peer.to_owned(),
+            members: Vec::new(),
+            created_at_unix: now_unix_ns() / 1_000_000_000,
+        };
+        ember_volume::fsutil::write_json_atomic(&self.group_path(name), &config)
+            .map_err(|e| ReplError::Internal(format!("persist group: {e}")))?;
+        self.start_group(config);
+        tracing::info!(group = name, peer, "consistency group created");
+        Ok((self.group_status(name)?, true))
+    }
+
+    /// Deletes an empty group.
+    ///
+    /// # Errors
+    /// The group still has members.
+    pub fn delete_group(&self, name: &str) -> Result<bool> {
+        let mut groups = self.groups();
+        let Some(g) = groups.get(name) else {
+            return Ok(false);
+        };
+        if !g.config.members.is_empty() {
+            return Err(ReplError::FailedPrecondition(format!(
+                "group {name} still has members ({}); remove them first",
+                g.config.members.join(", ")
+            )));
+        }
+        g.stop.cancel();
+        groups.remove(name);
+        let _ = std::fs::remove_file(self.group_path(name));
+        Ok(true)
+    }
+
+    /// Adds a replicated volume to a group. Its session restarts: the
+    /// secondary learns the group, and from the next group point on the
+    /// volume moves with the others.
+    ///
+    /// # Errors
+    /// Unknown group or volume, a volume replicating elsewhere, sync mode
+    /// or the escalate policy, a member of another group.
+    pub fn add_to_group(&self, name: &str, volume: &str) -> Result<(GroupStatus, bool)> {
+        let peer = self
+            .groups()
+            .get(name)
+            .map(|g| g.config.peer.clone())
+            .ok_or_else(|| ReplError::NotFound(format!("no group named {name} on this site")))?;
+        let link = self.link(volume).ok_or_else(|| {
+            ReplError::NotFound(format!(
+                "volume {volume} is not a primary replica here; enable replication to {peer} first"
+            ))
+        })?;
+        let cfg = link.config();
+        if cfg.group.as_deref() == Some(name) {
+            return Ok((self.group_status(name)?, false));
+        }
+        if let Some(other) = &cfg.group {
+            return Err(ReplError::FailedPrecondition(format!(
+                "volume {volume} is in group {other}; remove it from there first"
+            )));
+        }
+        if cfg.peer != peer {
+            return Err(ReplError::FailedPrecondition(format!(
+                "volume {volume} replicates to {}, group {name} to {peer}",
+                cfg.peer
+            )));
+        }
+        check_member_rules(volume, cfg.mode, cfg.rpo_policy)?;
+        link.update(|c| c.group = Some(name.to_owned()))
+            .map_err(|e| ReplError::Internal(format!("persist replica config: {e}")))?;
+        self.set_group_members(name, |m| m.push(volume.to_owned()))?;
+        self.restart(volume);
+        self.audit.record(&Entry {
+            action: "group-add",
+            volume,
+            peer: &peer,
+            generation: cfg.generation,
+            detail: format!("joined consistency group {name}"),
+        });
+        Ok((self.group_status(name)?, true))
+    }
+
+    /// Removes a volume from a group; it keeps replicating on its own.
+    ///
+    /// # Errors
+    /// Unknown group.
+    pub fn remove_from_group(&self, name: &str, volume: &str) -> Result<(GroupStatus, bool)> {
+        if !self.groups().contains_key(name) {
+            return Err(ReplError::NotFound(format!("no group named {name} on this site")));
+        }
+        let Some(link) = self.link(volume).filter(|l| l.config().group.as_deref() == Some(name))
+        else {
+            return Ok((self.group_status(name)?, false));
+        };
+        link.update(|c| c.group = None)
+            .map_err(|e| ReplError::Internal(format!("persist replica config: {e}")))?;
+        self.set_group_members(name, |m| m.retain(|v| v != volume))?;
+        self.groups()
+            .get(name)
+            .expect("checked")
+            .members
+            .lock()
+            .expect("group members lock poisoned")
+            .retain(|l| l.config().volume != volume);
+        self.restart(volume);
+        Ok((self.group_status(name)?, true))
+    }
+
+    fn set_group_members(&self, name: &str, f: impl FnOnce(&mut Vec<String>)) -> Result<()> {
+        let mut groups = self.groups();
+        let g = groups
+            .get_mut(name)
+            .ok_or_else(|| ReplError::NotFound(format!("no group named {name} on this site")))?;
+        let mut next = g.config.clone();
+        f(&mut next.members);
+        next.members.sort();
+        next.members.dedup();
+        ember_volume::fsutil::write_json_atomic(&self.group_path(name), &next)
+            .map_err(|e| ReplError::Internal(format!("persist group: {e}")))?;
+        g.config = next;
+        Ok(())
+    }
+
+    /// Status of a group, primary or secondary here.
+    ///
+    /// # Errors
+    /// [`ReplError::NotFound`] when neither role holds it.
+    pub fn group_status(&self, name: &str) -> Result<GroupStatus> {
+        if let Some(config) = self.groups().get(name).map(|g| g.config.clone()) {
+            let mut members = Vec::new();
+            for volume in &config.members {
+                let Some(link) = self.link(volume) else { continue };
+                let (lag_seconds, lag_bytes) = link.lag();
+                members.push(GroupMember {
+                    volume: volume.clone(),
+                    state: link.state(),
+                    lag_seconds,
+                    lag_bytes,
+                    consistent_at_unix_ns: link.config().last_consistent_at_unix_ns,
+                });
+            }
+            let point = members.first().map(|m| m.consistent_at_unix_ns).unwrap_or(0);
+            let consistent = members
+                .iter()
+                .all(|m| m.consistent_at_unix_ns == point && point > 0);
+            return Ok(GroupStatus {
+                name: config.name,
+                role: "primary",
+                peer: config.peer,
+                consistent_at_unix_ns: if consistent { point } else { 0 },
+                lag_seconds: members.iter().map(|m| m.lag_seconds).fold(0.0, f64::max),
+                consistent,
+                members,
+            });
+        }
+        let (records, committed) = self.secondaries.group_members(name);
+        if records.is_empty() {
+            return Err(ReplError::NotFound(format!("no group named {name} on this site")));
+        }
+        let consistent = committed > 0
+            && records
+                .iter()
+                .all(|r| r.consistent && r.consistent_at_unix_ns == committed);
+        Ok(GroupStatus {
+            name: name.to_owned(),
+            role: "secondary",
+            peer: records[0].primary_site.clone(),
+            members: records
+                .iter()
+                .map(|r| GroupMember {
+                    volume: r.volume.clone(),
+                    state: if r.consistent { "consistent" } else { "inconsistent" },
+                    lag_seconds: 0.0,
+                    lag_bytes: 0,
+                    consistent_at_unix_ns: r.consistent_at_unix_ns,
+                })
+                .collect(),
+            consistent_at_unix_ns: committed,
+            lag_seconds: 0.0,
+            consistent,
+        })
+    }
+
+    /// Every group on this site, primary ones first.
+    pub fn list_groups(&self) -> Vec<GroupStatus> {
+        let mut names: Vec<String> = self.groups().keys().cloned().collect();
+        names.sort();
+        names.extend(self.secondaries.group_names());
+        names.dedup();
+        names.iter().filter_map(|n| self.group_status(n).ok()).collect()
+    }
+
+    /// Promotes every member of a secondary group held here, then makes
+    /// the group primary here (replicating back to the old primary site).
+    ///
+    /// Planned: each member switches over with zero loss (the old primary
+    /// drains it), so all land on the last write. Forced: the group is
+    /// frozen first, so no member applies a point the others lack, and
+    /// every member comes up on the group's committed point — refused if
+    /// a member is not at it (one that joined and has not reached a group
+    /// point yet, or an inconsistent one).
+    ///
+    /// # Errors
+    /// Not a secondary group here; a member not at the group's point
+    /// (forced); a member's promotion failed (the report names it; members
+    /// promoted before it stay promoted — re-run to finish).
+    pub async fn promote_group(&self, name: &str, force: bool) -> Result<GroupPromoteReport> {
+        let (records, _) = self.secondaries.group_members(name);
+        if records.is_empty() {
+            if self.groups().contains_key(name) {
+                let status = self.group_status(name)?;
+                return Ok(GroupPromoteReport {
+                    status,
+                    forced: false,
+                    recovery_point_unix_ns: 0,
+                });
+            }
+            return Err(ReplError::NotFound(format!(
+                "no secondary group named {name} on this site"
+            )));
+        }
+        let peer = records[0].primary_site.clone();
+        let mut recovery_point = 0;
+        if force {
+            let barrier = self.secondaries.group_barrier(name);
+            let committed = barrier.freeze();
+            for r in &records {
+                if let Some(sv) = self.secondaries.get(&r.volume) {
+                    sv.quiesce().await;
+                }
+            }
+            let (records, _) = self.secondaries.group_members(name);
+            let off: Vec<String> = records
+                .iter()
+                .filter(|r| !r.consistent || r.consistent_at_unix_ns != committed)
+                .map(|r| {
+                    format!(
+                        "{} ({})",
+                        r.volume,
+                        if r.consistent {
+                            format!("at {}", r.consistent_at_unix_ns)
+                        } else {
+                            "inconsistent".to_owned()
+                        }
+                    )
+                })
+                .collect();
+            if committed == 0 || !off.is_empty() {
+                barrier.thaw();
+                return Err(ReplError::FailedPrecondition(format!(
+                    "group {name} is not at one consistent point (group point {committed}; \
+                     off it: {}): promoting it would not land every member on one point; \
+                     promote members one by one (emberctl replica promote VOL --force) to accept that",
+                    if off.is_empty() { "none".to_owned() } else { off.join(", ") }
+                )));
+            }
+            recovery_point = committed;
+        }
+        let mut promoted = Vec::new();
+        for r in &records {
+            if let Err(e) = self.promote(&r.volume, force).await {
+                return Err(ReplError::FailedPrecondition(format!(
+                    "group {name}: promoting {} failed after {} of {} members ({}): {e}",
+                    r.volume,
+                    promoted.len(),
+                    records.len(),
+                    promoted.join(", ")
+                )));
+            }
+            promoted.push(r.volume.clone());
+        }
+        self.secondaries.forget_group(name);
+        // The group is primary here now, replicating back to `peer`.
+        let config = GroupConfig {
+            name: name.to_owned(),
+            peer: peer.clone(),
+            members: promoted.clone(),
+            created_at_unix: now_unix_ns() / 1_000_000_000,
+        };
+        ember_volume::fsutil::write_json_atomic(&self.group_path(name), &config)
+            .map_err(|e| ReplError::Internal(format!("persist group: {e}")))?;
+        for volume in &promoted {
+            if let Some(link) = self.link(volume) {
+                link.update(|c| c.group = Some(name.to_owned()))
+                    .map_err(|e| ReplError::Internal(format!("persist replica config: {e}")))?;
+            }
+        }
+        self.start_group(config);
+        for volume in &promoted {
+            self.restart(volume);
+        }
+        self.audit.record(&Entry {
+            action: if force { "group-force-promote" } else { "group-promote" },
+            volume: name,
+            peer: &peer,
+            generation: 0,
+            detail: if force {
+                format!(
+                    "members {} came up on group point {recovery_point} (unix ns)",
+                    promoted.join(", ")
+                )
+            } else {
+                format!("planned switchover of members {}", promoted.join(", "))
+            },
+        });
+        Ok(GroupPromoteReport {
+            status: self.group_status(name)?,
+            forced: force,
+            recovery_point_unix_ns: recovery_point,
+        })
+    }
+}
+
+/// Group members replicate asynchronously, with a policy that keeps them so.
+pub(crate) fn check_member_rules(volume: &str, mode: Mode, policy: RpoPolicy) -> Result<()> {
+    if mode != Mode::Async {
+        return Err(ReplError::FailedPrecondition(format!(
+            "volume {volume} replicates synchronously; consistency groups replicate asynchronously \
+             (a sync volume already holds every acknowledged write on both sides)"
+        )));
+    }
+    if policy == RpoPolicy::Escalate {
+        return Err(ReplError::FailedPrecondition(format!(
+            "volume {volume} has the escalate RPO policy, which would make it synchronous apart \
+             from the rest of the group; use alert or throttle"
+        )));
+    }
+    Ok(())
+}
