@@ -106,7 +106,11 @@ fn group_status(agent: &Agent) -> serde_json::Value {
     agent.ctl_json(&["group", "status", "cg"])
 }
 
-fn wait_group(agent: &Agent, what: &str, ok: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+fn wait_group(
+    agent: &Agent,
+    what: &str,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let out = agent.ctl(&["--json", "group", "status", "cg"]);
@@ -116,7 +120,10 @@ fn wait_group(agent: &Agent, what: &str, ok: impl Fn(&serde_json::Value) -> bool
             if ok(&v) {
                 return v;
             }
-            assert!(Instant::now() < deadline, "timed out waiting for {what}: {v}");
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {v}"
+            );
         } else {
             assert!(
                 Instant::now() < deadline,
@@ -133,7 +140,8 @@ fn all_in_sync(g: &serde_json::Value) -> bool {
         && g["consistent"] == true
         && g["members"].as_array().is_some_and(|m| {
             m.len() == VOLUMES.len()
-                && m.iter().all(|m| m["state"] == "in-sync" && m["lag_bytes"] == 0)
+                && m.iter()
+                    .all(|m| m["state"] == "in-sync" && m["lag_bytes"] == 0)
         })
 }
 
@@ -142,21 +150,23 @@ fn grouped_sites() -> TwoSites {
     let sites = TwoSites::start(&[], &[]);
     for v in VOLUMES {
         sites.a.create_volume(v, "16M");
-        sites
-            .a
-            .ctl_json(&["replica", "enable", v, "--peer", "site-b", "--mode", "async"]);
+        sites.a.ctl_json(&[
+            "replica", "enable", v, "--peer", "site-b", "--mode", "async",
+        ]);
     }
     for v in VOLUMES {
         sites.wait_caught_up(v, Duration::from_secs(60));
     }
-    let created = sites.a.ctl_json(&["group", "create", "cg", "--peer", "site-b"]);
+    let created = sites
+        .a
+        .ctl_json(&["group", "create", "cg", "--peer", "site-b"]);
     assert_eq!(created["role"], "primary", "{created}");
 
     // Members replicate asynchronously: a sync volume is refused.
     sites.a.create_volume("syncvol", "16M");
-    sites
-        .a
-        .ctl_json(&["replica", "enable", "syncvol", "--peer", "site-b", "--mode", "sync"]);
+    sites.a.ctl_json(&[
+        "replica", "enable", "syncvol", "--peer", "site-b", "--mode", "sync",
+    ]);
     let refused = sites.a.ctl(&["group", "add", "cg", "syncvol"]);
     assert!(!refused.status.success(), "a sync volume joined a group");
     assert!(
@@ -165,8 +175,14 @@ fn grouped_sites() -> TwoSites {
         String::from_utf8_lossy(&refused.stderr)
     );
 
-    let added = sites.a.ctl_json(&["group", "add", "cg", "cg1", "cg2", "cg3"]);
-    assert_eq!(added["members"].as_array().map(Vec::len), Some(3), "{added}");
+    let added = sites
+        .a
+        .ctl_json(&["group", "add", "cg", "cg1", "cg2", "cg3"]);
+    assert_eq!(
+        added["members"].as_array().map(Vec::len),
+        Some(3),
+        "{added}"
+    );
     wait_group(&sites.a, "the group in sync", all_in_sync);
     let b = wait_group(&sites.b, "the secondary group at one point", |g| {
         g["consistent"] == true
@@ -202,7 +218,9 @@ fn a_group_force_promoted_after_kill9_lands_every_member_on_one_point() {
 
     let p = sites.b.ctl_json(&["group", "promote", "cg", "--force"]);
     assert_eq!(p["forced"], true, "{p}");
-    let point = p["recovery_point_unix_ns"].as_i64().expect("recovery point");
+    let point = p["recovery_point_unix_ns"]
+        .as_i64()
+        .expect("recovery point");
     assert!(point > 0, "{p}");
     assert_eq!(p["members"].as_array().map(Vec::len), Some(3), "{p}");
     // Every member came up on the group's point (its recovery point).
@@ -226,9 +244,15 @@ fn a_group_force_promoted_after_kill9_lands_every_member_on_one_point() {
     // it were acknowledged after it.
     for &(seq, _, _, acked) in &hist {
         if seq <= prefix {
-            assert!(acked <= point + 50_000_000, "write {seq} acknowledged after the point");
+            assert!(
+                acked <= point + 50_000_000,
+                "write {seq} acknowledged after the point"
+            );
         } else {
-            assert!(acked > point, "write {seq} acknowledged before the point is missing");
+            assert!(
+                acked > point,
+                "write {seq} acknowledged before the point is missing"
+            );
         }
     }
 
@@ -242,7 +266,10 @@ fn a_group_force_promoted_after_kill9_lands_every_member_on_one_point() {
     assert_eq!(a["role"], "secondary", "{a}");
     assert_eq!(a["consistent"], true, "{a}");
     let back = images(&sites.a, sites.dir.path(), "a");
-    assert_eq!(back, imgs, "the old primary does not hold the promoted group's image");
+    assert_eq!(
+        back, imgs,
+        "the old primary does not hold the promoted group's image"
+    );
 }
 
 #[test]

@@ -66,7 +66,11 @@ fn print(out: Out, g: &pb::GroupStatus) {
         g.name,
         g.role,
         g.peer_site,
-        if g.consistent { "consistent" } else { "not at one point" },
+        if g.consistent {
+            "consistent"
+        } else {
+            "not at one point"
+        },
         rfc3339(g.consistent_at_unix_ns).unwrap_or_else(|| "never".into())
     );
     table(

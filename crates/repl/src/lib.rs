@@ -33,8 +33,8 @@ pub use events::{Event, EventBus, EventKind};
 pub use listener::serve_peers;
 pub use manager::{
     DEFAULT_JOURNAL_BYTES, EnableRequest, GroupMember, GroupPromoteReport, GroupStatus,
-    MAX_RPO_SECONDS, Mismatch, PromoteReport, ReplicaStatus,
-    Replication, SYNC_RTT_MAX_US, TargetCapability, VerifyReport,
+    MAX_RPO_SECONDS, Mismatch, PromoteReport, ReplicaStatus, Replication, SYNC_RTT_MAX_US,
+    TargetCapability, VerifyReport,
 };
 pub use primary::link::{Mode, PeerLossPolicy};
 pub use primary::rpo::RpoPolicy;

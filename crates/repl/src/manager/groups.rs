@@ -112,14 +112,15 @@ impl Replication {
     /// Starts the ticker of a persisted group (agent start, create,
     /// promotion) with the member links running here.
     pub(crate) fn start_group(&self, config: GroupConfig) {
-        let links: Vec<Arc<ReplicaLink>> = config
-            .members
-            .iter()
-            .filter_map(|m| self.link(m))
-            .collect();
+        let links: Vec<Arc<ReplicaLink>> =
+            config.members.iter().filter_map(|m| self.link(m)).collect();
         let members: Members = Arc::new(std::sync::Mutex::new(links));
         let stop = CancellationToken::new();
-        tokio::spawn(group::run(config.name.clone(), members.clone(), stop.clone()));
+        tokio::spawn(group::run(
+            config.name.clone(),
+            members.clone(),
+            stop.clone(),
+        ));
         if let Some(old) = self.groups().insert(
             config.name.clone(),
             RunningGroup {
@@ -291,9 +292,13 @@ impl Replication {
     /// Unknown group.
     pub fn remove_from_group(&self, name: &str, volume: &str) -> Result<(GroupStatus, bool)> {
         if !self.groups().contains_key(name) {
-            return Err(ReplError::NotFound(format!("no group named {name} on this site")));
+            return Err(ReplError::NotFound(format!(
+                "no group named {name} on this site"
+            )));
         }
-        let Some(link) = self.link(volume).filter(|l| l.config().group.as_deref() == Some(name))
+        let Some(link) = self
+            .link(volume)
+            .filter(|l| l.config().group.as_deref() == Some(name))
         else {
             return Ok((self.group_status(name)?, false));
         };
@@ -334,7 +339,9 @@ impl Replication {
         if let Some(config) = self.groups().get(name).map(|g| g.config.clone()) {
             let mut members = Vec::new();
             for volume in &config.members {
-                let Some(link) = self.link(volume) else { continue };
+                let Some(link) = self.link(volume) else {
+                    continue;
+                };
                 let (lag_seconds, lag_bytes) = link.lag();
                 members.push(GroupMember {
                     volume: volume.clone(),
@@ -344,7 +351,10 @@ impl Replication {
                     consistent_at_unix_ns: link.config().last_consistent_at_unix_ns,
                 });
             }
-            let point = members.first().map(|m| m.consistent_at_unix_ns).unwrap_or(0);
+            let point = members
+                .first()
+                .map(|m| m.consistent_at_unix_ns)
+                .unwrap_or(0);
             let consistent = members
                 .iter()
                 .all(|m| m.consistent_at_unix_ns == point && point > 0);
@@ -360,7 +370,9 @@ impl Replication {
         }
         let (records, committed) = self.secondaries.group_members(name);
         if records.is_empty() {
-            return Err(ReplError::NotFound(format!("no group named {name} on this site")));
+            return Err(ReplError::NotFound(format!(
+                "no group named {name} on this site"
+            )));
         }
         let consistent = committed > 0
             && records
@@ -374,7 +386,11 @@ impl Replication {
                 .iter()
                 .map(|r| GroupMember {
                     volume: r.volume.clone(),
-                    state: if r.consistent { "consistent" } else { "inconsistent" },
+                    state: if r.consistent {
+                        "consistent"
+                    } else {
+                        "inconsistent"
+                    },
                     lag_seconds: 0.0,
                     lag_bytes: 0,
                     consistent_at_unix_ns: r.consistent_at_unix_ns,
@@ -392,7 +408,10 @@ impl Replication {
         names.sort();
         names.extend(self.secondaries.group_names());
         names.dedup();
-        names.iter().filter_map(|n| self.group_status(n).ok()).collect()
+        names
+            .iter()
+            .filter_map(|n| self.group_status(n).ok())
+            .collect()
     }
 
     /// Promotes every member of a secondary group held here, then makes
@@ -456,7 +475,11 @@ impl Replication {
                     "group {name} is not at one consistent point (group point {committed}; \
                      off it: {}): promoting it would not land every member on one point; \
                      promote members one by one (emberctl replica promote VOL --force) to accept that",
-                    if off.is_empty() { "none".to_owned() } else { off.join(", ") }
+                    if off.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        off.join(", ")
+                    }
                 )));
             }
             recovery_point = committed;
@@ -464,6 +487,9 @@ impl Replication {
         let mut promoted = Vec::new();
         for r in &records {
             if let Err(e) = self.promote(&r.volume, force).await {
+                if force {
+                    self.secondaries.group_barrier(name).thaw();
+                }
                 return Err(ReplError::FailedPrecondition(format!(
                     "group {name}: promoting {} failed after {} of {} members ({}): {e}",
                     r.volume,
@@ -495,7 +521,11 @@ impl Replication {
             self.restart(volume);
         }
         self.audit.record(&Entry {
-            action: if force { "group-force-promote" } else { "group-promote" },
+            action: if force {
+                "group-force-promote"
+            } else {
+                "group-promote"
+            },
             volume: name,
             peer: &peer,
             generation: 0,

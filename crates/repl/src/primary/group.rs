@@ -15,8 +15,8 @@
 //! whole group back: the group's consistent point moves only when all
 //! members can move together.
 
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;

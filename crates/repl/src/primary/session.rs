@@ -863,7 +863,10 @@ impl Session<'_> {
             for e in entries {
                 if let Op::Marker(m) = e.op {
                     // `take` ends at a marker: nothing follows it here.
-                    cut = Some(self.group_commit(e.seq, m, cut.is_none() && scan.is_done()).await?);
+                    cut = Some(
+                        self.group_commit(e.seq, m, cut.is_none() && scan.is_done())
+                            .await?,
+                    );
                     marked = true;
                 } else {
                     self.ship(e, !direct).await?;

@@ -10,8 +10,8 @@ use ember_storage::StorageError;
 use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
-use super::{SecondaryVolume, group};
 use super::staging::{CommittedBatch, StagedChange};
+use super::{SecondaryVolume, group};
 use crate::frame;
 
 type AckTx = mpsc::Sender<Result<pb::ReplAck, Status>>;

@@ -297,7 +297,10 @@ mod tests {
         let first = tokio::spawn(async move { a.seal("a", 10, 3).await });
         let second = tokio::spawn(async move { b.seal("b", 10, 3).await });
         tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(!first.is_finished() && !second.is_finished(), "2 of 3 sealed");
+        assert!(
+            !first.is_finished() && !second.is_finished(),
+            "2 of 3 sealed"
+        );
         assert_eq!(g.committed(), 0);
         assert_eq!(g.seal("c", 10, 3).await, Outcome::Apply);
         assert_eq!(first.await.expect("join"), Outcome::Apply);
@@ -319,7 +322,9 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(!waiting.is_finished());
         g.member_left("b");
-        assert!(matches!(waiting.await.expect("join"), Outcome::Abort(r) if r.contains("member b")));
+        assert!(
+            matches!(waiting.await.expect("join"), Outcome::Abort(r) if r.contains("member b"))
+        );
         assert_eq!(g.committed(), 0);
         // The late member cannot complete the aborted point either.
         assert!(matches!(g.seal("b", 20, 2).await, Outcome::Abort(_)));
@@ -328,7 +333,9 @@ mod tests {
         let waiting = tokio::spawn(async move { a.seal("a", 30, 2).await });
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(g.freeze(), 0);
-        assert!(matches!(waiting.await.expect("join"), Outcome::Abort(r) if r.contains("promoted")));
+        assert!(
+            matches!(waiting.await.expect("join"), Outcome::Abort(r) if r.contains("promoted"))
+        );
         assert!(matches!(g.seal("b", 40, 2).await, Outcome::Abort(_)));
         g.thaw();
         let a = g.clone();
