@@ -194,6 +194,19 @@ pub fn tail(log: &str) -> String {
     lines[lines.len().saturating_sub(15)..].join("\n")
 }
 
+/// Waits for a writer to stop (its server refused or went away); kills it
+/// and fails the test after `timeout`.
+pub fn wait_exit(child: &mut Child, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the writer did not stop within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Starts the stamped writer (tests/py/stamped_writer.py) on `uri`.
 pub fn stamped_writer(uri: &str, history: &Path, blocks: u64, count: u64, fua: bool) -> Child {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("py/stamped_writer.py");

@@ -5,12 +5,11 @@
 //! refused until an admin names the loser.
 
 use std::path::Path;
-use std::process::Child;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ember_it::repl::{
     TwoSites, check_acked_present, check_prefix, read_history, read_timed_history, snapshot_export,
-    stamped_writer, wait_status,
+    stamped_writer, wait_exit, wait_status,
 };
 use ember_it::{Agent, require_tool, run, run_ok};
 
@@ -42,17 +41,6 @@ fn status(agent: &Agent, volume: &str) -> serde_json::Value {
 
 fn in_sync(s: &serde_json::Value) -> bool {
     s["role"] == "primary" && s["state"] == "in-sync" && s["lag_bytes"] == 0
-}
-
-fn wait_exit(child: &mut Child, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    while child.try_wait().expect("wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the writer did not stop within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn audit(agent: &Agent) -> String {

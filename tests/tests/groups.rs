@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ember_it::repl::{BLOCK, TwoSites, snapshot_export, stamp_at, wait_status};
+use ember_it::repl::{BLOCK, TwoSites, snapshot_export, stamp_at, wait_exit, wait_status};
 use ember_it::{Agent, require_tool};
 
 const VOLUMES: [&str; 3] = ["cg1", "cg2", "cg3"];
@@ -89,17 +89,6 @@ fn check_group_prefix(
         }
     }
     Ok(p)
-}
-
-fn wait_exit(child: &mut Child, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    while child.try_wait().expect("wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the writer did not stop within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn group_status(agent: &Agent) -> serde_json::Value {

@@ -66,6 +66,20 @@ pub(crate) fn repl_status(error: ember_repl::ReplError) -> Status {
     }
 }
 
+/// `AddToGroup` / `RemoveFromGroup`: validates the volume name, applies
+/// the change, answers with the group's status.
+fn member_change(
+    req: pb::GroupMemberRequest,
+    change: impl FnOnce(&str, &str) -> ember_repl::Result<(ember_repl::GroupStatus, bool)>,
+) -> Result<Response<pb::GroupMemberResponse>, Status> {
+    ember_volume::parse_volume(&req.volume).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let (status, changed) = change(&req.group, &req.volume).map_err(repl_status)?;
+    Ok(Response::new(pb::GroupMemberResponse {
+        status: Some(group_pb(status)),
+        changed,
+    }))
+}
+
 fn group_pb(s: ember_repl::GroupStatus) -> pb::GroupStatus {
     pb::GroupStatus {
         name: s.name,
@@ -532,17 +546,9 @@ impl EmberControl for ControlService {
         &self,
         request: Request<pb::GroupMemberRequest>,
     ) -> Result<Response<pb::GroupMemberResponse>, Status> {
-        let req = request.into_inner();
-        ember_volume::parse_volume(&req.volume)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let (status, changed) = self
-            .replication
-            .add_to_group(&req.group, &req.volume)
-            .map_err(repl_status)?;
-        Ok(Response::new(pb::GroupMemberResponse {
-            status: Some(group_pb(status)),
-            changed,
-        }))
+        member_change(request.into_inner(), |g, v| {
+            self.replication.add_to_group(g, v)
+        })
     }
 
     #[tracing::instrument(skip_all, fields(group = %request.get_ref().group, volume_id = %request.get_ref().volume))]
@@ -550,17 +556,9 @@ impl EmberControl for ControlService {
         &self,
         request: Request<pb::GroupMemberRequest>,
     ) -> Result<Response<pb::GroupMemberResponse>, Status> {
-        let req = request.into_inner();
-        ember_volume::parse_volume(&req.volume)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let (status, changed) = self
-            .replication
-            .remove_from_group(&req.group, &req.volume)
-            .map_err(repl_status)?;
-        Ok(Response::new(pb::GroupMemberResponse {
-            status: Some(group_pb(status)),
-            changed,
-        }))
+        member_change(request.into_inner(), |g, v| {
+            self.replication.remove_from_group(g, v)
+        })
     }
 
     async fn get_group_status(

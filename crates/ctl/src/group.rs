@@ -89,6 +89,29 @@ fn print(out: Out, g: &pb::GroupStatus) {
     );
 }
 
+/// Adds (or removes) each volume in turn; returns the group's last status.
+async fn change_members(
+    api: &mut EmberControlClient<Channel>,
+    name: &str,
+    volumes: Vec<String>,
+    add: bool,
+) -> anyhow::Result<pb::GroupStatus> {
+    let mut last = None;
+    for volume in volumes {
+        let req = pb::GroupMemberRequest {
+            group: name.to_owned(),
+            volume,
+        };
+        let r = if add {
+            api.add_to_group(req).await?
+        } else {
+            api.remove_from_group(req).await?
+        };
+        last = r.into_inner().status;
+    }
+    last.context("agent returned no status")
+}
+
 pub(crate) async fn run(
     cmd: GroupCmd,
     api: &mut EmberControlClient<Channel>,
@@ -111,32 +134,12 @@ pub(crate) async fn run(
             anyhow::bail!("name at least one volume for group {name}");
         }
         GroupCmd::Add { name, volumes } => {
-            let mut last = None;
-            for volume in volumes {
-                let r = api
-                    .add_to_group(pb::GroupMemberRequest {
-                        group: name.clone(),
-                        volume,
-                    })
-                    .await?
-                    .into_inner();
-                last = r.status;
-            }
-            print(out, &last.context("agent returned no status")?);
+            let status = change_members(api, &name, volumes, true).await?;
+            print(out, &status);
         }
         GroupCmd::Remove { name, volumes } => {
-            let mut last = None;
-            for volume in volumes {
-                let r = api
-                    .remove_from_group(pb::GroupMemberRequest {
-                        group: name.clone(),
-                        volume,
-                    })
-                    .await?
-                    .into_inner();
-                last = r.status;
-            }
-            print(out, &last.context("agent returned no status")?);
+            let status = change_members(api, &name, volumes, false).await?;
+            print(out, &status);
         }
         GroupCmd::Status { name } => {
             let r = api
