@@ -1,0 +1,143 @@
+"""End to end with a real Cinder (cinder_services.Cinder: RabbitMQ,
+cinder-api with noauth, cinder-scheduler, cinder-volume running this
+driver), driven by python-cinderclient's `cinder` CLI against the two-site
+lab: a replicated volume type and a volume, data written through the
+volume's NBD export, failover-host to the secondary site, the same data
+read from the promoted secondary, more written there, failback, everything
+read on the original primary. A non-replicated volume in the mix goes to
+error on failover, and the scheduler refuses a type whose RPO no backend
+can meet."""
+import json
+import subprocess
+import time
+
+import pytest
+
+from cinder_services import Cinder
+from conftest import require
+
+
+@pytest.fixture(scope="module")
+def cinder(lab):
+    require("qemu-io")
+    c = Cinder(lab)
+    try:
+        c.start()
+    except Exception:
+        for name in ("rabbitmq", "scheduler", "volume", "api"):
+            print(f"===== cinder {name} log\n{c.log(name)}")
+        c.stop()
+        raise
+    yield c
+    c.stop()
+
+
+def show(cinder, name):
+    out = cinder.cli("show", name)
+    return {row[0]: row[1] for row in _rows(out.stdout)}
+
+
+def _rows(table):
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 2 and cells[0] not in ("Property", ""):
+            yield cells
+
+
+def wait_for(what, check, timeout=90):
+    deadline = time.time() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(1)
+
+
+def volume_status(cinder, name, wanted):
+    return wait_for(f"{name} {wanted}", lambda: (
+        lambda s: s if s["status"] in (wanted, "error") else None)(show(cinder, name)))
+
+
+def service(cinder):
+    out = cinder.cli("service-list", "--withreplication", "--binary", "cinder-volume")
+    for line in out.stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) > 9 and cells[1] == cinder.backend:
+            return {"status": cells[3], "replication_status": cells[7],
+                    "active_backend_id": cells[8]}
+    raise AssertionError(f"no service {cinder.backend}: {out.stdout}")
+
+
+def qemu_io(uri, cmd, read_only=False):
+    args = ["qemu-io", "-f", "raw"] + (["-r"] if read_only else []) + ["-c", cmd, uri]
+    return subprocess.run(args, capture_output=True, text=True)
+
+
+def holds(uri, pattern, offset, length="1M"):
+    out = qemu_io(uri, f"read -P {pattern} {offset} {length}", read_only=True)
+    return out.returncode == 0 and "verification failed" not in out.stdout
+
+
+def replica_state(lab, site, volume):
+    out = subprocess.run([lab["ctl"], "--api", lab[site]["api"], "replica", "status",
+                          volume, "--json"], capture_output=True, text=True)
+    return json.loads(out.stdout) if out.returncode == 0 else {}
+
+
+def test_failover_host_and_failback_through_a_real_cinder(lab, cinder):
+    cinder.cli("type-create", "ember-async")
+    cinder.cli("type-key", "ember-async", "set", "replication_enabled=<is> True",
+               "ember:replication_mode=async", "ember:rpo_seconds=30")
+    cinder.cli("type-create", "ember-plain")
+    cinder.cli("create", "--volume-type", "ember-async", "--name", "e2e-repl", "1")
+    cinder.cli("create", "--volume-type", "ember-plain", "--name", "e2e-plain", "1")
+    repl = volume_status(cinder, "e2e-repl", "available")
+    plain = volume_status(cinder, "e2e-plain", "available")
+    assert repl["status"] == "available" and plain["status"] == "available"
+    assert repl["replication_status"] == "enabled", repl
+    assert plain["replication_status"] == "disabled", plain
+    name = f"volume-{repl['id']}"
+    a_uri = f"nbd://{lab['site-a']['nbd']}/{name}"
+    b_uri = f"nbd://{lab['site-b']['nbd']}/{name}"
+
+    out = qemu_io(a_uri, "write -P 0x5a 0 1M")
+    assert out.returncode == 0, out.stderr
+    wait_for("the replica in sync", lambda: (
+        lambda s: s.get("state") == "in-sync" and s.get("lag_bytes") == 0)(
+            replica_state(lab, "site-a", name)))
+
+    cinder.cli("failover-host", cinder.backend, "--backend_id", "site-b")
+    svc = wait_for("failed over", lambda: (
+        lambda s: s if s["replication_status"] == "failed-over" else None)(service(cinder)))
+    assert svc["active_backend_id"] == "site-b", svc
+    assert show(cinder, "e2e-repl")["replication_status"] == "failed-over"
+    assert show(cinder, "e2e-plain")["status"] == "error", "a non-replicated volume survived failover"
+    assert replica_state(lab, "site-b", name)["role"] == "primary"
+    assert holds(b_uri, "0x5a", "0"), "the promoted secondary lacks the data"
+    out = qemu_io(b_uri, "write -P 0x6b 1M 1M")
+    assert out.returncode == 0, out.stderr
+
+    cinder.cli("failover-host", cinder.backend, "--backend_id", "default")
+    wait_for("failed back", lambda: (
+        lambda s: s if s["replication_status"] == "enabled" else None)(service(cinder)))
+    assert show(cinder, "e2e-repl")["replication_status"] == "enabled"
+    assert replica_state(lab, "site-a", name)["role"] == "primary"
+    assert holds(a_uri, "0x5a", "0") and holds(a_uri, "0x6b", "1M"), \
+        "the original primary lacks data written before or after the failover"
+    out = qemu_io(a_uri, "write -P 0x01 2M 4k")
+    assert out.returncode == 0, "the failed-back primary refuses writes"
+
+
+def test_the_scheduler_refuses_a_type_whose_rpo_no_backend_can_meet(cinder):
+    # The backend can hold at most 86400 s (the agent's cap): a type asking
+    # for more cannot be placed.
+    cinder.cli("type-create", "ember-impossible")
+    cinder.cli("type-key", "ember-impossible", "set", "replication_enabled=<is> True",
+               "capabilities:replication_rpo_max_seconds=>= 100000")
+    cinder.cli("create", "--volume-type", "ember-impossible", "--name", "e2e-never", "1")
+    s = volume_status(cinder, "e2e-never", "available")
+    assert s["status"] == "error", s
+    assert s["os-vol-host-attr:host"] in ("None", ""), s
+    messages = cinder.cli("message-list").stdout
+    assert "Could not find any available weighted backend" in messages, messages
