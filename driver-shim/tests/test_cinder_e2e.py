@@ -141,3 +141,57 @@ def test_the_scheduler_refuses_a_type_whose_rpo_no_backend_can_meet(cinder):
     assert s["os-vol-host-attr:host"] in ("None", ""), s
     messages = cinder.cli("message-list").stdout
     assert "Could not find any available weighted backend" in messages, messages
+
+
+def group_show(cinder, name):
+    return {row[0]: row[1] for row in _rows(cinder.cli("group-show", name).stdout)}
+
+
+def test_group_replication_through_a_real_cinder(lab, cinder):
+    """A Cinder group of a consistency-group type: its volumes replicate as
+    one Ember consistency group and fail over and back together."""
+    cinder.cli("type-create", "ember-cg-vols")
+    cinder.cli("type-key", "ember-cg-vols", "set", "replication_enabled=<is> True",
+               "ember:replication_mode=async")
+    cinder.cli("group-type-create", "ember-cg")
+    cinder.cli("group-type-key", "ember-cg", "set",
+               "consistent_group_replication_enabled=<is> True")
+    cinder.cli("group-create", "--name", "e2e-group", "ember-cg", "ember-cg-vols")
+    group = wait_for("the group", lambda: (
+        lambda g: g if g["status"] == "available" else None)(group_show(cinder, "e2e-group")))
+    names = []
+    for i in range(2):
+        cinder.cli("create", "--group-id", group["id"], "--volume-type", "ember-cg-vols",
+                   "--name", f"e2e-member-{i}", "1")
+        v = volume_status(cinder, f"e2e-member-{i}", "available")
+        assert v["status"] == "available", v
+        names.append(f"volume-{v['id']}")
+    cinder.cli("group-enable-replication", "e2e-group")
+    wait_for("group replication enabled", lambda: group_show(
+        cinder, "e2e-group")["replication_status"] == "enabled")
+    for i, name in enumerate(names):
+        out = qemu_io(f"nbd://{lab['site-a']['nbd']}/{name}", f"write -P 0x{0x40 + i:x} 0 1M")
+        assert out.returncode == 0, out.stderr
+    ember_group = f"group-{group['id']}"
+    status = subprocess.run([lab["ctl"], "--api", lab["site-a"]["api"], "group", "status",
+                             ember_group, "--json"], capture_output=True, text=True)
+    assert status.returncode == 0, status.stderr
+    assert sorted(m["volume"] for m in json.loads(status.stdout)["members"]) == sorted(names)
+    for name in names:
+        wait_for(f"{name} in sync", lambda name=name: (
+            lambda s: s.get("state") == "in-sync" and s.get("lag_bytes") == 0)(
+                replica_state(lab, "site-a", name)))
+
+    cinder.cli("group-failover-replication", "e2e-group", "--secondary-backend-id", "site-b")
+    wait_for("the group failed over", lambda: group_show(
+        cinder, "e2e-group")["replication_status"] == "failed-over")
+    for i, name in enumerate(names):
+        assert replica_state(lab, "site-b", name)["role"] == "primary"
+        assert holds(f"nbd://{lab['site-b']['nbd']}/{name}", f"0x{0x40 + i:x}", "0")
+
+    cinder.cli("group-failover-replication", "e2e-group", "--secondary-backend-id", "default")
+    wait_for("the group failed back", lambda: group_show(
+        cinder, "e2e-group")["replication_status"] == "enabled")
+    for i, name in enumerate(names):
+        assert replica_state(lab, "site-a", name)["role"] == "primary"
+        assert holds(f"nbd://{lab['site-a']['nbd']}/{name}", f"0x{0x40 + i:x}", "0")

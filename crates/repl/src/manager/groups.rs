@@ -94,10 +94,11 @@ pub struct GroupPromoteReport {
     pub recovery_point_unix_ns: i64,
 }
 
+/// Group names follow the volume-name rules (they name files too).
 fn check_name(name: &str) -> Result<()> {
-    ember_volume::parse_volume(name)
+    ember_common::VolumeName::new(name)
         .map(|_| ())
-        .map_err(|e| ReplError::InvalidArgument(format!("group name: {e}")))
+        .map_err(|e| ReplError::InvalidArgument(format!("invalid group name: {e}")))
 }
 
 impl Replication {
