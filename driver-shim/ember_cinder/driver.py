@@ -5,6 +5,7 @@ The backend's own agent (`ember_agent_endpoint`) serves the volumes; each
 `replication_device` names a paired Ember site and that site's agent, which
 holds the secondaries and is where failover promotes them.
 """
+import grpc
 from cinder import exception
 from cinder import interface
 from cinder.objects import fields
@@ -12,7 +13,7 @@ from cinder.volume import driver
 from oslo_config import cfg
 from oslo_log import log as logging
 
-from ember_cinder import replication
+from ember_cinder import errors, replication
 from ember_cinder.client import AgentClient, pb
 
 LOG = logging.getLogger(__name__)
@@ -318,37 +319,41 @@ class EmberDriver(driver.VolumeDriver):
         except Exception:  # not replicated there, or the agent is down
             return None
 
-    def _promote_on(self, client, name, where):
-        """Promotes `name` on `client`'s site: planned (zero loss) when the
-        current primary answers, forced otherwise. Returns the response."""
+    def _planned_or_forced(self, client, method, request, what):
+        """Runs a planned promotion (zero loss: the old primary drains).
+        Only when the old primary cannot be reached (UNAVAILABLE or a
+        deadline) is the promotion forced; any other refusal — split-brain,
+        an inconsistent copy, a group not at one point — is raised, never
+        overridden. Returns (response, forced)."""
         timeout = 4 * (self.configuration.safe_get("ember_rpc_timeout") or 30.0)
         try:
-            return client.raw("PromoteReplica",
-                              pb.PromoteReplicaRequest(volume=name, force=False),
-                              timeout=timeout)
-        except Exception as e:
-            LOG.warning("Planned promotion of %s on %s failed (%s); forcing it",
-                        name, where, e)
-        return client.call("PromoteReplica",
-                           pb.PromoteReplicaRequest(volume=name, force=True),
-                           f"force-promote {name} on {where}", idempotent=True,
-                           timeout=timeout)
+            return client.raw(method, request, timeout=timeout), False
+        except grpc.RpcError as e:
+            if e.code() not in (grpc.StatusCode.UNAVAILABLE,
+                                grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise errors.translate(e, what) from None
+            LOG.warning("Planned %s failed, the old primary is unreachable (%s); "
+                        "forcing it", what, e.details())
+        request.force = True
+        return client.call(method, request, f"forced {what}", timeout=timeout), True
+
+    def _promote_on(self, client, name, where):
+        """Promotes `name` on `client`'s site (see _planned_or_forced)."""
+        r, _ = self._planned_or_forced(
+            client, "PromoteReplica", pb.PromoteReplicaRequest(volume=name, force=False),
+            f"promotion of {name} on {where}")
+        return r
 
     def _promote_group_on(self, client, name, where):
-        """Promotes Ember group `name` on `client`'s site: planned when the
-        current primary answers, forced otherwise (every member lands on
-        the group's one point, which is logged)."""
-        timeout = 4 * (self.configuration.safe_get("ember_rpc_timeout") or 30.0)
-        try:
-            return client.raw("PromoteGroup", pb.PromoteGroupRequest(name=name, force=False),
-                              timeout=timeout)
-        except Exception as e:
-            LOG.warning("Planned promotion of group %s on %s failed (%s); forcing it",
-                        name, where, e)
-        r = client.call("PromoteGroup", pb.PromoteGroupRequest(name=name, force=True),
-                        f"force-promote group {name} on {where}", timeout=timeout)
-        LOG.warning("Group %s force-promoted on %s: writes after %d (unix ns) are lost",
-                    name, where, r.recovery_point_unix_ns)
+        """Promotes Ember group `name` on `client`'s site (see
+        _planned_or_forced); forced, every member lands on the group's one
+        point, which is logged."""
+        r, forced = self._planned_or_forced(
+            client, "PromoteGroup", pb.PromoteGroupRequest(name=name, force=False),
+            f"promotion of group {name} on {where}")
+        if forced:
+            LOG.warning("Group %s force-promoted on %s: writes after %d (unix ns) are lost",
+                        name, where, r.recovery_point_unix_ns)
         return r
 
     def _choose_target(self, volumes):

@@ -41,9 +41,7 @@ def require(tool):
         pytest.fail(f"{tool} is not installed (scripts/test-all.sh installs it)")
 
 
-@pytest.fixture(scope="session")
-def lab():
-    """Two paired sites: {'site-a': {'api', 'nbd'}, 'site-b': {...}}."""
+def _lab():
     d = tempfile.mkdtemp(prefix="ember-shim-")
     ctl = str(bin_dir() / "emberctl")
     subprocess.run([ctl, "lab", "up", "--dir", d, "--detach", "--size", "16M"],
@@ -53,6 +51,18 @@ def lab():
     subprocess.run([ctl, "lab", "down", "--dir", d], capture_output=True)
     if not os.environ.get("EMBER_KEEP_TMP"):
         shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def lab():
+    """Two paired sites: {'site-a': {'api', 'nbd', 'pid'}, 'site-b': {...}}."""
+    yield from _lab()
+
+
+@pytest.fixture
+def own_lab():
+    """A lab of its own, for a test that kills a site."""
+    yield from _lab()
 
 
 _groups = iter(range(10**6))

@@ -268,3 +268,25 @@ def test_active_active_failover_switches_only_when_completed(lab, ctx):
     assert drv._agent is drv._clients["site-b"]
     drv.failover_completed(ctx, "default")
     assert drv._agent is drv._primary
+
+
+def test_failover_when_the_primary_site_is_gone_is_forced(own_lab, ctx):
+    import os
+    import signal
+    drv = make_driver(own_lab)
+    repl = volume_type(ctx, replication_enabled="<is> True")
+    vol = volume(ctx, vtype=repl)
+    vol.replication_status = drv.create_volume(vol)["replication_status"]
+    write(uri_of(drv, vol), "0x77")
+    wait_in_sync(drv._primary, vol.name)
+    os.kill(own_lab["site-a"]["pid"], signal.SIGKILL)
+    assert drv.get_volume_stats(refresh=True)["backend_state"] == "down"
+
+    active, updates, _ = drv.failover_host(ctx, [vol], "site-b")
+    assert active == "site-b"
+    assert updates == [{"volume_id": vol.id, "updates": {
+        "replication_status": fields.ReplicationStatus.FAILED_OVER}}]
+    s = status(drv._clients["site-b"], vol.name)
+    assert s.role == "primary"
+    assert s.recovery_point_unix_ns > 0, "a forced promotion reports its recovery point"
+    assert holds(uri_of(drv, vol), "0x77")

@@ -56,6 +56,16 @@ pub(crate) fn repl_status(error: ember_repl::ReplError) -> Status {
         }
         ReplError::AlreadyPaired { .. } => Status::already_exists(message),
         ReplError::Unreachable { .. } => Status::unavailable(message),
+        // The peer could not be reached mid-call: callers may fall back
+        // (a forced promotion), so keep it distinguishable.
+        ReplError::Refused { ref status, .. }
+            if matches!(
+                status.code(),
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+            ) =>
+        {
+            Status::unavailable(message)
+        }
         ReplError::Refused { .. }
         | ReplError::VersionMismatch { .. }
         | ReplError::NotConfigured => Status::failed_precondition(message),

@@ -101,7 +101,7 @@ pub async fn run(
             peers.clone(),
             secondaries.clone(),
             identity.clone(),
-            fault_corrupt_frames(),
+            faults(),
         )
         .context("loading replicas")?,
     );
@@ -303,19 +303,12 @@ fn tls_config(tls: &crate::config::ApiTls) -> anyhow::Result<ServerTlsConfig> {
     Ok(cfg)
 }
 
-/// Fault injection for tests: `EMBER_FAULT_CORRUPT_FRAMES=N` corrupts the
-/// next N replication frames after their checksum is computed, so tests can
-/// prove the secondary refuses them. Logged loudly when set.
-fn fault_corrupt_frames() -> u64 {
-    let n = std::env::var("EMBER_FAULT_CORRUPT_FRAMES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    if n > 0 {
-        tracing::warn!(
-            frames = n,
-            "FAULT INJECTION: replication frames will be corrupted"
-        );
+/// Fault injection for tests (`EMBER_FAULT_*`, see `ember_repl::Faults`).
+/// Logged loudly when set.
+fn faults() -> ember_repl::Faults {
+    let faults = ember_repl::Faults::from_env();
+    if faults.any() {
+        tracing::warn!(?faults, "FAULT INJECTION is on");
     }
-    n
+    faults
 }

@@ -15,6 +15,7 @@
 mod audit;
 mod error;
 mod events;
+mod faults;
 mod fencing;
 mod frame;
 mod hashes;
@@ -30,6 +31,7 @@ mod version;
 
 pub use error::{ReplError, Result};
 pub use events::{Event, EventBus, EventKind};
+pub use faults::Faults;
 pub use listener::serve_peers;
 pub use manager::{
     DEFAULT_JOURNAL_BYTES, EnableRequest, GroupMember, GroupPromoteReport, GroupStatus,

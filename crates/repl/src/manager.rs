@@ -23,6 +23,7 @@ use crate::PeerRegistry;
 use crate::audit::AuditLog;
 use crate::error::{ReplError, Result};
 use crate::events::EventBus;
+use crate::faults::Faults;
 use crate::hashes;
 use crate::primary::link::{
     Mode, PeerLossPolicy, Phase, ReplicaConfig, ReplicaLink, consumer_name,
@@ -213,7 +214,7 @@ impl Replication {
         registry: Arc<PeerRegistry>,
         secondaries: Arc<SecondarySet>,
         identity: Identity,
-        corrupt_frames: u64,
+        faults: Faults,
     ) -> Result<Self> {
         let dir = data_dir.join("replicas").join("primary");
         std::fs::create_dir_all(&dir).map_err(|e| internal("create replicas dir", e))?;
@@ -223,7 +224,8 @@ impl Replication {
             ctx: Arc::new(Ctx {
                 registry,
                 identity,
-                corrupt_frames: AtomicU64::new(corrupt_frames),
+                corrupt_frames: AtomicU64::new(faults.corrupt_frames),
+                delay_group_commit: faults.delay_group_commit,
                 events: EventBus::default(),
             }),
             secondaries,

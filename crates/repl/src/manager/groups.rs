@@ -491,6 +491,11 @@ impl Replication {
                 if force {
                     self.secondaries.group_barrier(name).thaw();
                 }
+                if promoted.is_empty() {
+                    // Nothing changed yet: the member's own error (an
+                    // unreachable old primary stays UNAVAILABLE).
+                    return Err(e);
+                }
                 return Err(ReplError::FailedPrecondition(format!(
                     "group {name}: promoting {} failed after {} of {} members ({}): {e}",
                     r.volume,

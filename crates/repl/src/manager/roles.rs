@@ -248,7 +248,6 @@ impl Replication {
             let _ = task.await;
         }
         let link = running.link;
-        self.group_member_gone(volume);
         let cfg = link.config();
         let tracker = link
             .volume
@@ -264,10 +263,11 @@ impl Replication {
             .map(|e| (e.offset, e.length))
             .collect();
         let bytes = divergent.iter().map(|&(_, l)| l).sum();
-        if let Err(status) = self
-            .secondaries
-            .adopt(link.volume.clone(), record(divergent))
-        {
+        // A group member stays in its group as a secondary: the group can
+        // be promoted back at once, before the new primary's sessions say so.
+        let mut secondary = record(divergent);
+        secondary.group = cfg.group.clone().unwrap_or_default();
+        if let Err(status) = self.secondaries.adopt(link.volume.clone(), secondary) {
             // Still primary: put the link back.
             self.start(cfg, false)?;
             return Err(ReplError::Internal(format!(
@@ -275,6 +275,7 @@ impl Replication {
                 status.message()
             )));
         }
+        self.group_member_gone(volume);
         link.journal().release_waiters();
         if let Err(e) = tracker.remove_consumer(&self.store_tracking_dir(volume), &consumer) {
             tracing::warn!(volume, error = %e, "cannot remove the old change set");

@@ -71,6 +71,9 @@ pub(crate) struct Ctx {
     /// Fault injection for tests: corrupt this many frames after their
     /// checksum is computed (`EMBER_FAULT_CORRUPT_FRAMES`).
     pub(crate) corrupt_frames: AtomicU64,
+    /// Fault injection for tests: hold this volume's group commits back
+    /// (`EMBER_FAULT_DELAY_GROUP_COMMIT`).
+    pub(crate) delay_group_commit: Option<(String, Duration)>,
     /// Replication events.
     pub(crate) events: EventBus,
 }
@@ -769,6 +772,13 @@ impl Session<'_> {
             return Err(SessionError::Local(
                 "a consistency-group point arrived during a resync; restarting".into(),
             ));
+        }
+        if let Some((volume, delay)) = &self.ctx.delay_group_commit
+            && *volume == self.name()
+        {
+            // Everything before the commit is sent; only the commit waits.
+            self.flush_outbox().await?;
+            tokio::time::sleep(*delay).await;
         }
         let frame = self.seq();
         self.send(Kind::Commit(pb::BatchCommit {

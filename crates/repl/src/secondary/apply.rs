@@ -145,7 +145,10 @@ pub(super) async fn recover(sv: &Arc<SecondaryVolume>) -> Result<(), Status> {
                 .map_err(|e| Status::internal(format!("emptying the staging log: {e}")));
         }
     }
-    if batch.seq <= sv.record().applied_seq {
+    // The batch last applied names the record's consistent point; a log
+    // whose reset was not yet durable still holds it. Frame sequence
+    // numbers restart with every stream, so they cannot tell.
+    if batch.consistent_at_unix_ns == record.consistent_at_unix_ns {
         tracing::info!(volume = %name, seq = batch.seq, "staged batch already applied");
         return sv
             .staging
