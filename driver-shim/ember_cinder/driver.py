@@ -356,6 +356,20 @@ class EmberDriver(driver.VolumeDriver):
                         name, where, r.recovery_point_unix_ns)
         return r
 
+    def _promote_groups(self, client, groups, where, status):
+        """Promotes each replicated group on `client`'s site; returns
+        Cinder's group updates (`status`, or failover-error per group)."""
+        updates = []
+        for g in groups or []:
+            result = status
+            try:
+                self._promote_group_on(client, self._group_name(g), where)
+            except exception.VolumeBackendAPIException as e:
+                LOG.error("Promotion of group %s on %s failed: %s", g.id, where, e)
+                result = fields.ReplicationStatus.FAILOVER_ERROR
+            updates.append({"group_id": g.id, "updates": {"replication_status": result}})
+        return updates
+
     def _choose_target(self, volumes):
         """No target named: the one with the least lag over these volumes
         (reachable targets only)."""
@@ -393,15 +407,8 @@ class EmberDriver(driver.VolumeDriver):
         client = self._clients[secondary_id]
         # Groups first, so their members land on one point; a member's own
         # promotion below then finds it primary already.
-        group_updates = []
-        for g in groups or []:
-            status = fields.ReplicationStatus.FAILED_OVER
-            try:
-                self._promote_group_on(client, self._group_name(g), secondary_id)
-            except exception.VolumeBackendAPIException as e:
-                LOG.error("Failover of group %s failed: %s", g.id, e)
-                status = fields.ReplicationStatus.FAILOVER_ERROR
-            group_updates.append({"group_id": g.id, "updates": {"replication_status": status}})
+        group_updates = self._promote_groups(client, groups, secondary_id,
+                                             fields.ReplicationStatus.FAILED_OVER)
         volume_updates = []
         for v in volumes:
             if v.replication_status not in (fields.ReplicationStatus.ENABLED,
@@ -429,15 +436,8 @@ class EmberDriver(driver.VolumeDriver):
         if not self._active_backend_id:
             raise exception.InvalidReplicationTarget(
                 reason="not failed over: nothing to fail back")
-        group_updates = []
-        for g in groups or []:
-            status = fields.ReplicationStatus.ENABLED
-            try:
-                self._promote_group_on(self._primary, self._group_name(g), "the primary site")
-            except exception.VolumeBackendAPIException as e:
-                LOG.error("Failback of group %s failed: %s", g.id, e)
-                status = fields.ReplicationStatus.FAILOVER_ERROR
-            group_updates.append({"group_id": g.id, "updates": {"replication_status": status}})
+        group_updates = self._promote_groups(self._primary, groups, "the primary site",
+                                             fields.ReplicationStatus.ENABLED)
         volume_updates = []
         for v in volumes:
             if v.replication_status != fields.ReplicationStatus.FAILED_OVER:

@@ -112,11 +112,7 @@ async fn apply_batch(sv: &SecondaryVolume, batch: CommittedBatch) -> Result<(), 
         r.divergent.clear();
     })?;
     sv.applied_bytes.fetch_add(bytes, Ordering::Relaxed);
-    sv.staging
-        .lock()
-        .expect("staging lock poisoned")
-        .reset()
-        .map_err(|e| Status::internal(format!("emptying the staging log: {e}")))
+    sv.reset_staging()
 }
 
 /// Start-up: replays a committed batch a crash left behind (idempotent),
@@ -137,12 +133,7 @@ pub(super) async fn recover(sv: &Arc<SecondaryVolume>) -> Result<(), Status> {
             // Sealed, but not every member held the point: drop it (the
             // primary resends it from its change set).
             tracing::info!(volume = %name, group = %record.group, point = batch.consistent_at_unix_ns, committed, "dropping a staged group batch its group never committed");
-            return sv
-                .staging
-                .lock()
-                .expect("staging lock poisoned")
-                .reset()
-                .map_err(|e| Status::internal(format!("emptying the staging log: {e}")));
+            return sv.reset_staging();
         }
     }
     // The batch last applied names the record's consistent point; a log
@@ -150,12 +141,7 @@ pub(super) async fn recover(sv: &Arc<SecondaryVolume>) -> Result<(), Status> {
     // numbers restart with every stream, so they cannot tell.
     if batch.consistent_at_unix_ns == record.consistent_at_unix_ns {
         tracing::info!(volume = %name, seq = batch.seq, "staged batch already applied");
-        return sv
-            .staging
-            .lock()
-            .expect("staging lock poisoned")
-            .reset()
-            .map_err(|e| Status::internal(format!("emptying the staging log: {e}")));
+        return sv.reset_staging();
     }
     tracing::info!(volume = %name, seq = batch.seq, changes = batch.changes.len(), "replaying a committed batch after a crash");
     apply_batch(sv, batch).await
@@ -284,12 +270,7 @@ impl Stream {
             group::Outcome::Apply => Ok(()),
             group::Outcome::Abort(reason) => {
                 tracing::info!(volume = %record.volume, group = %record.group, point, %reason, "group point aborted; dropping the staged batch");
-                self.sv
-                    .staging
-                    .lock()
-                    .expect("staging lock poisoned")
-                    .reset()
-                    .map_err(|e| Status::internal(format!("emptying the staging log: {e}")))?;
+                self.sv.reset_staging()?;
                 Err(Status::aborted(format!(
                     "consistency group {}: point {point} aborted: {reason}",
                     record.group

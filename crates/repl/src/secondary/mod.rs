@@ -159,6 +159,15 @@ impl SecondaryVolume {
         }
     }
 
+    /// Empties the staging log (a batch applied or dropped).
+    pub(crate) fn reset_staging(&self) -> Result<(), Status> {
+        self.staging
+            .lock()
+            .expect("staging lock poisoned")
+            .reset()
+            .map_err(|e| io_status("emptying the staging log", e))
+    }
+
     /// Ends the volume's stream and waits for the frame in hand (a group
     /// member's wait at its barrier included).
     pub(crate) async fn quiesce(&self) {
