@@ -256,13 +256,7 @@ class EmberDriver(driver.VolumeDriver):
                          f"delete {volume.name}")
 
     def extend_volume(self, volume, new_size):
-        if volume.replication_status == fields.ReplicationStatus.ENABLED:
-            # The agent refuses to resize a replicated volume (the secondary
-            # would have to grow in step); say so rather than half-resize.
-            raise exception.VolumeBackendAPIException(
-                data=f"{volume.name} is replicated; Ember cannot extend a "
-                     "replicated volume yet (retype to a non-replicated type, "
-                     "extend, retype back)")
+        # A replicated volume's secondary grows first, inside the agent.
         self._agent.call("ResizeVolume", pb.ResizeVolumeRequest(
             name=volume.name, size_bytes=_bytes(new_size)),
             f"extend {volume.name} to {new_size} GiB")

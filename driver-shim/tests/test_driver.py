@@ -174,6 +174,11 @@ def test_failover_of_a_mix_then_failback(lab, ctx):
     plain.replication_status = drv.create_volume(plain)["replication_status"]
     write(uri_of(drv, rvol), "0x11")
     wait_in_sync(drv._primary, rvol.name)
+    # Extending a replicated volume grows its secondary too.
+    drv.extend_volume(rvol, 2)
+    for client in (drv._primary, drv._clients["site-b"]):
+        got = client.raw("GetVolume", pb.GetVolumeRequest(name=rvol.name)).volume
+        assert got.size_bytes == 2 * GiB, f"{client.endpoint}: {got.size_bytes}"
 
     # No target named: the driver picks the reachable one with least lag.
     active, vol_updates, group_updates = drv.failover_host(ctx, [rvol, plain])

@@ -514,3 +514,49 @@ fn an_interrupted_initial_sync_resumes_where_it_stopped() {
     );
     sites.assert_identical("vol");
 }
+
+#[test]
+fn a_replicated_volume_grows_on_both_sides_and_replicates_past_its_old_end() {
+    if !require_tool("qemu-io") || !require_tool("qemu-img") {
+        return;
+    }
+    let sites = TwoSites::start(&[], &[]);
+    sites.a.create_volume("grow", "16M");
+    sites.a.ctl_json(&[
+        "replica", "enable", "grow", "--peer", "site-b", "--mode", "async",
+    ]);
+    sites.wait_caught_up("grow", Duration::from_secs(60));
+
+    // The secondary grows with its primary, never on its own.
+    let refused = sites.b.ctl(&["volume", "resize", "grow", "--size", "32M"]);
+    assert!(
+        !refused.status.success(),
+        "a secondary was resized on its own"
+    );
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("resize it there"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let grown = sites
+        .a
+        .ctl_json(&["volume", "resize", "grow", "--size", "32M"]);
+    assert_eq!(u(&grown, "size_bytes"), 32 << 20);
+    let b = sites.b.ctl_json(&["volume", "show", "grow"]);
+    assert_eq!(u(&b, "size_bytes"), 32 << 20, "the secondary did not grow");
+    // Shrinking stays refused, on the primary too.
+    assert!(
+        !sites
+            .a
+            .ctl(&["volume", "resize", "grow", "--size", "8M"])
+            .status
+            .success()
+    );
+
+    // Writes past the old end replicate; the session never restarted.
+    let sessions = u(&sites.status("grow"), "sessions");
+    qemu_io(&sites.a.uri("grow"), &["write -P 0x3c 24M 1M"]);
+    sites.wait_caught_up("grow", Duration::from_secs(60));
+    sites.assert_identical("grow");
+    assert_eq!(u(&sites.status("grow"), "sessions"), sessions);
+}

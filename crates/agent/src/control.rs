@@ -704,7 +704,8 @@ impl EmberControl for ControlService {
     ) -> Result<Response<pb::ResizeVolumeResponse>, Status> {
         let req = request.into_inner();
         self.replication
-            .check_unreplicated(&req.name, "resize")
+            .grow_secondary_first(&req.name, req.size_bytes)
+            .await
             .map_err(repl_status)?;
         let meta = self
             .store

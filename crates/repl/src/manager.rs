@@ -763,6 +763,52 @@ impl Replication {
         }
     }
 
+    /// A volume is about to grow to `size_bytes`. A secondary is refused
+    /// (it grows with its primary). A replicated primary's secondary grows
+    /// first, so no frame can land beyond its end; the caller then grows
+    /// the primary. If that fails, the secondary is left larger: re-running
+    /// the resize finishes it (both steps are idempotent).
+    ///
+    /// # Errors
+    /// A secondary; an old or unreachable peer; the peer's refusal.
+    pub async fn grow_secondary_first(&self, volume: &str, size_bytes: u64) -> Result<()> {
+        if let Some(sv) = self.secondaries.get(volume) {
+            return Err(ReplError::FailedPrecondition(format!(
+                "volume {volume} is a secondary of {}; resize it there (the secondary grows with it)",
+                sv.record().primary_site
+            )));
+        }
+        let Some(link) = self.link(volume) else {
+            return Ok(());
+        };
+        if size_bytes <= ember_nbd::Export::size(link.volume.as_ref()) {
+            // Same size or a shrink: the store answers (no-op or refusal).
+            return Ok(());
+        }
+        let cfg = link.config();
+        let (mut client, _, version) = self.ctx.registry.call_client(&cfg.peer).await?;
+        if version < ProtocolVersion::RESIZE {
+            return Err(ReplError::FailedPrecondition(format!(
+                "peer {} was paired at protocol version {version}; re-pair it to resize replicated volumes",
+                cfg.peer
+            )));
+        }
+        client
+            .resize_replica(pb::ResizeReplicaRequest {
+                volume: volume.to_owned(),
+                size_bytes,
+                primary_backend_id: self.ctx.identity.backend_id.clone(),
+                generation: cfg.generation,
+            })
+            .await
+            .map_err(|status| ReplError::Refused {
+                site: cfg.peer.clone(),
+                call: "ResizeReplica",
+                status,
+            })?;
+        Ok(())
+    }
+
     /// A volume is being deleted or resized: refuse while replicated.
     ///
     /// # Errors

@@ -181,6 +181,18 @@ impl EmberPeer for PeerService {
         ))
     }
 
+    async fn resize_replica(
+        &self,
+        request: Request<pb::ResizeReplicaRequest>,
+    ) -> Result<Response<pb::ResizeReplicaResponse>, Status> {
+        let req = request.into_inner();
+        ember_volume::parse_volume(&req.volume)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(
+            self.secondaries()?.resize_replica(req).await?,
+        ))
+    }
+
     async fn close_replica(
         &self,
         request: Request<pb::CloseReplicaRequest>,

@@ -394,6 +394,39 @@ impl SecondarySet {
         })
     }
 
+    /// `ResizeReplica`: grows the secondary for its own primary.
+    pub(crate) async fn resize_replica(
+        &self,
+        req: pb::ResizeReplicaRequest,
+    ) -> Result<pb::ResizeReplicaResponse, Status> {
+        let sv = self
+            .get(&req.volume)
+            .ok_or_else(|| Status::not_found(format!("no secondary named {}", req.volume)))?;
+        let rec = sv.record();
+        if req.generation < rec.generation {
+            return Err(fencing::stale_generation(
+                &req.volume,
+                req.generation,
+                rec.generation,
+            ));
+        }
+        if rec.primary_backend_id != req.primary_backend_id {
+            return Err(Status::failed_precondition(format!(
+                "volume {} is a secondary of {} (backend {}), not of backend {}",
+                req.volume, rec.primary_site, rec.primary_backend_id, req.primary_backend_id
+            )));
+        }
+        let meta = self
+            .store
+            .resize(&req.volume, req.size_bytes)
+            .await
+            .map_err(|e| Status::failed_precondition(format!("growing the secondary: {e}")))?;
+        tracing::info!(volume = %req.volume, size_bytes = meta.size_bytes, "secondary grown with its primary");
+        Ok(pb::ResizeReplicaResponse {
+            size_bytes: meta.size_bytes,
+        })
+    }
+
     /// `CloseReplica`: detaches (keeps a read-only copy) or deletes.
     pub(crate) async fn close_replica(
         &self,
