@@ -1,11 +1,11 @@
 """Cinder volume driver for Ember: volumes, snapshots, clones and
-replication through the control API of the storage host's `emberd`.
+replication through the control API of the storage host's `emberd`
+(the replication workflow itself is in `ember_cinder.failover`).
 
 The backend's own agent (`ember_agent_endpoint`) serves the volumes; each
 `replication_device` names a paired Ember site and that site's agent, which
 holds the secondaries and is where failover promotes them.
 """
-import grpc
 from cinder import exception
 from cinder import interface
 from cinder.objects import fields
@@ -13,8 +13,9 @@ from cinder.volume import driver
 from oslo_config import cfg
 from oslo_log import log as logging
 
-from ember_cinder import errors, replication
+from ember_cinder import replication
 from ember_cinder.client import AgentClient, pb
+from ember_cinder.failover import ReplicationMixin
 
 LOG = logging.getLogger(__name__)
 GiB = 1 << 30
@@ -45,7 +46,6 @@ ember_opts = [
 CONF = cfg.CONF
 CONF.register_opts(ember_opts, group="backend_defaults")
 
-PROMOTED = "failed-over"
 
 
 def _bytes(gib):
@@ -53,7 +53,7 @@ def _bytes(gib):
 
 
 @interface.volumedriver
-class EmberDriver(driver.VolumeDriver):
+class EmberDriver(ReplicationMixin, driver.VolumeDriver):
     """Ember block-replication agent as a Cinder backend.
 
     Version history:
@@ -303,239 +303,3 @@ class EmberDriver(driver.VolumeDriver):
 
     def terminate_connection(self, volume, connector, **kwargs):
         return None
-
-    # ---- replication ------------------------------------------------------
-
-    def _status(self, client, name):
-        try:
-            return client.raw("GetReplicationStatus",
-                              pb.GetReplicationStatusRequest(volume=name)).status
-        except Exception:  # not replicated there, or the agent is down
-            return None
-
-    def _planned_or_forced(self, client, method, request, what):
-        """Runs a planned promotion (zero loss: the old primary drains).
-        Only when the old primary cannot be reached (UNAVAILABLE or a
-        deadline) is the promotion forced; any other refusal — split-brain,
-        an inconsistent copy, a group not at one point — is raised, never
-        overridden. Returns (response, forced)."""
-        timeout = 4 * (self.configuration.safe_get("ember_rpc_timeout") or 30.0)
-        try:
-            return client.raw(method, request, timeout=timeout), False
-        except grpc.RpcError as e:
-            if e.code() not in (grpc.StatusCode.UNAVAILABLE,
-                                grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise errors.translate(e, what) from None
-            LOG.warning("Planned %s failed, the old primary is unreachable (%s); "
-                        "forcing it", what, e.details())
-        request.force = True
-        return client.call(method, request, f"forced {what}", timeout=timeout), True
-
-    def _promote_on(self, client, name, where):
-        """Promotes `name` on `client`'s site (see _planned_or_forced)."""
-        r, _ = self._planned_or_forced(
-            client, "PromoteReplica", pb.PromoteReplicaRequest(volume=name, force=False),
-            f"promotion of {name} on {where}")
-        return r
-
-    def _promote_group_on(self, client, name, where):
-        """Promotes Ember group `name` on `client`'s site (see
-        _planned_or_forced); forced, every member lands on the group's one
-        point, which is logged."""
-        r, forced = self._planned_or_forced(
-            client, "PromoteGroup", pb.PromoteGroupRequest(name=name, force=False),
-            f"promotion of group {name} on {where}")
-        if forced:
-            LOG.warning("Group %s force-promoted on %s: writes after %d (unix ns) are lost",
-                        name, where, r.recovery_point_unix_ns)
-        return r
-
-    def _promote_groups(self, client, groups, where, status):
-        """Promotes each replicated group on `client`'s site; returns
-        Cinder's group updates (`status`, or failover-error per group)."""
-        updates = []
-        for g in groups or []:
-            result = status
-            try:
-                self._promote_group_on(client, self._group_name(g), where)
-            except exception.VolumeBackendAPIException as e:
-                LOG.error("Promotion of group %s on %s failed: %s", g.id, where, e)
-                result = fields.ReplicationStatus.FAILOVER_ERROR
-            updates.append({"group_id": g.id, "updates": {"replication_status": result}})
-        return updates
-
-    def _choose_target(self, volumes):
-        """No target named: the one with the least lag over these volumes
-        (reachable targets only)."""
-        best, best_lag = None, None
-        for backend_id, client in self._clients.items():
-            try:
-                client.raw("GetCapabilities", pb.GetCapabilitiesRequest(), timeout=5)
-            except Exception:
-                continue
-            lag = 0.0
-            for v in volumes:
-                s = self._status(self._primary, v.name)
-                if s is not None and s.peer_site == backend_id:
-                    lag = max(lag, s.lag_seconds)
-            if best is None or lag < best_lag:
-                best, best_lag = backend_id, lag
-        if best is None:
-            raise exception.InvalidReplicationTarget(
-                reason="no replication target is reachable")
-        return best
-
-    def failover_host(self, context, volumes, secondary_id=None, groups=None):
-        if secondary_id == "default":
-            return self._failback(volumes, groups)
-        if self._active_backend_id:
-            raise exception.InvalidReplicationTarget(
-                reason=f"already failed over to {self._active_backend_id}; "
-                       "fail back first")
-        if secondary_id is None:
-            secondary_id = self._choose_target(volumes)
-        if secondary_id not in self._targets:
-            raise exception.InvalidReplicationTarget(
-                reason=f"{secondary_id} is not a replication_device backend_id "
-                       f"(configured: {', '.join(self._targets) or 'none'})")
-        client = self._clients[secondary_id]
-        # Groups first, so their members land on one point; a member's own
-        # promotion below then finds it primary already.
-        group_updates = self._promote_groups(client, groups, secondary_id,
-                                             fields.ReplicationStatus.FAILED_OVER)
-        volume_updates = []
-        for v in volumes:
-            if v.replication_status not in (fields.ReplicationStatus.ENABLED,
-                                            fields.ReplicationStatus.FAILED_OVER):
-                # Not replicated: it stays behind, unusable until failback.
-                volume_updates.append({"volume_id": v.id, "updates": {"status": "error"}})
-                continue
-            try:
-                r = self._promote_on(client, v.name, secondary_id)
-            except exception.VolumeBackendAPIException as e:
-                LOG.error("Failover of %s to %s failed: %s", v.name, secondary_id, e)
-                volume_updates.append({"volume_id": v.id, "updates": {
-                    "replication_status": fields.ReplicationStatus.FAILOVER_ERROR}})
-                continue
-            if r.forced:
-                LOG.warning("%s force-promoted on %s: writes after recovery point "
-                            "%d (unix ns) are lost", v.name, secondary_id,
-                            r.recovery_point_unix_ns)
-            volume_updates.append({"volume_id": v.id, "updates": {
-                "replication_status": fields.ReplicationStatus.FAILED_OVER}})
-        self._active_backend_id = secondary_id
-        return secondary_id, volume_updates, group_updates
-
-    def _failback(self, volumes, groups):
-        if not self._active_backend_id:
-            raise exception.InvalidReplicationTarget(
-                reason="not failed over: nothing to fail back")
-        group_updates = self._promote_groups(self._primary, groups, "the primary site",
-                                             fields.ReplicationStatus.ENABLED)
-        volume_updates = []
-        for v in volumes:
-            if v.replication_status != fields.ReplicationStatus.FAILED_OVER:
-                continue
-            try:
-                self._promote_on(self._primary, v.name, "the primary site")
-            except exception.VolumeBackendAPIException as e:
-                LOG.error("Failback of %s failed: %s", v.name, e)
-                volume_updates.append({"volume_id": v.id, "updates": {
-                    "replication_status": fields.ReplicationStatus.FAILOVER_ERROR}})
-                continue
-            volume_updates.append({"volume_id": v.id, "updates": {
-                "replication_status": fields.ReplicationStatus.ENABLED}})
-        self._active_backend_id = None
-        return "default", volume_updates, group_updates
-
-    def failover(self, context, volumes, secondary_id=None, groups=None):
-        # Active/active: do the work, switch over in failover_completed.
-        active = self._active_backend_id
-        result = self.failover_host(context, volumes, secondary_id, groups)
-        self._active_backend_id = active
-        return result
-
-    def failover_completed(self, context, active_backend_id=None):
-        self._active_backend_id = (None if active_backend_id in (None, "", "default")
-                                   else active_backend_id)
-
-    def freeze_backend(self, context):
-        # Cinder refuses management calls while frozen; the agents keep
-        # serving and replicating. Nothing to do here.
-        return True
-
-    def thaw_backend(self, context):
-        return True
-
-    def get_replication_error_status(self, context, groups):
-        """Replicas the agent reports split-brain or fenced: Cinder marks
-        them in error until an admin resolves them (emberctl replica
-        demote --discard-local on the loser)."""
-        volume_updates = []
-        for s in self._agent.raw("ListReplications",
-                                 pb.ListReplicationsRequest()).replications:
-            if s.state in ("split-brain", "fenced") and s.volume.startswith("volume-"):
-                LOG.error("Replica %s is %s: %s", s.volume, s.state, s.last_error)
-                volume_updates.append({
-                    "volume_id": s.volume[len("volume-"):],
-                    "replication_status": fields.ReplicationStatus.ERROR})
-        return [], volume_updates
-
-    # ---- group replication (consistency groups) ---------------------------
-    # A Cinder group of a type with consistent_group_replication_enabled is
-    # an Ember consistency group named group-<id>: its volumes replicate
-    # with one write order and fail over to one point.
-
-    @staticmethod
-    def _group_name(group):
-        return f"group-{group.id}"
-
-    def enable_replication(self, context, group, volumes):
-        target = self._default_target()
-        if target is None:
-            raise exception.InvalidInput(reason="this backend has no replication_device")
-        name = self._group_name(group)
-        self._agent.call("CreateGroup", pb.CreateGroupRequest(
-            name=name, peer_site=target.backend_id), f"create group {name}")
-        volume_updates = []
-        for v in volumes:
-            self._agent.call("AddToGroup", pb.GroupMemberRequest(
-                group=name, volume=v.name), f"add {v.name} to {name}")
-            volume_updates.append({"id": v.id, "replication_status":
-                                   fields.ReplicationStatus.ENABLED})
-        return {"replication_status": fields.ReplicationStatus.ENABLED}, volume_updates
-
-    def disable_replication(self, context, group, volumes):
-        name = self._group_name(group)
-        volume_updates = []
-        for v in volumes:
-            try:
-                self._agent.call("RemoveFromGroup", pb.GroupMemberRequest(
-                    group=name, volume=v.name), f"remove {v.name} from {name}")
-            except exception.VolumeBackendAPIException as e:
-                LOG.warning("Group %s: %s", name, e)
-            volume_updates.append({"id": v.id, "replication_status":
-                                   fields.ReplicationStatus.ENABLED})
-        self._agent.call("DeleteGroup", pb.DeleteGroupRequest(name=name),
-                         f"delete group {name}")
-        return {"replication_status": fields.ReplicationStatus.DISABLED}, volume_updates
-
-    def failover_replication(self, context, group, volumes, secondary_backend_id=None):
-        """Promotes the whole Ember group on the target site (or back on
-        this one for 'default'): planned when the current primary answers,
-        forced otherwise — every member lands on the group's one point."""
-        name = self._group_name(group)
-        back = secondary_backend_id == "default"
-        if back:
-            client, where = self._primary, "the primary site"
-        else:
-            backend_id = secondary_backend_id or next(iter(self._targets), None)
-            if backend_id not in self._targets:
-                raise exception.InvalidReplicationTarget(
-                    reason=f"{backend_id} is not a replication_device backend_id")
-            client, where = self._clients[backend_id], backend_id
-        self._promote_group_on(client, name, where)
-        status = (fields.ReplicationStatus.ENABLED if back
-                  else fields.ReplicationStatus.FAILED_OVER)
-        return ({"replication_status": status},
-                [{"id": v.id, "replication_status": status} for v in volumes])

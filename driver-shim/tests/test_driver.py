@@ -73,6 +73,9 @@ def test_stats_report_replication_capabilities(lab):
     assert stats["replication_rpo_max_seconds"] > 30
     assert stats["consistent_group_replication_enabled"] is True
     assert stats["replication_status"] == fields.ReplicationStatus.ENABLED
+    # Cinder's own check that the replication methods are implemented.
+    assert drv.supports_replication_feature("v2.1")
+    assert drv.supports_replication_feature("a/a")
 
 
 def test_an_unreachable_agent_reports_the_backend_down_instead_of_raising(lab, tmp_path):

@@ -134,6 +134,15 @@ impl Replication {
         }
     }
 
+    /// Stops and forgets group `name` on this site (a promotion that
+    /// changed nothing).
+    fn stop_group(&self, name: &str) {
+        if let Some(g) = self.groups().remove(name) {
+            g.stop.cancel();
+        }
+        let _ = std::fs::remove_file(self.group_path(name));
+    }
+
     /// A member link (re)started: the ticker uses the new link.
     pub(crate) fn group_link_started(&self, link: &Arc<ReplicaLink>) {
         let cfg = link.config();
@@ -485,15 +494,28 @@ impl Replication {
             }
             recovery_point = committed;
         }
+        // The group is primary here from now on, replicating back to `peer`:
+        // its ticker runs first, so each member's link joins it as the
+        // member comes up and its first session back is already grouped.
+        let config = GroupConfig {
+            name: name.to_owned(),
+            peer: peer.clone(),
+            members: records.iter().map(|r| r.volume.clone()).collect(),
+            created_at_unix: now_unix_ns() / 1_000_000_000,
+        };
+        ember_volume::fsutil::write_json_atomic(&self.group_path(name), &config)
+            .map_err(|e| ReplError::Internal(format!("persist group: {e}")))?;
+        self.start_group(config);
         let mut promoted = Vec::new();
         for r in &records {
-            if let Err(e) = self.promote(&r.volume, force).await {
+            if let Err(e) = self.promote_as(&r.volume, force, Some(name)).await {
                 if force {
                     self.secondaries.group_barrier(name).thaw();
                 }
                 if promoted.is_empty() {
                     // Nothing changed yet: the member's own error (an
                     // unreachable old primary stays UNAVAILABLE).
+                    self.stop_group(name);
                     return Err(e);
                 }
                 return Err(ReplError::FailedPrecondition(format!(
@@ -507,25 +529,6 @@ impl Replication {
             promoted.push(r.volume.clone());
         }
         self.secondaries.forget_group(name);
-        // The group is primary here now, replicating back to `peer`.
-        let config = GroupConfig {
-            name: name.to_owned(),
-            peer: peer.clone(),
-            members: promoted.clone(),
-            created_at_unix: now_unix_ns() / 1_000_000_000,
-        };
-        ember_volume::fsutil::write_json_atomic(&self.group_path(name), &config)
-            .map_err(|e| ReplError::Internal(format!("persist group: {e}")))?;
-        for volume in &promoted {
-            if let Some(link) = self.link(volume) {
-                link.update(|c| c.group = Some(name.to_owned()))
-                    .map_err(|e| ReplError::Internal(format!("persist replica config: {e}")))?;
-            }
-        }
-        self.start_group(config);
-        for volume in &promoted {
-            self.restart(volume);
-        }
         self.audit.record(&Entry {
             action: if force {
                 "group-force-promote"

@@ -93,6 +93,18 @@ impl Replication {
     /// Not a replica here; an inconsistent secondary (forced); the primary
     /// refused or could not drain (planned).
     pub async fn promote(&self, volume: &str, force: bool) -> Result<PromoteReport> {
+        self.promote_as(volume, force, None).await
+    }
+
+    /// [`Self::promote`]; `group`: the volume comes up as a member of this
+    /// site's group of that name (a group promotion), so its very first
+    /// session back to the old primary is grouped.
+    pub(crate) async fn promote_as(
+        &self,
+        volume: &str,
+        force: bool,
+        group: Option<&str>,
+    ) -> Result<PromoteReport> {
         if let Some(link) = self.link(volume) {
             let cfg = link.config();
             if cfg.fenced || cfg.split_brain {
@@ -115,13 +127,17 @@ impl Replication {
         })?;
         let rec = sv.record();
         if force {
-            self.force_promote(rec).await
+            self.force_promote(rec, group).await
         } else {
-            self.planned_promote(rec).await
+            self.planned_promote(rec, group).await
         }
     }
 
-    async fn planned_promote(&self, rec: SecondaryRecord) -> Result<PromoteReport> {
+    async fn planned_promote(
+        &self,
+        rec: SecondaryRecord,
+        group: Option<&str>,
+    ) -> Result<PromoteReport> {
         let generation = rec.generation + 1;
         let (mut client, _, version) = self.ctx.registry.call_client(&rec.primary_site).await?;
         if version < ProtocolVersion::FAILOVER {
@@ -153,6 +169,10 @@ impl Replication {
             )
             .promoted(generation)
         };
+        let config = ReplicaConfig {
+            group: group.map(str::to_owned),
+            ..config
+        };
         self.become_primary(config).await?;
         self.decide(&Entry {
             action: "promote",
@@ -170,7 +190,11 @@ impl Replication {
         })
     }
 
-    async fn force_promote(&self, rec: SecondaryRecord) -> Result<PromoteReport> {
+    async fn force_promote(
+        &self,
+        rec: SecondaryRecord,
+        group: Option<&str>,
+    ) -> Result<PromoteReport> {
         if !rec.consistent {
             return Err(ReplError::FailedPrecondition(format!(
                 "secondary {} is inconsistent (its initial sync or a failback resync has not \
@@ -190,6 +214,10 @@ impl Replication {
                 PeerLossPolicy::default(),
             )
             .promoted(generation)
+        };
+        let config = ReplicaConfig {
+            group: group.map(str::to_owned),
+            ..config
         };
         self.become_primary(config).await?;
         self.decide(&Entry {
