@@ -263,8 +263,10 @@ fn link_faults_are_measured_and_reported_through_the_fault_proxy() {
     proxy.restore();
     assert_eq!(probe()["state"], "connected");
 
-    // Flipped bits never pass: TLS rejects the corrupted stream.
-    proxy.flip_bits(1);
+    // Flipped bits never pass: TLS rejects the corrupted stream. Every
+    // chunk is corrupted while this lasts: with a single flip, the flip can
+    // land on another connection's traffic and the probe pass cleanly.
+    proxy.flip_bits(u64::MAX);
     assert_eq!(probe()["state"], "unreachable");
     assert!(proxy.flipped.load(std::sync::atomic::Ordering::Relaxed) >= 1);
     proxy.restore();
