@@ -83,17 +83,18 @@ class ReplicationMixin:
     def _choose_target(self, volumes):
         """No target named: the one with the least lag over these volumes
         (reachable targets only)."""
+        lags = {}
+        for v in volumes:
+            s = self._status(self._primary, v.name)
+            if s is not None:
+                lags[s.peer_site] = max(lags.get(s.peer_site, 0.0), s.lag_seconds)
         best, best_lag = None, None
         for backend_id, client in self._clients.items():
             try:
                 client.raw("GetCapabilities", pb.GetCapabilitiesRequest(), timeout=5)
             except Exception:
                 continue
-            lag = 0.0
-            for v in volumes:
-                s = self._status(self._primary, v.name)
-                if s is not None and s.peer_site == backend_id:
-                    lag = max(lag, s.lag_seconds)
+            lag = lags.get(backend_id, 0.0)
             if best is None or lag < best_lag:
                 best, best_lag = backend_id, lag
         if best is None:

@@ -801,11 +801,7 @@ impl Replication {
                 generation: cfg.generation,
             })
             .await
-            .map_err(|status| ReplError::Refused {
-                site: cfg.peer.clone(),
-                call: "ResizeReplica",
-                status,
-            })?;
+            .map_err(roles::refused(&cfg.peer, "ResizeReplica"))?;
         Ok(())
     }
 

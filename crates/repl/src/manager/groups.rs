@@ -143,6 +143,20 @@ impl Replication {
         let _ = std::fs::remove_file(self.group_path(name));
     }
 
+    /// Persists a new group of this site and starts its ticker.
+    fn install_group(&self, name: &str, peer: &str, members: Vec<String>) -> Result<()> {
+        let config = GroupConfig {
+            name: name.to_owned(),
+            peer: peer.to_owned(),
+            members,
+            created_at_unix: now_unix_ns() / 1_000_000_000,
+        };
+        ember_volume::fsutil::write_json_atomic(&self.group_path(name), &config)
+            .map_err(|e| ReplError::Internal(format!("persist group: {e}")))?;
+        self.start_group(config);
+        Ok(())
+    }
+
     /// A member link (re)started: the ticker uses the new link.
     pub(crate) fn group_link_started(&self, link: &Arc<ReplicaLink>) {
         let cfg = link.config();
@@ -214,15 +228,7 @@ impl Replication {
                 "group {name} is a secondary group on this site; promote it (emberctl group promote) instead"
             )));
         }
-        let config = GroupConfig {
-            name: name.to_owned(),
-            peer: peer.to_owned(),
-            members: Vec::new(),
-            created_at_unix: now_unix_ns() / 1_000_000_000,
-        };
-        ember_volume::fsutil::write_json_atomic(&self.group_path(name), &config)
-            .map_err(|e| ReplError::Internal(format!("persist group: {e}")))?;
-        self.start_group(config);
+        self.install_group(name, peer, Vec::new())?;
         tracing::info!(group = name, peer, "consistency group created");
         Ok((self.group_status(name)?, true))
     }
@@ -497,15 +503,11 @@ impl Replication {
         // The group is primary here from now on, replicating back to `peer`:
         // its ticker runs first, so each member's link joins it as the
         // member comes up and its first session back is already grouped.
-        let config = GroupConfig {
-            name: name.to_owned(),
-            peer: peer.clone(),
-            members: records.iter().map(|r| r.volume.clone()).collect(),
-            created_at_unix: now_unix_ns() / 1_000_000_000,
-        };
-        ember_volume::fsutil::write_json_atomic(&self.group_path(name), &config)
-            .map_err(|e| ReplError::Internal(format!("persist group: {e}")))?;
-        self.start_group(config);
+        self.install_group(
+            name,
+            &peer,
+            records.iter().map(|r| r.volume.clone()).collect(),
+        )?;
         let mut promoted = Vec::new();
         for r in &records {
             if let Err(e) = self.promote_as(&r.volume, force, Some(name)).await {

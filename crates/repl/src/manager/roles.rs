@@ -50,7 +50,7 @@ pub struct PromoteReport {
     pub already_primary: bool,
 }
 
-fn refused(site: &str, call: &'static str) -> impl FnOnce(Status) -> ReplError {
+pub(super) fn refused(site: &str, call: &'static str) -> impl FnOnce(Status) -> ReplError {
     let site = site.to_owned();
     move |status| ReplError::Refused { site, call, status }
 }

@@ -159,6 +159,9 @@ impl Journal {
     pub(crate) fn start_capture(&mut self) -> u64 {
         self.capturing = true;
         self.overflowed = false;
+        // Markers dropped before this capture named points the new
+        // capture never shipped: no restart needed for them.
+        self.lost_marker = false;
         self.entries.clear();
         self.bytes = 0;
         self.last_seq

@@ -521,6 +521,9 @@ impl SecondarySet {
             .filter(|r| r.group == name)
             .collect();
         members.sort_by(|a, b| a.volume.cmp(&b.volume));
+        if members.is_empty() {
+            return (members, 0);
+        }
         (members, self.groups.get(name).committed())
     }
 
