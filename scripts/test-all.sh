@@ -5,8 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# tgt (userspace iSCSI target) and libiscsi-dev (the test initiator builds
+# against it) are for the Cinder driver's attach tests.
 packages=(qemu-utils libnbd-bin python3-libnbd nbdkit fio nbd-client rsync iperf3 python3-prometheus-client
-  rabbitmq-server)
+  rabbitmq-server tgt libiscsi-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -6,13 +6,17 @@ The backend's own agent (`ember_agent_endpoint`) serves the volumes; each
 `replication_device` names a paired Ember site and that site's agent, which
 holds the secondaries and is where failover promotes them.
 """
+import socket
+
 from cinder import exception
 from cinder import interface
 from cinder.objects import fields
 from cinder.volume import driver
 from oslo_config import cfg
 from oslo_log import log as logging
+from oslo_utils import importutils
 
+from ember_cinder import attach
 from ember_cinder import replication
 from ember_cinder.client import AgentClient, pb
 from ember_cinder.failover import ReplicationMixin
@@ -41,6 +45,27 @@ ember_opts = [
                help="Retries of an idempotent call (create, delete, resize, "
                     "status, planned promotion) when the agent is "
                     "unreachable. Other calls are never retried."),
+    cfg.StrOpt("ember_export_mode", default="target",
+               choices=[("target", "attach the agent's export on this host "
+                                   "and export it with Cinder's target_helper "
+                                   "(tgtadm, lioadm, nvmet): what Nova uses"),
+                        ("local", "attach on this host and hand compute the "
+                                  "local device (compute on this host only)"),
+                        ("nbd", "no host attach: connection info carries only "
+                                "the agent's NBD URI (QEMU-native clients)")],
+               help="How volumes reach their consumers. Every mode also "
+                    "puts the agent's nbd_uri in the connection info."),
+    cfg.StrOpt("ember_host_attach", default="nbd-client",
+               choices=[("nbd-client", "kernel NBD, /dev/nbdN; needs the "
+                                       "nbd module"),
+                        ("nbdfuse", "libnbd's FUSE file; no kernel module, "
+                                    "tgtadm only, slower")],
+               help="How this host attaches an agent's export for the "
+                    "target and local export modes."),
+    cfg.StrOpt("ember_attach_dir", default="$state_path/ember",
+               help="Records of host attachments (and nbdfuse mount points). "
+                    "The shipped rootwrap filters expect "
+                    "/var/lib/cinder/ember."),
 ]
 
 CONF = cfg.CONF
@@ -73,6 +98,29 @@ class EmberDriver(ReplicationMixin, driver.VolumeDriver):
         self._primary = None
         self._targets = {}
         self._clients = {}
+        self._attacher = None
+        self.export_mode = self.configuration.safe_get("ember_export_mode") or "target"
+        self.target_driver = None
+        self.protocol = "NBD"
+        if self.export_mode == "target":
+            # The LVM driver's way: the target helper does the transport.
+            helper = self.configuration.safe_get("target_helper")
+            if (self.configuration.safe_get("ember_host_attach") == "nbdfuse"
+                    and helper != "tgtadm"):
+                raise exception.InvalidConfigurationValue(
+                    option="ember_host_attach",
+                    value="nbdfuse makes a file, which only target_helper = "
+                          "tgtadm can export; use nbd-client")
+            if helper not in self.target_mapping:
+                raise exception.InvalidConfigurationValue(option="target_helper",
+                                                          value=helper)
+            self.target_driver = importutils.import_object(
+                self.target_mapping[helper], configuration=self.configuration,
+                executor=self._execute)
+            self.protocol = (self.target_driver.storage_protocol
+                             or self.target_driver.protocol)
+        elif self.export_mode == "local":
+            self.protocol = "local"
 
     @staticmethod
     def get_driver_options():
@@ -102,6 +150,10 @@ class EmberDriver(ReplicationMixin, driver.VolumeDriver):
         except (ValueError, OSError) as e:
             raise exception.InvalidConfigurationValue(
                 option="ember_agent_endpoint", value=str(e))
+        if self.export_mode != "nbd":
+            self._attacher = attach.HostAttacher(
+                conf.safe_get("ember_host_attach") or "nbd-client",
+                conf.safe_get("ember_attach_dir"), execute=self._execute)
         if self._active_backend_id and self._active_backend_id not in self._targets:
             raise exception.InvalidConfigurationValue(
                 option="active_backend_id",
@@ -133,13 +185,16 @@ class EmberDriver(ReplicationMixin, driver.VolumeDriver):
             "volume_backend_name": backend_name,
             "vendor_name": "Ember",
             "driver_version": self.VERSION,
-            "storage_protocol": "NBD",
+            "storage_protocol": self.protocol,
             "total_capacity_gb": 0,
             "free_capacity_gb": 0,
             "reserved_percentage": self.configuration.safe_get("reserved_percentage") or 0,
             "thin_provisioning_support": True,
             "thick_provisioning_support": False,
             "multiattach": False,
+            # A host attachment has the size it was made with: grow a
+            # volume while it is detached.
+            "online_extend_support": False,
             "consistent_group_snapshot_enabled": False,
             "consistent_group_replication_enabled": bool(self._targets),
             "replication_enabled": bool(self._targets),
@@ -272,34 +327,84 @@ class EmberDriver(ReplicationMixin, driver.VolumeDriver):
             f"delete snapshot {snapshot.volume_name}@{snapshot.name}")
 
     # ---- exports ----------------------------------------------------------
-    # The agent serves every volume over NBD all the time: there is nothing
-    # to create or remove per attachment.
+    # The agent serves every volume over NBD all the time. In the target and
+    # local modes this host attaches that export (ember_cinder.attach) and,
+    # for target, Cinder's target helper exports the local path to the
+    # compute host, which attaches with os-brick as for LVM.
 
-    def create_export(self, context, volume, connector):
-        return None
-
-    def ensure_export(self, context, volume):
-        return None
-
-    def remove_export(self, context, volume):
-        return None
-
-    def initialize_connection(self, volume, connector):
-        """NBD connection data for QEMU-native attach. os-brick has no NBD
-        connector: see driver-shim/README.md for what attaching from Nova
-        needs and what is not built yet."""
+    def _nbd_uri(self, volume):
         r = self._agent.call("GetVolume", pb.GetVolumeRequest(name=volume.name),
                              f"look up {volume.name}")
-        uri = r.volume.nbd_uri
-        return {
-            "driver_volume_type": "nbd",
-            "data": {
-                "nbd_uri": uri,
-                "export_name": volume.name,
-                "volume_id": volume.id,
-                "access_mode": "rw",
-            },
-        }
+        return r.volume.nbd_uri, r.volume.size_bytes
+
+    def _attach_here(self, volume):
+        uri, size = self._nbd_uri(volume)
+        try:
+            return self._attacher.attach(volume.name, uri, size)
+        except ValueError as e:
+            raise attach.AttachError(volume=volume.name, reason=str(e))
+
+    def create_export(self, context, volume, connector):
+        if self.export_mode == "nbd":
+            return None
+        path = self._attach_here(volume)
+        if self.export_mode == "local":
+            return None
+        try:
+            info = self.target_driver.create_export(context, volume, path)
+        except Exception:
+            self._attacher.detach(volume.name)
+            raise
+        return {"provider_location": info["location"],
+                "provider_auth": info["auth"]}
+
+    def ensure_export(self, context, volume):
+        if self.export_mode == "nbd":
+            return None
+        path = self._attach_here(volume)
+        if self.export_mode == "local":
+            return None
+        return self.target_driver.ensure_export(context, volume, path)
+
+    def remove_export(self, context, volume):
+        if self.export_mode == "nbd":
+            return None
+        if self.export_mode == "target":
+            self.target_driver.remove_export(context, volume)
+        self._attacher.detach(volume.name)
+        return None
+
+    def validate_connector(self, connector):
+        if self.export_mode == "target":
+            return self.target_driver.validate_connector(connector)
+        return True
+
+    def initialize_connection(self, volume, connector):
+        """Connection info for os-brick (target: the helper's iSCSI/NVMe-oF
+        properties; local: the device on this host); every mode adds the
+        agent's nbd_uri for QEMU-native attach."""
+        uri, _ = self._nbd_uri(volume)
+        if self.export_mode == "target":
+            info = self.target_driver.initialize_connection(volume, connector)
+        elif self.export_mode == "local":
+            host = (connector or {}).get("host")
+            if host and host != socket.gethostname():
+                raise exception.InvalidConnectorException(
+                    missing=f"compute host {host} is not this storage host "
+                            f"({socket.gethostname()}): ember_export_mode = "
+                            "local only serves a co-located compute")
+            path = self._attacher.path(volume.name)
+            if path is None:
+                raise attach.AttachError(volume=volume.name,
+                                         reason="not attached (create_export first)")
+            info = {"driver_volume_type": "local", "data": {"device_path": path}}
+        else:
+            info = {"driver_volume_type": "nbd",
+                    "data": {"export_name": volume.name, "access_mode": "rw"}}
+        info["data"].update({"nbd_uri": uri, "volume_id": volume.id})
+        return info
 
     def terminate_connection(self, volume, connector, **kwargs):
+        if self.export_mode == "target":
+            self.target_driver.terminate_connection(volume, connector, **kwargs)
         return None

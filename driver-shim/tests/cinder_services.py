@@ -2,6 +2,9 @@
 package, started by hand on private loopback ports), then cinder-manage db
 sync, cinder-scheduler, cinder-volume with the Ember driver and cinder-api
 with auth_strategy = noauth, all from the real cinder 29.0.0 package.
+The storage host's iSCSI target is Debian's tgtd (userspace), driven by
+Cinder's own tgtadm target helper; the driver attaches the agent's exports
+with nbdfuse (this machine has no nbd kernel module).
 
 The database is SQLite. Three processes writing one SQLite file deadlock
 on deferred transactions ("database is locked"), so each service starts
@@ -89,6 +92,13 @@ class Cinder:
         self.conf = os.path.join(self.dir, "cinder.conf")
         self.host = "e2e"
         self.backend = f"{self.host}@ember-a"
+        self.tgt_port = free_port()
+        self.volumes_dir = os.path.join(self.dir, "volumes")
+        self.attach_dir = os.path.join(self.dir, "attach")
+        # tgt-admin reads /etc/tgt/targets.conf, which includes
+        # conf.d/*.conf; Cinder writes one file per target into volumes_dir
+        # (devstack's set-up, with a name of our own).
+        self.tgt_include = f"/etc/tgt/conf.d/ember-e2e-{self.tgt_port}.conf"
 
     def log(self, name):
         path = os.path.join(self.dir, f"{name}.log")
@@ -99,7 +109,7 @@ class Cinder:
             return ""
 
     def _spawn(self, name, argv, env=None):
-        out = open(os.path.join(self.dir, f"{name}.log"), "w")
+        out = open(os.path.join(self.dir, f"{name}.log"), "a")
         self.procs[name] = subprocess.Popen(
             argv, stdout=out, stderr=subprocess.STDOUT, env=env,
             start_new_session=True)
@@ -126,6 +136,40 @@ class Cinder:
                    ERL_EPMD_ADDRESS="127.0.0.1")
         self._spawn("rabbitmq", [broker], env)
         wait_port(self.amqp, 60, "RabbitMQ")
+
+    def start_tgtd(self):
+        for tool in ("tgtd", "tgtadm", "tgt-admin"):
+            if shutil.which(tool) is None:
+                raise RuntimeError(f"{tool} is not installed (scripts/test-all.sh installs tgt)")
+        show = ["tgtadm", "--lld", "iscsi", "--op", "show", "--mode", "target"]
+        if subprocess.run(show, capture_output=True).returncode == 0:
+            raise RuntimeError("a tgtd already runs here (control port 0): stop it first")
+        os.makedirs(self.volumes_dir, exist_ok=True)
+        with open(self.tgt_include, "w") as f:
+            f.write(f"include {self.volumes_dir}/*\n")
+        self._spawn("tgtd", ["tgtd", "-f", "--iscsi", f"portal=127.0.0.1:{self.tgt_port}"])
+        deadline = time.time() + 20
+        while subprocess.run(show, capture_output=True).returncode != 0:
+            if time.time() > deadline or self.procs["tgtd"].poll() is not None:
+                raise RuntimeError(f"tgtd did not start: {self.log('tgtd')}")
+            time.sleep(0.1)
+
+    def restart(self, name):
+        """Stops one service (SIGTERM, then SIGKILL) and starts it again,
+        as a reboot of that service would."""
+        p = self.procs[name]
+        try:
+            os.killpg(p.pid, self._stop_signal(name))
+            p.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+        except ProcessLookupError:
+            pass
+        if name == "tgtd":
+            self.start_tgtd()
+        else:
+            self._spawn(name, [sys.executable, "-c", RUNNER, CMDS[name], self.conf])
 
     def write_conf(self):
         etc = os.path.join(sys.prefix, "etc", "cinder")
@@ -155,15 +199,29 @@ connection = sqlite:///{self.dir}/cinder.sqlite
 [oslo_concurrency]
 lock_path = {self.dir}/locks
 
+[cinder_sys_admin]
+# Cinder's tgtadm helper runs tgt-admin through privsep. These tests run
+# as root, so the privsep daemon starts without sudo/rootwrap.
+helper_command = {os.path.dirname(sys.executable)}/privsep-helper --config-file {self.conf}
+
 [ember-a]
 volume_driver = ember_cinder.driver.EmberDriver
 volume_backend_name = ember
 ember_agent_endpoint = {a['api']}
 replication_device = backend_id:site-b,endpoint:{b['api']}
+ember_export_mode = target
+ember_host_attach = nbdfuse
+ember_attach_dir = {self.attach_dir}
+target_helper = tgtadm
+target_protocol = iscsi
+target_ip_address = 127.0.0.1
+target_port = {self.tgt_port}
+volumes_dir = {self.volumes_dir}
 """)
 
     def start(self):
         self.start_rabbitmq()
+        self.start_tgtd()
         self.write_conf()
         os.makedirs(os.path.join(self.dir, "state"), exist_ok=True)
         manage = os.path.join(os.path.dirname(sys.executable), "cinder-manage")
@@ -203,11 +261,16 @@ replication_device = backend_id:site-b,endpoint:{b['api']}
         except Exception:
             return False
 
+    @staticmethod
+    def _stop_signal(name):
+        # tgtd ignores SIGTERM while it has targets.
+        return signal.SIGKILL if name == "tgtd" else signal.SIGTERM
+
     def stop(self):
         for name, p in reversed(list(self.procs.items())):
             if p.poll() is None:
                 try:
-                    os.killpg(p.pid, signal.SIGTERM)
+                    os.killpg(p.pid, self._stop_signal(name))
                 except ProcessLookupError:
                     pass
         for p in self.procs.values():
@@ -215,5 +278,16 @@ replication_device = backend_id:site-b,endpoint:{b['api']}
                 p.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
+        # nbdfuse attachments left by a failed test run in their own
+        # sessions: unmounting ends them.
+        with open("/proc/self/mountinfo") as f:
+            mounts = [line.split()[4] for line in f]
+        for m in mounts:
+            if m.startswith(self.attach_dir + "/"):
+                subprocess.run(["umount", "-l", m], capture_output=True)
+        try:
+            os.unlink(self.tgt_include)
+        except FileNotFoundError:
+            pass
         if not os.environ.get("EMBER_KEEP_TMP"):
             shutil.rmtree(self.dir, ignore_errors=True)

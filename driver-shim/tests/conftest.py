@@ -68,8 +68,11 @@ def own_lab():
 _groups = iter(range(10**6))
 
 
-def make_driver(lab_sites, devices=None, endpoint=None, active_backend_id=None):
-    """A driver in its own config group, set up as cinder-volume would."""
+def make_driver(lab_sites, devices=None, endpoint=None, active_backend_id=None,
+                **options):
+    """A driver in its own config group, set up as cinder-volume would.
+    `options` override driver options; the export mode defaults to `nbd`
+    (no host attach) except where a test asks for another."""
     group = f"ember-{next(_groups)}"
     configuration = conf.Configuration(base_driver.volume_opts, config_group=group)
     configuration.append_config_values(ember_driver.ember_opts)
@@ -80,6 +83,9 @@ def make_driver(lab_sites, devices=None, endpoint=None, active_backend_id=None):
     cfg.CONF.set_override("ember_agent_endpoint",
                           endpoint or lab_sites["site-a"]["api"], group=group)
     cfg.CONF.set_override("ember_rpc_timeout", 20.0, group=group)
+    options.setdefault("ember_export_mode", "nbd")
+    for name, value in options.items():
+        cfg.CONF.set_override(name, value, group=group)
     d = ember_driver.EmberDriver(configuration=configuration, host="shim-test@ember",
                                  active_backend_id=active_backend_id)
     d.do_setup(cinder_context.get_admin_context())

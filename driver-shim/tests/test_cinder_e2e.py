@@ -6,8 +6,13 @@ volume's NBD export, failover-host to the secondary site, the same data
 read from the promoted secondary, more written there, failback, everything
 read on the original primary. A non-replicated volume in the mix goes to
 error on failover, and the scheduler refuses a type whose RPO no backend
-can meet."""
+can meet. An attachment made through Cinder's attachments API (what Nova
+does) reaches the volume over iSCSI from Cinder's tgtadm target, and comes
+back after a storage-host "reboot"."""
 import json
+import os
+import signal
+import socket
 import subprocess
 import time
 
@@ -195,3 +200,86 @@ def test_group_replication_through_a_real_cinder(lab, cinder):
     for i, name in enumerate(names):
         assert replica_state(lab, "site-a", name)["role"] == "primary"
         assert holds(f"nbd://{lab['site-a']['nbd']}/{name}", f"0x{0x40 + i:x}", "0")
+
+
+def attach(cinder, volume_id):
+    """Nova's half of an attach, through the attachments API: returns
+    the connection info cinder-volume answered. No server id: Cinder lets
+    only Nova itself (a service token) delete a server's attachment, and
+    there is no Nova here."""
+    out = cinder.cli("attachment-create", "--connect", "True",
+                     "--initiator", "iqn.2026-11.org.ember:e2e", "--ip", "127.0.0.1",
+                     "--host", socket.gethostname(), "--mode", "rw",
+                     volume_id, version="3.54")
+    return dict(_rows(out.stdout))
+
+
+def target_listed(iqn):
+    out = subprocess.run(["tgtadm", "--lld", "iscsi", "--op", "show", "--mode", "target"],
+                         capture_output=True, text=True)
+    return iqn in out.stdout
+
+
+def test_an_attachment_reaches_the_volume_through_cinders_iscsi_target(lab, cinder):
+    from iscsi_initiator import Lun
+
+    cinder.cli("type-create", "ember-attach")
+    cinder.cli("type-key", "ember-attach", "set", "replication_enabled=<is> True",
+               "ember:replication_mode=async")
+    cinder.cli("create", "--volume-type", "ember-attach", "--name", "e2e-attach", "1")
+    vol = volume_status(cinder, "e2e-attach", "available")
+    assert vol["status"] == "available", vol
+    name = f"volume-{vol['id']}"
+    a_uri = f"nbd://{lab['site-a']['nbd']}/{name}"
+    b_uri = f"nbd://{lab['site-b']['nbd']}/{name}"
+    assert qemu_io(a_uri, "write -P 0x71 0 1M").returncode == 0
+
+    conn = attach(cinder, vol["id"])
+    assert conn["driver_volume_type"] == "iscsi", conn
+    assert conn["target_portal"] == f"127.0.0.1:{cinder.tgt_port}", conn
+    assert conn["target_iqn"].endswith(name) and conn["auth_method"] == "CHAP", conn
+    assert conn["nbd_uri"] == a_uri, conn
+    assert target_listed(conn["target_iqn"])
+    lun = Lun(conn)
+    try:
+        assert lun.read(0, 1 << 20) == b"\x71" * (1 << 20), "iSCSI reads other data than NBD wrote"
+        lun.write(2 << 20, b"\x72" * (1 << 20))
+        lun.flush()
+    finally:
+        lun.close()
+    assert holds(a_uri, "0x72", "2M"), "a write over iSCSI is not on the agent"
+    wait_for("replication to catch up", lambda: (
+        lambda s: s.get("state") == "in-sync" and s.get("lag_bytes") == 0)(
+        replica_state(lab, "site-a", name)))
+    assert holds(b_uri, "0x72", "2M"), "a write over iSCSI did not replicate"
+    with pytest.raises(RuntimeError):
+        Lun({**conn, "auth_password": "not-the-password"})  # CHAP holds
+
+    # The storage host "reboots": the attachment dies, tgtd comes back
+    # empty, and cinder-volume's start (ensure_export for in-use volumes)
+    # must bring the same target back on a fresh attachment.
+    cinder.cli("attachment-complete", conn["attachment_id"], version="3.54")
+    assert show(cinder, "e2e-attach")["status"] == "in-use"
+    with open(os.path.join(cinder.attach_dir, f"{name}.json")) as f:
+        os.kill(json.load(f)["pid"], signal.SIGKILL)
+    cinder.restart("tgtd")
+    assert not target_listed(conn["target_iqn"])
+    cinder.restart("volume")
+
+    def reads_back():
+        try:
+            again = Lun(conn)
+        except RuntimeError:
+            return None
+        try:
+            return again.read(2 << 20, 1 << 20) == b"\x72" * (1 << 20) or "wrong data"
+        finally:
+            again.close()
+    assert wait_for("the target after the restart", reads_back, timeout=120) is True
+
+    cinder.cli("attachment-delete", conn["attachment_id"], version="3.54")
+    assert volume_status(cinder, "e2e-attach", "available")["status"] == "available"
+    assert not target_listed(conn["target_iqn"]), "detach left the iSCSI target"
+    assert not os.path.exists(os.path.join(cinder.attach_dir, f"{name}.json"))
+    assert holds(a_uri, "0x71", "0") and holds(a_uri, "0x72", "2M")
+    cinder.cli("delete", "e2e-attach")
