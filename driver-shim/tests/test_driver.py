@@ -298,3 +298,41 @@ def test_failover_when_the_primary_site_is_gone_is_forced(own_lab, ctx):
     assert s.role == "primary"
     assert s.recovery_point_unix_ns > 0, "a forced promotion reports its recovery point"
     assert holds(uri_of(drv, vol), "0x77")
+
+
+def test_a_split_brain_replica_is_reported_to_cinder_until_resolved(own_lab, ctx):
+    """Split-brain staged for real: replication paused, a write on site-a,
+    site-b force-promoted, replication resumed; both sides hold writes the
+    other lacks and the agents refuse to pick a winner."""
+    def ctl(site, *args):
+        out = subprocess.run([own_lab["ctl"], "--api", own_lab[site]["api"], *args],
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    drv = make_driver(own_lab)
+    vol = volume(ctx, vtype=volume_type(ctx, replication_enabled="<is> True"))
+    drv.create_volume(vol)
+    wait_in_sync(drv._primary, vol.name)
+    assert drv.get_replication_error_status(ctx, []) == ([], [])
+
+    ctl("site-a", "replica", "pause", vol.name)
+    write(uri_of(drv, vol), "0xaa")
+    ctl("site-b", "replica", "promote", vol.name, "--force")
+    ctl("site-a", "replica", "resume", vol.name)
+    deadline = time.time() + 30
+    while status(drv._primary, vol.name).state != "split-brain":
+        assert time.time() < deadline, status(drv._primary, vol.name)
+        time.sleep(0.2)
+
+    stats = drv.get_volume_stats(refresh=True)
+    assert stats["replication_status"] == fields.ReplicationStatus.ERROR, stats
+    assert drv.get_replication_error_status(ctx, []) == ([], [{
+        "volume_id": vol.id, "replication_status": fields.ReplicationStatus.ERROR}])
+
+    # The admin names the loser: site-a's write is discarded, site-a
+    # follows site-b, and Cinder no longer hears of an error.
+    ctl("site-a", "replica", "demote", vol.name, "--discard-local")
+    assert drv.get_replication_error_status(ctx, []) == ([], [])
+    assert drv.get_volume_stats(refresh=True)["replication_status"] == \
+        fields.ReplicationStatus.ENABLED
