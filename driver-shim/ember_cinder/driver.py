@@ -85,9 +85,12 @@ class EmberDriver(ReplicationMixin, driver.VolumeDriver):
         0.1.0 - volumes, snapshots, clones, extend, stats with replication
                 capabilities, per-volume replication, failover_host and
                 failback, consistency-group replication.
+        0.2.0 - exports for Nova: the agent's export attached on this host
+                (nbd-client or nbdfuse) and exported by Cinder's target
+                helper; local and nbd export modes.
     """
 
-    VERSION = "0.1.0"
+    VERSION = "0.2.0"
     CI_WIKI_NAME = "Ember_CI"
 
     def __init__(self, *args, **kwargs):
