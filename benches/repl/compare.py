@@ -8,7 +8,18 @@ reported as ratios (this machine is noisy; ratios travel, absolutes don't).
                 image (no TLS). Ratio = nbdcopy time / ember time.
   latency       4 KiB QD1 random writes (fio, ioengine=nbd): p50/p99 with
                 replication off, async and sync, rounds interleaved; the
-                link RTT (median of pings) for the sync budget.
+                link RTT (median of pings) for the sync budget. Measured
+                with the sites on CPUs of their own (the targets) and with
+                everything on shared CPUs, in the same run.
+
+Placement (--placement): `sites` (default) gives each site a CPU of its
+own, as two hosts would have: CPU 0 runs site-a's agent and the clients
+writing to it (fio; for the peer, the source qemu-nbd and nbdcopy), CPU 1
+runs site-b's agent (the destination qemu-nbd). `shared` lets the kernel
+place everything. On this 2-vCPU VM a wakeup that crosses vCPUs costs
+~15 us, so with shared CPUs any background work (here: the secondary,
+which in production runs on another host) moves the QD1 write path into a
+slower mode: the measurement is then of the VM, not of replication.
   stream        sequential 1 MiB writes to an async volume: time until the
                 secondary has everything, vs the loopback TCP ceiling
                 (iperf3) and the disk write ceiling (fio to a file).
@@ -58,13 +69,53 @@ def free_port():
     return port
 
 
+class Placement:
+    """CPUs per site (see the module docstring): `sites` pins site-a to
+    CPU 0 and site-b to CPU 1; `shared` pins nothing."""
+
+    SITE_CPU = {"site-a": 0, "site-b": 1}
+
+    def __init__(self, mode):
+        if mode == "sites" and (os.cpu_count() or 1) < 2:
+            print("placement: fewer than 2 CPUs, using shared", file=sys.stderr)
+            mode = "shared"
+        self.mode = mode
+
+    def cpus(self, site):
+        if self.mode == "sites":
+            return {self.SITE_CPU[site]}
+        return set(range(os.cpu_count() or 1))
+
+    def cmd(self, site, *argv):
+        """`argv` run on `site`'s CPUs."""
+        if self.mode == "sites":
+            return ("taskset", "-c", str(self.SITE_CPU[site]), *argv)
+        return argv
+
+    def pin(self, pid, site):
+        """Moves every thread of process `pid` to `site`'s CPUs (threads
+        it starts later inherit them)."""
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                os.sched_setaffinity(int(tid), self.cpus(site))
+            except ProcessLookupError:
+                pass
+
+
 class Lab:
-    def __init__(self, bins, tmp):
+    def __init__(self, bins, tmp, placement=None):
         self.ctl_bin = os.path.join(bins, "emberctl")
         self.dir = os.path.join(tmp, "lab")
         run(self.ctl_bin, "lab", "up", "--dir", self.dir, "--detach", "--size", "16M")
         with open(os.path.join(self.dir, "lab.json")) as f:
             self.lab = json.load(f)
+        self.place(placement or Placement("shared"))
+
+    def place(self, placement):
+        """Runs each site's agent on the CPUs `placement` gives it."""
+        self.placement = placement
+        for site in ("site-a", "site-b"):
+            placement.pin(self.lab["sites"][site]["pid"], site)
 
     def api(self, site):
         return self.lab["sites"][site]["api"]
@@ -108,10 +159,10 @@ def make_half_random(path, size, seed=1):
     return len(chosen) * MIB
 
 
-def qemu_nbd(path, port):
+def qemu_nbd(path, port, placement, site):
     p = subprocess.Popen(
-        ["qemu-nbd", "-f", "raw", "--cache=writeback", "-p", str(port), "-b", "127.0.0.1",
-         "-t", path],
+        placement.cmd(site, "qemu-nbd", "-f", "raw", "--cache=writeback", "-p", str(port),
+                      "-b", "127.0.0.1", "-t", path),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 20
     while time.time() < deadline:
@@ -154,8 +205,9 @@ def ember_initial_sync(lab, src, size, r):
     return took, s["resync_bytes_sent"]
 
 
-def nbdcopy_initial_sync(tmp, src, size):
-    """Times nbdcopy between two qemu-nbd exports (source filled from `src`)."""
+def nbdcopy_initial_sync(tmp, src, size, placement):
+    """Times nbdcopy between two qemu-nbd exports (source filled from `src`):
+    the source export and nbdcopy at site-a, the destination at site-b."""
     a = os.path.join(tmp, "a.img")
     b = os.path.join(tmp, "b.img")
     run("cp", "--sparse=always", src, a)
@@ -163,12 +215,13 @@ def nbdcopy_initial_sync(tmp, src, size):
         f.truncate(size)
     run("sync")
     pa, pb = free_port(), free_port()
-    qa, qb = qemu_nbd(a, pa), qemu_nbd(b, pb)
+    qa, qb = qemu_nbd(a, pa, placement, "site-a"), qemu_nbd(b, pb, placement, "site-b")
     try:
         warm_memory(max(2, 2 * size >> 30))
         t0 = time.time()
         # --flush: the copy ends durable, as ember's initial sync does.
-        run("nbdcopy", "--flush", f"nbd://127.0.0.1:{pa}", f"nbd://127.0.0.1:{pb}")
+        run(*placement.cmd("site-a", "nbdcopy", "--flush", f"nbd://127.0.0.1:{pa}",
+                           f"nbd://127.0.0.1:{pb}"))
         took = time.time() - t0
     finally:
         qa.kill()
@@ -194,10 +247,11 @@ def bench_initial_sync(lab, tmp, size, rounds):
             if who == "ember":
                 took, sent = ember_initial_sync(lab, src, size, r)
             else:
-                took = nbdcopy_initial_sync(tmp, src, size)
+                took = nbdcopy_initial_sync(tmp, src, size, lab.placement)
             results[who].append(took)
     e, n = statistics.median(results["ember"]), statistics.median(results["nbdcopy"])
-    print(f"initial-sync {size >> 20} MiB ({allocated >> 20} MiB allocated random): "
+    print(f"initial-sync {size >> 20} MiB ({allocated >> 20} MiB allocated random, "
+          f"placement {lab.placement.mode}): "
           f"ember {e:.2f} s (sent {sent >> 20} MiB)  nbdcopy {n:.2f} s  "
           f"ratio nbdcopy/ember {n / e:.2f}x  (target >= 1.0x)  "
           f"rounds ember {[round(x, 2) for x in results['ember']]} "
@@ -205,18 +259,20 @@ def bench_initial_sync(lab, tmp, size, rounds):
     return {"ember_s": e, "nbdcopy_s": n, "ratio": n / e}
 
 
-def fio_json(*args):
-    """Runs fio with JSON output to a file (fio prints notes on stdout)."""
+def fio_json(placement, *args):
+    """Runs fio at site-a with JSON output to a file (fio prints notes on
+    stdout)."""
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        run("fio", *args, "--output-format=json", f"--output={f.name}")
+        run(*placement.cmd("site-a", "fio", *args, "--output-format=json",
+                           f"--output={f.name}"))
         return json.load(open(f.name))
 
 
-def fio_lat(uri, runtime):
+def fio_lat(uri, runtime, placement):
     # Total latency (submission + completion): with the async nbd engine,
     # fio's clat alone can start after libnbd has already sent the request
     # and then reads a few microseconds, which measures nothing.
-    out = fio_json("--name=lat", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite",
+    out = fio_json(placement, "--name=lat", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite",
                    "--bs=4k", "--iodepth=1", "--size=256M", "--time_based",
                    f"--runtime={runtime}", "--lat_percentiles=1", "--percentile_list=50:99")
     job = out["jobs"][0]["write"]
@@ -231,21 +287,35 @@ def bench_latency(lab, rounds, runtime):
         if mode != "off":
             lab.ctl("site-a", "replica", "enable", vol, "--peer", "site-b", "--mode", mode)
             lab.wait_in_sync(vol)
+    placements = [lab.placement]
+    if lab.placement.mode != "shared":
+        placements.append(Placement("shared"))
+    results = {}
+    for placement in placements:
+        lab.place(placement)
+        results[placement.mode] = latency_rounds(lab, vols, rounds, runtime)
+    lab.place(placements[0])
+    return results
+
+
+def latency_rounds(lab, vols, rounds, runtime):
     samples = {m: [] for m in vols}
     rtts = []
+    fio_lat(lab.uri("site-a", vols["off"]), 1, lab.placement)  # warm-up, not counted
     for r in range(rounds):
         order = list(vols) if r % 2 == 0 else list(reversed(vols))
         for mode in order:
-            samples[mode].append(fio_lat(lab.uri("site-a", vols[mode]), runtime))
+            samples[mode].append(fio_lat(lab.uri("site-a", vols[mode]), runtime, lab.placement))
         rtts.append(lab.ctl("site-a", "peer", "list")[0]["rtt_us"])
     med = {m: (statistics.median(s[0] for s in v), statistics.median(s[1] for s in v))
            for m, v in samples.items()}
     rtt = statistics.median(rtts)
+    where = lab.placement.mode
     for m in vols:
-        print(f"latency 4k QD1 {m:>5}: p50 {med[m][0]:7.1f} us  p99 {med[m][1]:7.1f} us")
+        print(f"latency [{where}] 4k QD1 {m:>5}: p50 {med[m][0]:7.1f} us  p99 {med[m][1]:7.1f} us")
     async_ratio = med["async"][0] / med["off"][0]
     sync_add = med["sync"][0] - med["off"][0]
-    print(f"latency: async/off p50 {async_ratio:.3f}x (target <= 1.05x); sync adds "
+    print(f"latency [{where}]: async/off p50 {async_ratio:.3f}x (target <= 1.05x); sync adds "
           f"{sync_add:.0f} us at p50 vs budget RTT {rtt} us + 100 us = {rtt + 100} us")
     return {"median_us": med, "rtt_us": rtt, "async_ratio": async_ratio, "sync_add_us": sync_add}
 
@@ -256,21 +326,24 @@ def bench_stream(lab, tmp, size):
     lab.ctl("site-a", "replica", "enable", vol, "--peer", "site-b", "--mode", "async")
     lab.wait_in_sync(vol)
     t0 = time.time()
-    run("fio", "--name=s", "--ioengine=nbd", f"--uri={lab.uri('site-a', vol)}", "--rw=write",
-        "--bs=1m", "--iodepth=8", f"--size={size}", "--refill_buffers")
+    run(*lab.placement.cmd("site-a", "fio", "--name=s", "--ioengine=nbd",
+                           f"--uri={lab.uri('site-a', vol)}", "--rw=write", "--bs=1m",
+                           "--iodepth=8", f"--size={size}", "--refill_buffers"))
     lab.wait_in_sync(vol)
     stream = size / (time.time() - t0)
     port = free_port()
-    server = subprocess.Popen(["iperf3", "-s", "-1", "-p", str(port), "-B", "127.0.0.1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        lab.placement.cmd("site-b", "iperf3", "-s", "-1", "-p", str(port), "-B", "127.0.0.1"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.5)
     try:
-        out = json.loads(run("iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", "3", "-J"))
+        out = json.loads(run(*lab.placement.cmd("site-a", "iperf3", "-c", "127.0.0.1", "-p",
+                                                str(port), "-t", "3", "-J")))
         net = out["end"]["sum_received"]["bits_per_second"] / 8
     finally:
         server.wait(timeout=10)
     target = os.path.join(tmp, "disk.img")
-    out = fio_json("--name=d", f"--filename={target}", "--rw=write", "--bs=1m",
+    out = fio_json(Placement("shared"), "--name=d", f"--filename={target}", "--rw=write", "--bs=1m",
                    "--iodepth=8", f"--size={size}", "--end_fsync=1")
     disk = out["jobs"][0]["write"]["bw_bytes"]
     os.remove(target)
@@ -284,8 +357,9 @@ def bench_stream(lab, tmp, size):
 def bench_resync(lab, tmp, size):
     vol = "resync"
     lab.ctl("site-a", "volume", "create", vol, "--size", str(size))
-    run("fio", "--name=fill", "--ioengine=nbd", f"--uri={lab.uri('site-a', vol)}",
-        "--rw=write", "--bs=1m", "--iodepth=8", f"--size={size}", "--refill_buffers")
+    run(*lab.placement.cmd("site-a", "fio", "--name=fill", "--ioengine=nbd",
+                           f"--uri={lab.uri('site-a', vol)}", "--rw=write", "--bs=1m",
+                           "--iodepth=8", f"--size={size}", "--refill_buffers"))
     lab.ctl("site-a", "replica", "enable", vol, "--peer", "site-b", "--mode", "async")
     lab.wait_in_sync(vol)
     old = os.path.join(tmp, "old.img")
@@ -328,6 +402,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--runtime", type=int, default=5)
     ap.add_argument("--dir", default=None, help="work dir (default: a temp dir)")
+    ap.add_argument("--placement", choices=["sites", "shared"], default="sites",
+                    help="sites: a CPU per site (default); shared: the kernel places all")
     a = ap.parse_args()
     if a.quick:
         a.sync_size, a.stream_size, a.resync_size = "128M", "64M", "128M"
@@ -336,8 +412,8 @@ def main():
         if shutil.which(tool) is None:
             sys.exit(f"missing tool: {tool}")
     tmp = tempfile.mkdtemp(prefix="ember-repl-bench-", dir=a.dir)
-    lab = Lab(a.bin_dir, tmp)
-    results = {}
+    lab = Lab(a.bin_dir, tmp, Placement(a.placement))
+    results = {"placement": lab.placement.mode}
     try:
         only = a.only.split(",")
         if "initial-sync" in only:
