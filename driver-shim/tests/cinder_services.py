@@ -22,6 +22,8 @@ import tempfile
 import time
 import urllib.request
 
+from conftest import unmount_under
+
 CMDS = {
     "api": "cinder.cmd.api",
     "scheduler": "cinder.cmd.scheduler",
@@ -278,13 +280,8 @@ volumes_dir = {self.volumes_dir}
                 p.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
-        # nbdfuse attachments left by a failed test run in their own
-        # sessions: unmounting ends them.
-        with open("/proc/self/mountinfo") as f:
-            mounts = [line.split()[4] for line in f]
-        for m in mounts:
-            if m.startswith(self.attach_dir + "/"):
-                subprocess.run(["umount", "-l", m], capture_output=True)
+        # nbdfuse attachments run in sessions of their own.
+        unmount_under(self.attach_dir)
         try:
             os.unlink(self.tgt_include)
         except FileNotFoundError:

@@ -36,6 +36,16 @@ def bin_dir():
     return d
 
 
+def unmount_under(prefix):
+    """Lazily unmounts every mount below `prefix`: nbdfuse attachments a
+    failed test left behind (unmounting ends their processes)."""
+    with open("/proc/self/mountinfo") as f:
+        mounts = [line.split()[4] for line in f]
+    for m in mounts:
+        if m.startswith(str(prefix) + "/"):
+            subprocess.run(["umount", "-l", m], capture_output=True)
+
+
 def require(tool):
     if shutil.which(tool) is None:
         pytest.fail(f"{tool} is not installed (scripts/test-all.sh installs it)")

@@ -11,7 +11,6 @@ import os
 import pathlib
 import signal
 import socket
-import subprocess
 import sys
 import time
 
@@ -20,9 +19,9 @@ from cinder import exception
 from oslo_rootwrap import filters as rw_filters
 from oslo_rootwrap import wrapper as rw_wrapper
 
-from conftest import make_driver, require, volume, volume_type
+from conftest import make_driver, require, unmount_under, volume, volume_type
 from ember_cinder import attach
-from test_driver import holds, write
+from test_driver import holds, wait_in_sync, write
 
 SHIPPED_FILTERS = pathlib.Path(sys.prefix, "etc", "cinder", "rootwrap.d")
 
@@ -32,11 +31,7 @@ def no_mounts_left(tmp_path):
     """A failed test must not leave nbdfuse mounts (and processes) behind:
     unmounting ends them."""
     yield
-    with open("/proc/self/mountinfo") as f:
-        mounts = [line.split()[4] for line in f]
-    for m in mounts:
-        if m.startswith(str(tmp_path) + "/"):
-            subprocess.run(["umount", "-l", m], capture_output=True)
+    unmount_under(tmp_path)
 
 
 def local_driver(lab, tmp_path, helper="nbdfuse"):
@@ -104,8 +99,6 @@ def test_local_export_attaches_through_fuse_and_survives_a_dead_attachment(lab, 
 
 
 def test_a_replicated_volume_written_through_the_attachment_replicates(lab, ctx, tmp_path):
-    from test_driver import wait_in_sync
-
     require("nbdfuse")
     drv = local_driver(lab, tmp_path)
     vol = volume(ctx, size=1, vtype=volume_type(ctx, replication_enabled="<is> True",
