@@ -6,9 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # tgt (userspace iSCSI target) and libiscsi-dev (the test initiator builds
-# against it) are for the Cinder driver's attach tests.
+# against it) are for the Cinder driver's attach tests; xfsprogs makes the
+# loop-mounted reflink file systems of the copy-on-write tests; prometheus
+# brings promtool for the alerting-rule tests; tmux drives `emberctl top`.
 packages=(qemu-utils libnbd-bin python3-libnbd nbdkit fio nbd-client rsync iperf3 python3-prometheus-client
-  rabbitmq-server tgt libiscsi-dev)
+  rabbitmq-server tgt libiscsi-dev xfsprogs prometheus tmux)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -48,6 +50,7 @@ smoke() {
 smoke repl benches/repl/compare.py
 smoke rpo benches/rpo/adherence.py
 smoke failback benches/rpo/failback.py
+smoke snap benches/snap/compare.py
 
 # The Cinder driver shim: a venv with the real cinder 29.0.0 and the shim
 # installed from source (its gRPC stubs generated from proto/ by the pinned

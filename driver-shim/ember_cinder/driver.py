@@ -5,6 +5,17 @@ replication through the control API of the storage host's `emberd`
 The backend's own agent (`ember_agent_endpoint`) serves the volumes; each
 `replication_device` names a paired Ember site and that site's agent, which
 holds the secondaries and is where failover promotes them.
+
+Snapshots, clones and volumes from snapshots are single agent calls
+(CreateSnapshot, CreateVolume with `clone_of_volume` / `from_snapshot`): the
+driver never copies data on this host. The agent makes them copy-on-write
+(FICLONE) where its data directory can reflink (XFS, btrfs) and sparse
+copies elsewhere.
+
+Volumes made outside Cinder (a DR drill on the DR site's agent, anything
+`emberctl` made) can be adopted with `cinder manage` under their agent
+name: `ember_cinder.manage`. Every path below therefore asks
+`agent_volume_name(volume)` rather than `volume.name`.
 """
 import socket
 
@@ -20,6 +31,7 @@ from ember_cinder import attach
 from ember_cinder import replication
 from ember_cinder.client import AgentClient, pb
 from ember_cinder.failover import ReplicationMixin
+from ember_cinder.manage import ManageMixin, agent_snapshot_name, agent_volume_name
 
 LOG = logging.getLogger(__name__)
 GiB = 1 << 30
@@ -78,7 +90,7 @@ def _bytes(gib):
 
 
 @interface.volumedriver
-class EmberDriver(ReplicationMixin, driver.VolumeDriver):
+class EmberDriver(ManageMixin, ReplicationMixin, driver.VolumeDriver):
     """Ember block-replication agent as a Cinder backend.
 
     Version history:
@@ -88,9 +100,13 @@ class EmberDriver(ReplicationMixin, driver.VolumeDriver):
         0.2.0 - exports for Nova: the agent's export attached on this host
                 (nbd-client or nbdfuse) and exported by Cinder's target
                 helper; local and nbd export modes.
+        0.3.0 - manage_existing / unmanage of agent volumes (DR drill
+                volumes included) and snapshots under their agent names
+                (provider_id), manageable-list; every path honours the
+                adopted name.
     """
 
-    VERSION = "0.2.0"
+    VERSION = "0.3.0"
     CI_WIKI_NAME = "Ember_CI"
 
     def __init__(self, *args, **kwargs):
@@ -249,9 +265,11 @@ class EmberDriver(ReplicationMixin, driver.VolumeDriver):
 
     # ---- volumes ----------------------------------------------------------
 
-    def _replicate(self, volume):
-        """Enables replication when the volume's type asks for it; returns
-        the model update."""
+    def _replicate(self, volume, name=None):
+        """Enables replication of `volume` (agent name `name`, default
+        agent_volume_name) when its type asks for it; returns the model
+        update."""
+        name = name or agent_volume_name(volume)
         specs = volume.volume_type.extra_specs if volume.volume_type else {}
         target = self._default_target()
         spec = replication.volume_spec(specs, target)
@@ -266,12 +284,12 @@ class EmberDriver(ReplicationMixin, driver.VolumeDriver):
                 reason="the backend is failed over; new replicated volumes "
                        "wait for failback")
         self._agent.call("EnableReplication", pb.EnableReplicationRequest(
-            volume=volume.name, peer_site=target.backend_id,
+            volume=name, peer_site=target.backend_id,
             mode=(pb.REPLICATION_MODE_SYNC if spec.mode == "sync"
                   else pb.REPLICATION_MODE_ASYNC),
             rpo_seconds=spec.rpo_seconds,
             rpo_policy=getattr(pb, f"RPO_POLICY_{spec.rpo_policy.upper()}")),
-            f"enable replication of {volume.name} to {target.backend_id}")
+            f"enable replication of {name} to {target.backend_id}")
         return {"replication_status": fields.ReplicationStatus.ENABLED}
 
     def _finish_create(self, volume, created_size_bytes):
@@ -290,44 +308,53 @@ class EmberDriver(ReplicationMixin, driver.VolumeDriver):
         return self._finish_create(volume, r.volume.size_bytes)
 
     def create_volume_from_snapshot(self, volume, snapshot):
+        source, snap = agent_volume_name(snapshot.volume), agent_snapshot_name(snapshot)
         r = self._agent.call("CreateVolume", pb.CreateVolumeRequest(
             name=volume.name, size_bytes=_bytes(snapshot.volume_size),
-            from_snapshot=pb.SnapshotRef(volume=snapshot.volume_name,
-                                         snapshot=snapshot.name)),
-            f"create {volume.name} from {snapshot.volume_name}@{snapshot.name}")
+            from_snapshot=pb.SnapshotRef(volume=source, snapshot=snap)),
+            f"create {volume.name} from {source}@{snap}")
         return self._finish_create(volume, r.volume.size_bytes)
 
     def create_cloned_volume(self, volume, src_vref):
+        source = agent_volume_name(src_vref)
         r = self._agent.call("CreateVolume", pb.CreateVolumeRequest(
             name=volume.name, size_bytes=_bytes(src_vref.size),
-            clone_of_volume=src_vref.name),
-            f"clone {src_vref.name} as {volume.name}")
+            clone_of_volume=source),
+            f"clone {source} as {volume.name}")
         return self._finish_create(volume, r.volume.size_bytes)
 
     def delete_volume(self, volume):
+        # An adopted DR drill volume is stopped as a drill (record too).
+        if self._stop_if_drill(volume):
+            return
         # Replication first (its secondary goes too); both calls succeed
         # for what is already gone.
+        name = agent_volume_name(volume)
         self._agent.call("DisableReplication", pb.DisableReplicationRequest(
-            volume=volume.name, delete_secondary=True),
-            f"disable replication of {volume.name}")
-        self._agent.call("DeleteVolume", pb.DeleteVolumeRequest(name=volume.name),
-                         f"delete {volume.name}")
+            volume=name, delete_secondary=True),
+            f"disable replication of {name}")
+        self._agent.call("DeleteVolume", pb.DeleteVolumeRequest(name=name),
+                         f"delete {name}")
 
     def extend_volume(self, volume, new_size):
         # A replicated volume's secondary grows first, inside the agent.
+        name = agent_volume_name(volume)
         self._agent.call("ResizeVolume", pb.ResizeVolumeRequest(
-            name=volume.name, size_bytes=_bytes(new_size)),
-            f"extend {volume.name} to {new_size} GiB")
+            name=name, size_bytes=_bytes(new_size)),
+            f"extend {name} to {new_size} GiB")
 
     def create_snapshot(self, snapshot):
+        # One agent call, copy-on-write where the agent's file system can
+        # reflink: no data passes through this host.
+        vol = agent_volume_name(snapshot.volume)
         self._agent.call("CreateSnapshot", pb.CreateSnapshotRequest(
-            volume=snapshot.volume_name, name=snapshot.name),
-            f"snapshot {snapshot.volume_name}@{snapshot.name}")
+            volume=vol, name=snapshot.name),
+            f"snapshot {vol}@{snapshot.name}")
 
     def delete_snapshot(self, snapshot):
+        vol, snap = agent_volume_name(snapshot.volume), agent_snapshot_name(snapshot)
         self._agent.call("DeleteSnapshot", pb.DeleteSnapshotRequest(
-            volume=snapshot.volume_name, name=snapshot.name),
-            f"delete snapshot {snapshot.volume_name}@{snapshot.name}")
+            volume=vol, name=snap), f"delete snapshot {vol}@{snap}")
 
     # ---- exports ----------------------------------------------------------
     # The agent serves every volume over NBD all the time. In the target and
@@ -336,10 +363,13 @@ class EmberDriver(ReplicationMixin, driver.VolumeDriver):
     # compute host, which attaches with os-brick as for LVM.
 
     def _nbd_uri(self, volume):
-        r = self._agent.call("GetVolume", pb.GetVolumeRequest(name=volume.name),
-                             f"look up {volume.name}")
+        name = agent_volume_name(volume)
+        r = self._agent.call("GetVolume", pb.GetVolumeRequest(name=name),
+                             f"look up {name}")
         return r.volume.nbd_uri, r.volume.size_bytes
 
+    # Host attachments are keyed by the Cinder name (volume-<id>), like the
+    # target helper's IQN; only the agent calls use the agent's name.
     def _attach_here(self, volume):
         uri, size = self._nbd_uri(volume)
         try:
@@ -403,7 +433,8 @@ class EmberDriver(ReplicationMixin, driver.VolumeDriver):
             info = {"driver_volume_type": "local", "data": {"device_path": path}}
         else:
             info = {"driver_volume_type": "nbd",
-                    "data": {"export_name": volume.name, "access_mode": "rw"}}
+                    "data": {"export_name": agent_volume_name(volume),
+                             "access_mode": "rw"}}
         info["data"].update({"nbd_uri": uri, "volume_id": volume.id})
         return info
 

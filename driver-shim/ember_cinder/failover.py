@@ -13,6 +13,7 @@ from oslo_log import log as logging
 
 from ember_cinder import errors
 from ember_cinder.client import pb
+from ember_cinder.manage import agent_volume_name
 
 LOG = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ class ReplicationMixin:
         (reachable targets only)."""
         lags = {}
         for v in volumes:
-            s = self._status(self._primary, v.name)
+            s = self._status(self._primary, agent_volume_name(v))
             if s is not None:
                 lags[s.peer_site] = max(lags.get(s.peer_site, 0.0), s.lag_seconds)
         best, best_lag = None, None
@@ -128,15 +129,16 @@ class ReplicationMixin:
                 volume_updates.append({"volume_id": v.id, "updates": {"status": "error"}})
                 continue
             try:
-                r = self._promote_on(client, v.name, secondary_id)
+                r = self._promote_on(client, agent_volume_name(v), secondary_id)
             except exception.VolumeBackendAPIException as e:
-                LOG.error("Failover of %s to %s failed: %s", v.name, secondary_id, e)
+                LOG.error("Failover of %s to %s failed: %s", agent_volume_name(v),
+                          secondary_id, e)
                 volume_updates.append({"volume_id": v.id, "updates": {
                     "replication_status": fields.ReplicationStatus.FAILOVER_ERROR}})
                 continue
             if r.forced:
                 LOG.warning("%s force-promoted on %s: writes after recovery point "
-                            "%d (unix ns) are lost", v.name, secondary_id,
+                            "%d (unix ns) are lost", agent_volume_name(v), secondary_id,
                             r.recovery_point_unix_ns)
             volume_updates.append({"volume_id": v.id, "updates": {
                 "replication_status": fields.ReplicationStatus.FAILED_OVER}})
@@ -154,9 +156,9 @@ class ReplicationMixin:
             if v.replication_status != fields.ReplicationStatus.FAILED_OVER:
                 continue
             try:
-                self._promote_on(self._primary, v.name, "the primary site")
+                self._promote_on(self._primary, agent_volume_name(v), "the primary site")
             except exception.VolumeBackendAPIException as e:
-                LOG.error("Failback of %s failed: %s", v.name, e)
+                LOG.error("Failback of %s failed: %s", agent_volume_name(v), e)
                 volume_updates.append({"volume_id": v.id, "updates": {
                     "replication_status": fields.ReplicationStatus.FAILOVER_ERROR}})
                 continue
@@ -188,13 +190,26 @@ class ReplicationMixin:
         """Replicas the agent reports split-brain or fenced: Cinder marks
         them in error until an admin resolves them (emberctl replica
         demote --discard-local on the loser)."""
+        broken = [s for s in self._agent.raw("ListReplications",
+                                             pb.ListReplicationsRequest()).replications
+                  if s.state in ("split-brain", "fenced")]
+        ids = {}
+        if any(not s.volume.startswith("volume-") for s in broken):
+            # A managed volume keeps its agent name: only Cinder's database
+            # knows which volume it is.
+            try:
+                ids = self._managed_map(self._my_cinder_volumes(context))
+            except Exception as e:
+                LOG.warning("Ember: cannot map agent names to Cinder volumes: %s", e)
         volume_updates = []
-        for s in self._agent.raw("ListReplications",
-                                 pb.ListReplicationsRequest()).replications:
-            if s.state in ("split-brain", "fenced") and s.volume.startswith("volume-"):
-                LOG.error("Replica %s is %s: %s", s.volume, s.state, s.last_error)
+        for s in broken:
+            LOG.error("Replica %s is %s: %s", s.volume, s.state, s.last_error)
+            vid = ids.get(s.volume)
+            if vid is None and s.volume.startswith("volume-"):
+                vid = s.volume[len("volume-"):]
+            if vid is not None:
                 volume_updates.append({
-                    "volume_id": s.volume[len("volume-"):],
+                    "volume_id": vid,
                     "replication_status": fields.ReplicationStatus.ERROR})
         return [], volume_updates
 
@@ -216,8 +231,9 @@ class ReplicationMixin:
             name=name, peer_site=target.backend_id), f"create group {name}")
         volume_updates = []
         for v in volumes:
+            member = agent_volume_name(v)
             self._agent.call("AddToGroup", pb.GroupMemberRequest(
-                group=name, volume=v.name), f"add {v.name} to {name}")
+                group=name, volume=member), f"add {member} to {name}")
             volume_updates.append({"id": v.id, "replication_status":
                                    fields.ReplicationStatus.ENABLED})
         return {"replication_status": fields.ReplicationStatus.ENABLED}, volume_updates
@@ -227,8 +243,9 @@ class ReplicationMixin:
         volume_updates = []
         for v in volumes:
             try:
+                member = agent_volume_name(v)
                 self._agent.call("RemoveFromGroup", pb.GroupMemberRequest(
-                    group=name, volume=v.name), f"remove {v.name} from {name}")
+                    group=name, volume=member), f"remove {member} from {name}")
             except exception.VolumeBackendAPIException as e:
                 LOG.warning("Group %s: %s", name, e)
             volume_updates.append({"id": v.id, "replication_status":

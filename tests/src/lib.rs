@@ -6,9 +6,11 @@
 //! test script does). A missing third-party tool fails the test; set
 //! `EMBER_IT_ALLOW_SKIP=1` locally to skip instead (CI never does).
 
+mod fsmount;
 mod proxy;
 pub mod repl;
 
+pub use fsmount::LoopMount;
 pub use proxy::FaultProxy;
 
 use std::path::{Path, PathBuf};

@@ -63,14 +63,31 @@ impl TwoSites {
 
     /// As [`Self::start`], with extra TOML for both agents' configs.
     pub fn start_with_config(a_env: &[(&str, &str)], peer_flags: &[&str], toml: &str) -> Self {
+        Self::start_in(a_env, &[], peer_flags, toml, None)
+    }
+
+    /// As [`Self::start_with_config`], with site-a's and site-b's data dirs
+    /// made under the given parents (e.g. a [`crate::LoopMount`]'s path)
+    /// instead of the test's temp dir; `b_env`: site-b's extra environment.
+    pub fn start_in(
+        a_env: &[(&str, &str)],
+        b_env: &[(&str, &str)],
+        peer_flags: &[&str],
+        toml: &str,
+        parents: Option<(&Path, &Path)>,
+    ) -> Self {
         let dir = tempdir();
+        let (data_a, data_b) = match parents {
+            Some((a, b)) => (a.join("site-a"), b.join("site-b")),
+            None => (dir.path().join("site-a"), dir.path().join("site-b")),
+        };
         let ca = dir.path().join("pki");
         pki(&ca);
         let (pa, pb) = (free_port(), free_port());
         let cfg_a = site_config(dir.path(), &ca, "site-a", pa, toml);
         let cfg_b = site_config(dir.path(), &ca, "site-b", pb, toml);
-        let a = Agent::start_env(&dir.path().join("site-a"), &["--config", &cfg_a], a_env);
-        let b = Agent::start_with(&dir.path().join("site-b"), &["--config", &cfg_b]);
+        let a = Agent::start_env(&data_a, &["--config", &cfg_a], a_env);
+        let b = Agent::start_env(&data_b, &["--config", &cfg_b], b_env);
         let proxy = FaultProxy::start(format!("127.0.0.1:{pb}").parse().expect("addr"));
         let addr = proxy.addr.to_string();
         let mut args = vec![

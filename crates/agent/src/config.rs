@@ -138,6 +138,11 @@ pub struct Config {
     pub peer: Option<PeerSection>,
     /// Prometheus `/metrics` listener, `host:port`; absent: none.
     pub metrics: Option<String>,
+    /// Space the recovery points of every secondary in the data dir may
+    /// pin (blocks overwritten since a point), e.g. "200G"; past it the
+    /// oldest scheduled points expire. Absent: 20 % of the data dir's
+    /// file system (docs/points.md).
+    pub points_space_cap: Option<String>,
 }
 
 impl Default for Config {
@@ -156,6 +161,7 @@ impl Default for Config {
             site: "local".into(),
             peer: None,
             metrics: None,
+            points_space_cap: None,
         }
     }
 }
@@ -178,6 +184,18 @@ impl Config {
             Some(raw) => ApiEndpoint::parse(raw),
             None => Ok(ApiEndpoint::Unix(self.data_dir.join("api.sock"))),
         }
+    }
+
+    /// The recovery points' space cap in bytes (`None`: the default share
+    /// of the file system).
+    ///
+    /// # Errors
+    /// A malformed size.
+    pub fn points_space_cap_bytes(&self) -> Result<Option<u64>, String> {
+        self.points_space_cap
+            .as_deref()
+            .map(|raw| parse_size(raw).map_err(|e| format!("points_space_cap {raw:?}: {e}")))
+            .transpose()
     }
 
     /// The I/O engine choice.
@@ -256,6 +274,7 @@ impl Config {
     /// # Errors
     /// The first problem found, in words an operator can act on.
     pub fn validate(&self) -> Result<(), String> {
+        self.points_space_cap_bytes()?;
         self.api_endpoint()?;
         self.engine_choice()?;
         self.tracking_config()?;

@@ -90,7 +90,7 @@ fn member_change(
     }))
 }
 
-fn group_pb(s: ember_repl::GroupStatus) -> pb::GroupStatus {
+pub(crate) fn group_pb(s: ember_repl::GroupStatus) -> pb::GroupStatus {
     pb::GroupStatus {
         name: s.name,
         role: s.role.into(),
@@ -112,7 +112,7 @@ fn group_pb(s: ember_repl::GroupStatus) -> pb::GroupStatus {
     }
 }
 
-fn replication_pb(s: ember_repl::ReplicaStatus) -> pb::ReplicationStatus {
+pub(crate) fn replication_pb(s: ember_repl::ReplicaStatus) -> pb::ReplicationStatus {
     pb::ReplicationStatus {
         volume: s.volume,
         role: s.role.into(),
@@ -280,6 +280,7 @@ impl EmberControl for ControlService {
             volume_count: self.store.list().len() as u32,
             site: self.site.clone(),
             peer_address: self.peer_address.clone().unwrap_or_default(),
+            snapshot_method: self.store.snapshot_method().as_str().into(),
             replication_targets: self
                 .replication
                 .targets()
@@ -428,6 +429,7 @@ impl EmberControl for ControlService {
             (0, ember_repl::Mode::Async) => 30,
             (r, _) => r,
         };
+        let (volume, points) = (req.volume.clone(), req.points);
         let (s, created) = self
             .replication
             .enable(ember_repl::EnableRequest {
@@ -440,6 +442,7 @@ impl EmberControl for ControlService {
             })
             .await
             .map_err(repl_status)?;
+        let s = crate::points::after_enable(self, &volume, points, s).await?;
         Ok(Response::new(pb::EnableReplicationResponse {
             status: Some(replication_pb(s)),
             created,
@@ -508,6 +511,9 @@ impl EmberControl for ControlService {
         let req = request.into_inner();
         ember_volume::parse_volume(&req.volume)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if let Some(at) = crate::points::target(&req.at_point, req.at_unix_ns) {
+            return crate::points::promote(self, &req.volume, req.force, at).await;
+        }
         let report = self
             .replication
             .promote(&req.volume, req.force)
@@ -604,6 +610,9 @@ impl EmberControl for ControlService {
         request: Request<pb::PromoteGroupRequest>,
     ) -> Result<Response<pb::PromoteGroupResponse>, Status> {
         let req = request.into_inner();
+        if let Some(at) = crate::points::target(&req.at_point, req.at_unix_ns) {
+            return crate::points::promote_group(self, &req.name, req.force, at).await;
+        }
         let report = self
             .replication
             .promote_group(&req.name, req.force)
@@ -614,6 +623,60 @@ impl EmberControl for ControlService {
             forced: report.forced,
             recovery_point_unix_ns: report.recovery_point_unix_ns,
         }))
+    }
+
+    #[tracing::instrument(skip_all, fields(volume_id = %request.get_ref().volume, drill = %request.get_ref().name))]
+    async fn start_drill(
+        &self,
+        request: Request<pb::StartDrillRequest>,
+    ) -> Result<Response<pb::StartDrillResponse>, Status> {
+        crate::drills::start(self, request).await
+    }
+
+    async fn list_drills(
+        &self,
+        request: Request<pb::ListDrillsRequest>,
+    ) -> Result<Response<pb::ListDrillsResponse>, Status> {
+        crate::drills::list(self, request)
+    }
+
+    #[tracing::instrument(skip_all, fields(drill = %request.get_ref().name))]
+    async fn stop_drill(
+        &self,
+        request: Request<pb::StopDrillRequest>,
+    ) -> Result<Response<pb::StopDrillResponse>, Status> {
+        crate::drills::stop(self, request).await
+    }
+
+    #[tracing::instrument(skip_all, fields(group = %request.get_ref().group, drill = %request.get_ref().name))]
+    async fn start_group_drill(
+        &self,
+        request: Request<pb::StartGroupDrillRequest>,
+    ) -> Result<Response<pb::StartGroupDrillResponse>, Status> {
+        crate::drills::start_group(self, request).await
+    }
+
+    #[tracing::instrument(skip_all, fields(volume_id = %request.get_ref().volume))]
+    async fn create_point(
+        &self,
+        request: Request<pb::CreatePointRequest>,
+    ) -> Result<Response<pb::CreatePointResponse>, Status> {
+        crate::points::create(self, request).await
+    }
+
+    async fn list_points(
+        &self,
+        request: Request<pb::ListPointsRequest>,
+    ) -> Result<Response<pb::ListPointsResponse>, Status> {
+        crate::points::list(self, request)
+    }
+
+    #[tracing::instrument(skip_all, fields(volume_id = %request.get_ref().volume))]
+    async fn set_replication(
+        &self,
+        request: Request<pb::SetReplicationRequest>,
+    ) -> Result<Response<pb::SetReplicationResponse>, Status> {
+        crate::points::set(self, request).await
     }
 
     #[tracing::instrument(skip_all, fields(volume_id = %request.get_ref().volume, discard_local = request.get_ref().discard_local))]

@@ -4,7 +4,9 @@
 
 pub mod config;
 mod control;
+mod drills;
 mod metrics;
+mod points;
 mod registry;
 mod server;
 

@@ -154,6 +154,16 @@ pub(crate) fn render(store: &VolumeStore, replication: &ember_repl::Replication)
         "1 for the replica's current state (syncing, in-sync, lagging, degraded, disconnected, paused, fenced, split-brain)",
         state,
     );
+    // DR drills per source volume (a volume without drills has no series).
+    let drills = Family::<Labels, Gauge>::default();
+    for d in replication.list_drills(None) {
+        drills.get_or_create(&vec![("volume", d.volume)]).inc();
+    }
+    registry.register(
+        "ember_drills_active",
+        "DR drills running from this secondary volume",
+        drills,
+    );
     let mut out = String::new();
     encode(&mut out, &registry).expect("writing to a String cannot fail");
     out

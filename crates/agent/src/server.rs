@@ -94,6 +94,12 @@ pub async fn run(
             .map_err(|s| anyhow::anyhow!("{}", s.message()))
             .context("loading secondaries")?,
     );
+    if let Some(cap) = config
+        .points_space_cap_bytes()
+        .map_err(anyhow::Error::msg)?
+    {
+        secondaries.set_points_space_cap(cap);
+    }
     let replication = Arc::new(
         ember_repl::Replication::open(
             &config.data_dir,

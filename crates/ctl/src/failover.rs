@@ -16,11 +16,15 @@ pub(crate) async fn promote(
     out: Out,
     volume: String,
     force: bool,
+    at: Option<(String, i64)>,
 ) -> anyhow::Result<()> {
+    let (at_point, at_unix_ns) = at.unwrap_or_default();
     let r = api
         .promote_replica(pb::PromoteReplicaRequest {
             volume: volume.clone(),
             force,
+            at_point,
+            at_unix_ns,
         })
         .await?
         .into_inner();

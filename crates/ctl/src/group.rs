@@ -35,9 +35,17 @@ pub(crate) enum GroupCmd {
         name: String,
         #[arg(long)]
         force: bool,
+        /// With --force: every member comes up on one group recovery
+        /// point, by name or as the newest at or before an RFC 3339 time.
+        #[arg(long, value_name = "TIME|POINT")]
+        at: Option<String>,
     },
     /// Delete an empty group.
     Delete { name: String },
+    /// DR drills of every member at one group recovery point (on the
+    /// secondary's site).
+    #[command(subcommand)]
+    Drill(crate::drill::GroupDrillCmd),
 }
 
 pub(crate) fn group_json(g: &pb::GroupStatus) -> Value {
@@ -175,11 +183,19 @@ pub(crate) async fn run(
                     .collect(),
             );
         }
-        GroupCmd::Promote { name, force } => {
+        GroupCmd::Drill(cmd) => crate::drill::run_group(cmd, api, out).await?,
+        GroupCmd::Promote { name, force, at } => {
+            let (at_point, at_unix_ns) = at
+                .as_deref()
+                .map(crate::points::parse_at)
+                .transpose()?
+                .unwrap_or_default();
             let r = api
                 .promote_group(pb::PromoteGroupRequest {
                     name: name.clone(),
                     force,
+                    at_point,
+                    at_unix_ns,
                 })
                 .await?
                 .into_inner();

@@ -3,7 +3,9 @@
 //! certificate from a lab CA (`DIR/pki`, made with `emberctl pki`), pairs
 //! them both ways over mutual TLS on loopback, creates a demo volume on
 //! site-a replicated asynchronously to site-b, and prints where to point
-//! NBD clients plus a live view of lag and throughput. With `--detach` it
+//! NBD clients plus a live view of lag and throughput (on a terminal,
+//! `emberctl top`'s view of site-a under the banner; piped, one line a
+//! second). With `--detach` it
 //! writes `DIR/lab.json` and returns; `lab down --dir DIR` stops exactly the
 //! processes recorded there.
 
@@ -222,37 +224,66 @@ async fn up(dir: &Path, detach: bool, size: &str, out: Out) -> anyhow::Result<()
     if detach {
         return Ok(());
     }
-    println!("Ember lab up in {}", dir.display());
+    let mut banner = vec![format!("Ember lab up in {}", dir.display())];
     for site in &sites {
-        println!(
+        banner.push(format!(
             "  {}: API {}   NBD {}   peer listener {}",
             site.name, site.api, site.nbd, site.peer
-        );
+        ));
     }
-    println!(
+    banner.push(format!(
         "  site-a and site-b are paired over mutual TLS (certificates in {})",
         pki.display()
-    );
-    println!("  demo volume (primary, write here): {}", volume.nbd_uri);
-    println!("  its secondary on site-b (read-only, async, RPO 30 s): {secondary_uri}");
-    println!(
+    ));
+    banner.push(format!(
+        "  demo volume (primary, write here): {}",
+        volume.nbd_uri
+    ));
+    banner.push(format!(
+        "  its secondary on site-b (read-only, async, RPO 30 s): {secondary_uri}"
+    ));
+    banner.push(format!(
         "Try:  qemu-io -f raw -c 'write -P 0x5a 0 64M' {}    then    qemu-img compare -f raw -F raw {} {}",
         volume.nbd_uri, volume.nbd_uri, secondary_uri
-    );
-    println!("Ctrl-C stops the lab.\n");
-    let stop = tokio::signal::ctrl_c();
-    tokio::pin!(stop);
-    let mut last_shipped = None;
-    loop {
-        tokio::select! {
-            _ = &mut stop => break,
-            () = tokio::time::sleep(Duration::from_secs(1)) => live_line(&mut api, &mut last_shipped).await,
-        }
+    ));
+    // Printed in both modes: on a terminal the view below takes the
+    // alternate screen, and this stays in the scrollback once it is gone.
+    for line in &banner {
+        println!("{line}");
     }
+    let stop = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let viewed = if crate::top::interactive() {
+        // On a terminal: `emberctl top` of site-a (the primary), redrawn in
+        // place under the banner.
+        banner.push("q or Ctrl-C stops the lab.".into());
+        banner.push(String::new());
+        let view = crate::top::View {
+            preamble: banner,
+            interval: Duration::from_secs(1),
+            count: None,
+        };
+        crate::top::run_view(&mut api, Out { json: false }, view, stop).await
+    } else {
+        // Piped (scripts, tests): one plain line a second, as before.
+        println!("Ctrl-C stops the lab.\n");
+        tokio::pin!(stop);
+        let mut last_shipped = None;
+        loop {
+            tokio::select! {
+                () = &mut stop => break,
+                () = tokio::time::sleep(Duration::from_secs(1)) => live_line(&mut api, &mut last_shipped).await,
+            }
+        }
+        Ok(())
+    };
     // Close our own API connection first (the runtime keeps running while
-    // `down` waits, so the close reaches the agent), then stop the sites.
+    // `down` waits, so the close reaches the agent), then stop the sites,
+    // also when the view failed.
     drop(api);
-    down(&dir).await
+    down(&dir).await?;
+    viewed
 }
 
 async fn pair_and_create(sites: &mut [Site], size_bytes: u64) -> anyhow::Result<()> {
@@ -294,6 +325,8 @@ async fn pair_and_create(sites: &mut [Site], size_bytes: u64) -> anyhow::Result<
         rpo_seconds: 30,
         on_peer_loss: pb::PeerLossPolicy::Degrade as i32,
         rpo_policy: pb::RpoPolicy::Alert as i32,
+        // Everything else (recovery point schedules…) at the agent's defaults.
+        ..Default::default()
     })
     .await
     .map_err(|s| anyhow::anyhow!("replicating the demo volume failed: {}", s.message()))?;

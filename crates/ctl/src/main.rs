@@ -2,12 +2,16 @@
 //! default and `--json` for scripts, plus `lab` to run a local lab.
 
 mod client;
+mod drill;
+mod errors;
 mod failover;
 mod group;
 mod lab;
 mod output;
 mod pki;
+mod points;
 mod replica;
+mod top;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -74,6 +78,9 @@ enum Command {
     /// A local lab: two paired sites and a replicated demo volume.
     #[command(subcommand)]
     Lab(lab::LabCmd),
+    /// A status view that redraws in place: per peer, its volumes worst
+    /// first (state, lag vs RPO, shipping rate, resync left); q quits.
+    Top(top::TopArgs),
     /// Certificates for labs and tests: a private CA and certificates it signs.
     #[command(subcommand)]
     Pki(pki::PkiCmd),
@@ -160,8 +167,9 @@ fn main() {
         .enable_all()
         .build()
         .expect("building a tokio runtime");
+    let json = cli.json;
     if let Err(e) = runtime.block_on(dispatch(cli)) {
-        eprintln!("emberctl: {e:#}");
+        eprintln!("{}", errors::render(&e, json));
         std::process::exit(1);
     }
 }
@@ -351,6 +359,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Replica(cmd) => replica::run(cmd, &mut api, out).await?,
         Command::Group(cmd) => group::run(cmd, &mut api, out).await?,
         Command::Events { volume } => failover::events(&mut api, out, volume).await?,
+        Command::Top(args) => top::run(&mut api, out, args, &cli.api).await?,
         Command::Snapshot(cmd) => match cmd {
             SnapshotCmd::Create { volume, name } => {
                 let r = api

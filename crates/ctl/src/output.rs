@@ -69,6 +69,7 @@ impl Out {
                 "capacity_total_bytes": c.capacity_total_bytes, "capacity_free_bytes": c.capacity_free_bytes,
                 "features": c.features, "io_engine": c.io_engine, "nbd_address": c.nbd_address,
                 "volume_count": c.volume_count, "site": c.site, "peer_address": c.peer_address,
+                "snapshot_method": c.snapshot_method,
                 "replication_targets": c.replication_targets.iter().map(|t| json!({
                     "site": t.site, "backend_id": t.backend_id, "state": t.state,
                     "rtt_us": t.rtt_us, "throughput_bytes_per_sec": t.throughput_bytes_per_sec,
@@ -102,6 +103,7 @@ impl Out {
                 vec!["volumes".into(), c.volume_count.to_string()],
                 vec!["nbd".into(), c.nbd_address.clone()],
                 vec!["io engine".into(), c.io_engine.clone()],
+                vec!["snapshot method".into(), c.snapshot_method.clone()],
                 vec!["features".into(), c.features.join(", ")],
             ],
         );

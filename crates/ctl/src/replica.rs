@@ -35,7 +35,34 @@ pub(crate) enum ReplicaCmd {
         /// (slow writers to the link) or escalate (sync while lag is high).
         #[arg(long, value_parser = ["alert", "throttle", "escalate"], default_value = "alert")]
         rpo_policy: String,
+        /// Take a recovery point on the secondary this often, e.g. 5m.
+        #[arg(long)]
+        points_every: Option<String>,
+        /// Keep at most this many scheduled points.
+        #[arg(long)]
+        keep: Option<u32>,
+        /// Keep scheduled points at most this long, e.g. 24h.
+        #[arg(long)]
+        keep_for: Option<String>,
     },
+    /// Change a replica's recovery-point schedule and retention.
+    Set {
+        volume: String,
+        /// Take a recovery point on the secondary this often (0s: none).
+        #[arg(long)]
+        points_every: Option<String>,
+        /// Keep at most this many scheduled points (0: any number).
+        #[arg(long)]
+        keep: Option<u32>,
+        /// Keep scheduled points at most this long (0s: any age).
+        #[arg(long)]
+        keep_for: Option<String>,
+    },
+    /// Recovery points of a secondary held here, oldest first.
+    Points { volume: String },
+    /// Recovery points: take one.
+    #[command(subcommand)]
+    Point(crate::points::PointCmd),
     /// Stop replicating; the secondary stays as a read-only copy.
     Disable {
         volume: String,
@@ -64,6 +91,10 @@ pub(crate) enum ReplicaCmd {
         /// report the recovery point (writes after it are lost).
         #[arg(long)]
         force: bool,
+        /// With --force: come up on a recovery point instead, by name or
+        /// as the newest point at or before an RFC 3339 time.
+        #[arg(long, value_name = "TIME|POINT")]
+        at: Option<String>,
     },
     /// Demote the primary held here: a planned switchover to the peer.
     Demote {
@@ -73,6 +104,10 @@ pub(crate) enum ReplicaCmd {
         #[arg(long)]
         discard_local: bool,
     },
+    /// DR drills (on the secondary's site): a writable, unreplicated copy
+    /// of a consistent image while replication goes on.
+    #[command(subcommand)]
+    Drill(crate::drill::DrillCmd),
     /// Compare both sides by blake3 and list ranges that differ.
     Verify {
         volume: String,
@@ -245,7 +280,12 @@ pub(crate) async fn run(
             rpo,
             on_peer_loss,
             rpo_policy,
+            points_every,
+            keep,
+            keep_for,
         } => {
+            let points =
+                crate::points::settings(points_every.as_deref(), keep, keep_for.as_deref())?;
             let rpo_policy = match rpo_policy.as_str() {
                 "throttle" => pb::RpoPolicy::Throttle,
                 "escalate" => pb::RpoPolicy::Escalate,
@@ -267,6 +307,7 @@ pub(crate) async fn run(
                     rpo_seconds: rpo.as_deref().map(rpo_arg).transpose()?.unwrap_or(0),
                     on_peer_loss: policy as i32,
                     rpo_policy: rpo_policy as i32,
+                    points,
                 })
                 .await?
                 .into_inner();
@@ -316,13 +357,27 @@ pub(crate) async fn run(
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         },
-        ReplicaCmd::Promote { volume, force } => {
-            crate::failover::promote(api, out, volume, force).await?;
+        ReplicaCmd::Promote { volume, force, at } => {
+            let at = at.as_deref().map(crate::points::parse_at).transpose()?;
+            crate::failover::promote(api, out, volume, force, at).await?;
         }
+        ReplicaCmd::Set {
+            volume,
+            points_every,
+            keep,
+            keep_for,
+        } => {
+            let points =
+                crate::points::settings(points_every.as_deref(), keep, keep_for.as_deref())?;
+            crate::points::set(api, out, volume, points).await?;
+        }
+        ReplicaCmd::Points { volume } => crate::points::list(api, out, volume).await?,
+        ReplicaCmd::Point(cmd) => crate::points::run(cmd, api, out).await?,
         ReplicaCmd::Demote {
             volume,
             discard_local,
         } => crate::failover::demote(api, out, volume, discard_local).await?,
+        ReplicaCmd::Drill(cmd) => crate::drill::run(cmd, api, out).await?,
         ReplicaCmd::Pause { volume } => set_paused(api, out, volume, true).await?,
         ReplicaCmd::Resume { volume } => set_paused(api, out, volume, false).await?,
         ReplicaCmd::List => {

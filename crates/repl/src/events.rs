@@ -32,6 +32,17 @@ pub enum EventKind {
     Demoted,
     /// Both sites took writes since they split.
     SplitBrain,
+    /// A recovery point was taken on this secondary (the message names it).
+    PointCreated,
+    /// A recovery point expired (retention or the space cap; the message
+    /// says which).
+    PointExpired,
+    /// A recovery point could not be taken (the message says why).
+    PointFailed,
+    /// A DR drill was started from this secondary (the message names it).
+    DrillStarted,
+    /// A DR drill of this secondary was stopped (its volume deleted).
+    DrillStopped,
 }
 
 impl EventKind {
@@ -47,6 +58,11 @@ impl EventKind {
             Self::Promoted => "promoted",
             Self::Demoted => "demoted",
             Self::SplitBrain => "split-brain",
+            Self::PointCreated => "point-created",
+            Self::PointExpired => "point-expired",
+            Self::PointFailed => "point-failed",
+            Self::DrillStarted => "drill-started",
+            Self::DrillStopped => "drill-stopped",
         }
     }
 }

@@ -16,6 +16,12 @@ pub struct Faults {
     /// members' commits for the same point reach the secondary first, so a
     /// crash in between tests that none of them is applied alone.
     pub delay_group_commit: Option<(String, Duration)>,
+    /// Hold a DR drill's creation at one stage this long
+    /// (`EMBER_FAULT_DELAY_DRILL=STAGE:MS`, STAGE `cloned`: the image is
+    /// cloned but not yet a volume; `published`: the volume exists but
+    /// the drill record does not say so yet), so a test can `kill -9` the
+    /// agent there and check what a restart leaves.
+    pub delay_drill: Option<(String, Duration)>,
 }
 
 impl Faults {
@@ -31,9 +37,14 @@ impl Faults {
                 let (volume, ms) = v.split_once(':')?;
                 Some((volume.to_owned(), Duration::from_millis(ms.parse().ok()?)))
             });
+        let delay_drill = std::env::var("EMBER_FAULT_DELAY_DRILL").ok().and_then(|v| {
+            let (stage, ms) = v.split_once(':')?;
+            Some((stage.to_owned(), Duration::from_millis(ms.parse().ok()?)))
+        });
         Self {
             corrupt_frames,
             delay_group_commit,
+            delay_drill,
         }
     }
 

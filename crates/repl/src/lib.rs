@@ -13,6 +13,7 @@
 //!   holds for its peers (staging log, atomic batches).
 
 mod audit;
+mod drill;
 mod error;
 mod events;
 mod faults;
@@ -21,6 +22,7 @@ mod frame;
 mod hashes;
 mod listener;
 mod manager;
+mod plan;
 mod primary;
 mod registry;
 mod secondary;
@@ -29,18 +31,21 @@ mod throttle;
 mod tls;
 mod version;
 
+pub use drill::{DrillError, DrillInfo};
 pub use error::{ReplError, Result};
 pub use events::{Event, EventBus, EventKind};
 pub use faults::Faults;
 pub use listener::serve_peers;
 pub use manager::{
-    DEFAULT_JOURNAL_BYTES, EnableRequest, GroupMember, GroupPromoteReport, GroupStatus,
-    MAX_RPO_SECONDS, Mismatch, PromoteReport, ReplicaStatus, Replication, SYNC_RTT_MAX_US,
-    TargetCapability, VerifyReport,
+    DEFAULT_JOURNAL_BYTES, DrillRequest, EnableRequest, GroupMember, GroupPromoteReport,
+    GroupStatus, MAX_RPO_SECONDS, Mismatch, PromoteReport, ReplicaStatus, Replication,
+    SYNC_RTT_MAX_US, TargetCapability, VerifyReport,
 };
+pub use manager::{PointSettings, PointTarget};
 pub use primary::link::{Mode, PeerLossPolicy};
 pub use primary::rpo::RpoPolicy;
 pub use registry::{LinkMeasurement, LinkRates, PeerInfo, PeerRegistry, PeerState};
+pub use secondary::points::{PointListing, PointsReport, default_space_cap};
 pub use secondary::{SecondarySet, SecondaryStatus};
 pub use service::{Identity, PeerService};
 pub use tls::PeerTls;

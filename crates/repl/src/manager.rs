@@ -13,10 +13,14 @@ use ember_volume::VolumeStore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+mod drills;
 mod groups;
+mod points;
 mod roles;
 
+pub use drills::DrillRequest;
 pub use groups::{GroupMember, GroupPromoteReport, GroupStatus};
+pub use points::{PointSettings, PointTarget};
 pub use roles::PromoteReport;
 
 use crate::PeerRegistry;
@@ -191,6 +195,8 @@ pub struct Replication {
     audit: AuditLog,
     groups_dir: PathBuf,
     groups: Mutex<HashMap<String, groups::RunningGroup>>,
+    /// DR drills made from the secondaries here (`manager/drills.rs`).
+    drills: crate::drill::Drills,
 }
 
 impl std::fmt::Debug for Running {
@@ -218,6 +224,9 @@ impl Replication {
     ) -> Result<Self> {
         let dir = data_dir.join("replicas").join("primary");
         std::fs::create_dir_all(&dir).map_err(|e| internal("create replicas dir", e))?;
+        let drills =
+            crate::drill::Drills::open(data_dir, store.clone(), faults.delay_drill.clone())
+                .map_err(|e| internal("load the DR drills", e))?;
         let this = Self {
             dir: dir.clone(),
             store,
@@ -226,7 +235,9 @@ impl Replication {
                 identity,
                 corrupt_frames: AtomicU64::new(faults.corrupt_frames),
                 delay_group_commit: faults.delay_group_commit,
-                events: EventBus::default(),
+                // One bus for the agent: the secondaries' recovery points
+                // publish on it too.
+                events: secondaries.events().clone(),
             }),
             secondaries,
             running: Mutex::new(HashMap::new()),
@@ -235,6 +246,7 @@ impl Replication {
             audit: AuditLog::new(&data_dir.join("replicas")),
             groups_dir: data_dir.join("replicas").join("groups"),
             groups: Mutex::new(HashMap::new()),
+            drills,
         };
         std::fs::create_dir_all(&this.groups_dir).map_err(|e| internal("create groups dir", e))?;
         for entry in std::fs::read_dir(&dir).map_err(|e| internal("read replicas dir", e))? {

@@ -181,6 +181,18 @@ impl EmberPeer for PeerService {
         ))
     }
 
+    async fn create_point(
+        &self,
+        request: Request<pb::PeerCreatePointRequest>,
+    ) -> Result<Response<pb::PeerCreatePointResponse>, Status> {
+        let req = request.into_inner();
+        ember_volume::parse_volume(&req.volume)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(
+            self.secondaries()?.create_point_for_peer(req).await?,
+        ))
+    }
+
     async fn resize_replica(
         &self,
         request: Request<pb::ResizeReplicaRequest>,

@@ -14,13 +14,15 @@ pub enum ProtocolVersion {
     V4 = 4,
     /// ResizeReplica: a replicated volume grows on both sides.
     V5 = 5,
+    /// Recovery points: the schedule in `OpenReplica`, `CreatePoint`.
+    V6 = 6,
 }
 
 impl ProtocolVersion {
     /// The newest version this build speaks.
-    pub const CURRENT: Self = Self::V5;
+    pub const CURRENT: Self = Self::V6;
     /// Every version this build can speak, oldest first.
-    pub const SUPPORTED: &'static [u32] = &[1, 2, 3, 4, 5];
+    pub const SUPPORTED: &'static [u32] = &[1, 2, 3, 4, 5, 6];
     /// The oldest version that can replicate.
     pub const REPLICATION: u32 = 2;
     /// The oldest version that can promote and demote.
@@ -29,6 +31,8 @@ impl ProtocolVersion {
     pub const GROUPS: u32 = 4;
     /// The oldest version that can grow a replicated volume.
     pub const RESIZE: u32 = 5;
+    /// The oldest version that can take recovery points.
+    pub const POINTS: u32 = 6;
 
     /// The highest version both sides support.
     pub fn negotiate(theirs: &[u32]) -> Option<u32> {
@@ -49,9 +53,11 @@ mod tests {
         assert_eq!(ProtocolVersion::negotiate(&[1, 7]), Some(1));
         assert_eq!(ProtocolVersion::negotiate(&[1, 2]), Some(2));
         assert_eq!(ProtocolVersion::negotiate(&[2, 3, 4]), Some(4));
-        assert_eq!(ProtocolVersion::negotiate(&[4, 5, 6]), Some(5));
+        assert_eq!(ProtocolVersion::negotiate(&[4, 5, 6]), Some(6));
+        assert_eq!(ProtocolVersion::negotiate(&[4, 5]), Some(5));
         assert_eq!(ProtocolVersion::negotiate(&[2, 3]), Some(3));
-        assert_eq!(ProtocolVersion::negotiate(&[6, 7]), None);
+        assert_eq!(ProtocolVersion::negotiate(&[6, 7]), Some(6));
+        assert_eq!(ProtocolVersion::negotiate(&[7, 8]), None);
         assert_eq!(ProtocolVersion::negotiate(&[]), None);
     }
 }

@@ -1,13 +1,119 @@
-//! Point-in-time copies for snapshots and clones: sparse bulk copies, and
-//! live copies that let writes continue and pause them only for the final
-//! delta. Blocking file work runs on tokio's blocking pool.
+//! Point-in-time copies for snapshots and clones: reflink clones of a
+//! quiesced volume where the file system shares extents, else sparse bulk
+//! copies, and live copies that let writes continue and pause them only
+//! for the final delta. Blocking file work runs on tokio's blocking pool.
 
+use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::error::{Result, StoreError};
+use crate::cow::{self, SnapshotMethod};
+use crate::error::{Result, StoreError, io};
 use crate::fsutil::{copy_extents, copy_sparse};
 use crate::volume::Volume;
+
+/// Makes the new file `dst` (`size` bytes) a point-in-time copy of live
+/// volume `volume`, the way `method` says.
+///
+/// Reflink: writes pause (`Volume::quiesce`) for one `FICLONE` of the data
+/// file, which also writes back its dirty page cache, so the clone is
+/// exactly the acknowledged writes at that instant; the pause lasts
+/// O(extents), milliseconds. If the clone fails for a reason other than a
+/// full file system, this logs a warning and falls back to [`copy_live`].
+/// Returns the method that made the copy.
+pub(crate) async fn clone_live(
+    volume: &Arc<Volume>,
+    dst: &Path,
+    size: u64,
+    method: SnapshotMethod,
+) -> Result<SnapshotMethod> {
+    let src = volume.device().path().to_owned();
+    if effective_method(method, is_regular_file(&src)) == SnapshotMethod::Reflink {
+        let quiet = volume.quiesce().await;
+        let result = reflink_blocking(src.clone(), dst.to_owned(), size).await;
+        drop(quiet);
+        match result {
+            Ok(()) => return Ok(SnapshotMethod::Reflink),
+            Err(e) if !falls_back_to_copy(&e) => return Err(e),
+            Err(e) => {
+                tracing::warn!(volume_id = %volume.name(), error = %e, "reflink clone failed; copying instead");
+            }
+        }
+    }
+    copy_live(volume, dst, size).await?;
+    Ok(SnapshotMethod::Copy)
+}
+
+/// Makes the new file `dst` (`size` bytes) a copy of the file `src`, which
+/// nobody writes (a snapshot's data): a reflink clone when `method` allows,
+/// with the same fallback as [`clone_live`], else a sparse copy.
+pub(crate) async fn clone_frozen(
+    src: &Path,
+    dst: &Path,
+    size: u64,
+    method: SnapshotMethod,
+) -> Result<SnapshotMethod> {
+    if effective_method(method, is_regular_file(src)) == SnapshotMethod::Reflink {
+        match reflink_blocking(src.to_owned(), dst.to_owned(), size).await {
+            Ok(()) => return Ok(SnapshotMethod::Reflink),
+            Err(e) if !falls_back_to_copy(&e) => return Err(e),
+            Err(e) => {
+                tracing::warn!(source = %src.display(), error = %e, "reflink clone failed; copying instead");
+            }
+        }
+    }
+    copy_blocking(src.to_owned(), dst.to_owned(), size).await?;
+    Ok(SnapshotMethod::Copy)
+}
+
+/// The method for one copy: reflink only when the store can and the source
+/// is a regular file (a raw block device cannot be cloned, and trying would
+/// only log a fallback warning on every snapshot).
+fn effective_method(store: SnapshotMethod, source_is_file: bool) -> SnapshotMethod {
+    match (store, source_is_file) {
+        (SnapshotMethod::Reflink, true) => SnapshotMethod::Reflink,
+        (SnapshotMethod::Reflink, false) | (SnapshotMethod::Copy, _) => SnapshotMethod::Copy,
+    }
+}
+
+/// Whether a failed reflink should be retried as a copy. A full file
+/// system (or quota) is final: a copy needs more space than a clone, so it
+/// would fail too, only later and after moving data. Anything else (EXDEV,
+/// EINVAL, EOPNOTSUPP, an odd EIO on the probe-happy path) may be specific
+/// to cloning, and copying still works.
+fn falls_back_to_copy(e: &StoreError) -> bool {
+    !e.is_no_space()
+}
+
+fn is_regular_file(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_file())
+}
+
+/// `FICLONE`s `src` into the new file `dst` and sizes it to `size` (a clone
+/// may be larger than its source). On error `dst` does not exist.
+async fn reflink_blocking(src: PathBuf, dst: PathBuf, size: u64) -> Result<()> {
+    tokio::task::spawn_blocking(move || {
+        cow::reflink_file(&src, &dst)?;
+        let sized = (|| {
+            let f = OpenOptions::new()
+                .write(true)
+                .open(&dst)
+                .map_err(io("open reflink target", &dst))?;
+            let len = f.metadata().map_err(io("stat reflink target", &dst))?.len();
+            if len != size {
+                f.set_len(size).map_err(io("size reflink target", &dst))?;
+                f.sync_all().map_err(io("sync reflink target", &dst))?;
+            }
+            Ok(())
+        })();
+        if sized.is_err() {
+            let _ = std::fs::remove_file(&dst);
+        }
+        sized
+    })
+    .await
+    .map_err(|e| StoreError::InvalidArgument(format!("reflink task failed: {e}")))?
+}
 
 /// Pre-copy passes over blocks written during the previous pass before the
 /// final, write-pausing pass. Three shrink a busy volume's delta enough in
@@ -74,4 +180,45 @@ pub(crate) async fn copy_blocking(src: PathBuf, dst: PathBuf, size: u64) -> Resu
     tokio::task::spawn_blocking(move || copy_sparse(&src, &dst, size))
         .await
         .map_err(|e| StoreError::InvalidArgument(format!("copy task failed: {e}")))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reflink_only_for_regular_files_on_a_reflink_store() {
+        use SnapshotMethod::{Copy, Reflink};
+        for (store, is_file, want) in [
+            (Reflink, true, Reflink),
+            (Reflink, false, Copy),
+            (Copy, true, Copy),
+            (Copy, false, Copy),
+        ] {
+            assert_eq!(
+                effective_method(store, is_file),
+                want,
+                "{store} file={is_file}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_a_full_file_system_stops_the_fallback_to_copy() {
+        let err = |errno| StoreError::Io {
+            op: "reflink",
+            path: PathBuf::from("x"),
+            source: std::io::Error::from_raw_os_error(errno),
+        };
+        for (errno, falls_back) in [
+            (libc::EXDEV, true),
+            (libc::EINVAL, true),
+            (libc::EOPNOTSUPP, true),
+            (libc::EIO, true),
+            (libc::ENOSPC, false),
+            (libc::EDQUOT, false),
+        ] {
+            assert_eq!(falls_back_to_copy(&err(errno)), falls_back, "errno {errno}");
+        }
+    }
 }

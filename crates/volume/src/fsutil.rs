@@ -17,7 +17,12 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
 
 /// Replaces `path` with `body` atomically: temp file, fsync, rename, fsync
 /// of the directory. A crash leaves the old or the new file, whole.
+///
+/// Two writers of the same file share its one temp name, so they are
+/// serialised (a lock stripe per path hash): without it one writer's rename
+/// could take the other's temp file away mid-write ("rename: No such file").
 pub(crate) fn write_atomic(path: &Path, body: &[u8]) -> Result<()> {
+    let _same_file = write_lock(path);
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = std::path::PathBuf::from(tmp);
@@ -33,7 +38,24 @@ pub(crate) fn write_atomic(path: &Path, body: &[u8]) -> Result<()> {
     sync_dir(path.parent().expect("file lives in a directory"))
 }
 
-/// Writes `value` as pretty JSON to `path` atomically ([`write_atomic`]).
+/// Lock stripes for [`write_atomic`]: different files rarely share one, and
+/// a shared stripe only costs waiting for the other write's fsync.
+const WRITE_LOCK_STRIPES: usize = 64;
+
+fn write_lock(path: &Path) -> std::sync::MutexGuard<'static, ()> {
+    use std::hash::{Hash, Hasher};
+    static STRIPES: [std::sync::Mutex<()>; WRITE_LOCK_STRIPES] =
+        [const { std::sync::Mutex::new(()) }; WRITE_LOCK_STRIPES];
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    path.hash(&mut h);
+    let stripe = &STRIPES[(h.finish() as usize) % WRITE_LOCK_STRIPES];
+    // A panic while holding it cannot leave the file torn: recover the guard.
+    stripe
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Writes `value` as pretty JSON to `path` atomically (see `write_atomic`).
 pub fn write_json_atomic<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
     write_atomic(
         path,

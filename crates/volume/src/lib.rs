@@ -8,6 +8,7 @@
 //!   rename, fsync dir) and cleanup of interrupted operations at start.
 
 mod copy;
+pub mod cow;
 mod error;
 pub mod fsutil;
 mod meta;
@@ -15,6 +16,7 @@ mod replication;
 mod store;
 mod volume;
 
+pub use cow::SnapshotMethod;
 pub use error::{Result, StoreError};
 pub use meta::{SnapshotMeta, VolumeMeta};
 pub use replication::{AckWait, Change, ReplicationHook};

@@ -445,6 +445,17 @@ impl Replication {
     /// (forced); a member's promotion failed (the report names it; members
     /// promoted before it stay promoted — re-run to finish).
     pub async fn promote_group(&self, name: &str, force: bool) -> Result<GroupPromoteReport> {
+        self.promote_group_with(name, force, None).await
+    }
+
+    /// [`Self::promote_group`]; `at` (forced only): every member is first
+    /// rolled back to that one group recovery point (`manager/points.rs`).
+    pub(super) async fn promote_group_with(
+        &self,
+        name: &str,
+        force: bool,
+        at: Option<crate::secondary::points::PointSelector>,
+    ) -> Result<GroupPromoteReport> {
         let (records, _) = self.secondaries.group_members(name);
         if records.is_empty() {
             if self.groups().contains_key(name) {
@@ -463,11 +474,21 @@ impl Replication {
         let mut recovery_point = 0;
         if force {
             let barrier = self.secondaries.group_barrier(name);
-            let committed = barrier.freeze();
+            let mut committed = barrier.freeze();
             for r in &records {
                 if let Some(sv) = self.secondaries.get(&r.volume) {
                     sv.quiesce().await;
                 }
+            }
+            if let Some(sel) = &at {
+                let members: Vec<String> = records.iter().map(|r| r.volume.clone()).collect();
+                committed = match self.roll_back_group(name, &members, sel).await {
+                    Ok(point) => point,
+                    Err(e) => {
+                        barrier.thaw();
+                        return Err(e);
+                    }
+                };
             }
             let (records, _) = self.secondaries.group_members(name);
             let off: Vec<String> = records

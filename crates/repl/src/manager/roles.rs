@@ -202,6 +202,11 @@ impl Replication {
                 rec.volume
             )));
         }
+        // Ranges this copy holds that the old primary may lack (after a
+        // rollback to a recovery point: every block changed since it) go
+        // into the new change set first, so failback resends them.
+        self.premark_change_set(&rec.volume, &rec.primary_site, &rec.divergent)
+            .map_err(|s| ReplError::Internal(s.message().to_owned()))?;
         let generation = rec.generation + 1;
         let config = ReplicaConfig {
             recovery_point_unix_ns: rec.consistent_at_unix_ns,

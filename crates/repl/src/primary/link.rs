@@ -135,6 +135,10 @@ pub(crate) struct ReplicaConfig {
     /// points, shared with every other member.
     #[serde(default)]
     pub group: Option<String>,
+    /// Recovery points the secondary takes (`replica enable --points-every
+    /// … --keep …`, `replica set`); sent in every `OpenReplica`.
+    #[serde(default)]
+    pub points: crate::plan::points::Schedule,
 }
 
 fn first_generation() -> u64 {
@@ -168,6 +172,7 @@ impl ReplicaConfig {
             wrote_disconnected: false,
             recovery_point_unix_ns: 0,
             group: None,
+            points: crate::plan::points::Schedule::default(),
         }
     }
 

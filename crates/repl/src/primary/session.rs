@@ -228,6 +228,9 @@ async fn session(
             rpo_seconds: cfg.rpo_seconds,
             rpo_policy: cfg.rpo_policy.as_str().into(),
             group: cfg.group.clone().unwrap_or_default(),
+            points_every_seconds: cfg.points.every_secs,
+            keep_points: cfg.points.keep,
+            keep_for_seconds: cfg.points.keep_for_secs,
         })
         .await
         .map_err(|status| match fencing::refusal(&status) {

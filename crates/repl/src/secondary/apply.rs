@@ -61,6 +61,13 @@ async fn write_out(
 /// Applies a committed batch to the volume and makes it durable, then
 /// records the new consistent point and empties the staging log.
 async fn apply_batch(sv: &SecondaryVolume, batch: CommittedBatch) -> Result<(), Status> {
+    // Write-ahead: the recovery points' change set covers the batch before
+    // any of it reaches the volume.
+    sv.points.note(batch.changes.iter().map(|c| match *c {
+        StagedChange::Write { offset, len, .. } | StagedChange::Zero { offset, len } => {
+            (offset, len)
+        }
+    }))?;
     let device = sv.volume.device();
     let mut bytes = 0;
     // Consecutive writes go down together, in order, on one blocking
@@ -197,6 +204,7 @@ impl Stream {
             self.mark_unordered()?;
         }
         let len = w.data.len() as u64;
+        self.sv.points.note([(w.offset, len)])?;
         let device = self.sv.volume.device();
         device
             .write(w.offset, w.data, w.fua)
@@ -228,6 +236,7 @@ impl Stream {
         if z.unordered {
             self.mark_unordered()?;
         }
+        self.sv.points.note([(z.offset, z.length)])?;
         zero(&self.sv, z.offset, z.length)
             .await
             .map_err(|e| storage_status("applying zeros", &e))?;
@@ -251,7 +260,11 @@ impl Stream {
                 .await?;
         }
         apply_batch(&self.sv, batch).await?;
-        self.ack(c.seq).await
+        self.ack(c.seq).await?;
+        // A batch boundary: a scheduled recovery point may be due (taken
+        // after the ack, still before the next frame is applied).
+        super::points::after_commit(&self.sv).await;
+        Ok(())
     }
 
     /// A group point: the batch is sealed; apply it only once every member
@@ -290,7 +303,9 @@ impl Stream {
             self.sv
                 .update(|r| r.consistent_at_unix_ns = b.consistent_at_unix_ns)?;
         }
-        self.ack(b.seq).await
+        self.ack(b.seq).await?;
+        super::points::after_commit(&self.sv).await;
+        Ok(())
     }
 
     async fn handle(&self, kind: Kind) -> Result<(), Status> {

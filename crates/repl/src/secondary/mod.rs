@@ -11,6 +11,7 @@
 
 mod apply;
 pub(crate) mod group;
+pub(crate) mod points;
 mod staging;
 
 use std::collections::HashMap;
@@ -147,6 +148,8 @@ pub(crate) struct SecondaryVolume {
     pub(crate) applied_bytes: AtomicU64,
     /// Every group's barrier (shared by the set).
     pub(crate) groups: Arc<GroupBarriers>,
+    /// Its recovery points (`points.rs`).
+    pub(crate) points: Arc<points::VolumePoints>,
 }
 
 impl SecondaryVolume {
@@ -203,6 +206,8 @@ pub struct SecondarySet {
     store: Arc<VolumeStore>,
     groups: Arc<GroupBarriers>,
     volumes: Mutex<HashMap<String, Arc<SecondaryVolume>>>,
+    /// Recovery points of every secondary here (`points.rs`).
+    points: Arc<points::PointsCtx>,
 }
 
 fn io_status(what: &str, e: impl std::fmt::Display) -> Status {
@@ -221,11 +226,14 @@ impl SecondarySet {
         std::fs::create_dir_all(&dir).map_err(|e| io_status("create replicas dir", e))?;
         let groups = GroupBarriers::open(&dir.join("groups"))
             .map_err(|e| io_status("create the groups dir", e))?;
+        let reflink = store.snapshot_method() == ember_volume::SnapshotMethod::Reflink;
+        let cap = points::default_space_cap(store.capacity().total_bytes);
         let this = Self {
             dir: dir.clone(),
             store,
             groups: Arc::new(groups),
             volumes: Mutex::new(HashMap::new()),
+            points: Arc::new(points::PointsCtx::new(points::root(&dir), reflink, cap)),
         };
         let entries = std::fs::read_dir(&dir).map_err(|e| io_status("read replicas dir", e))?;
         for entry in entries {
@@ -241,8 +249,10 @@ impl SecondarySet {
                 continue;
             };
             let sv = this.attach(volume, record)?;
+            points::finish_pending(&sv).await?;
             apply::recover(&sv).await?;
         }
+        this.clean_orphan_points();
         Ok(this)
     }
 
@@ -254,6 +264,13 @@ impl SecondarySet {
         let name = record.volume.clone();
         let staging = StagingLog::open(&self.dir.join(format!("{name}.staging")))
             .map_err(|e| io_status("open staging log", e))?;
+        let points = points::VolumePoints::open(
+            &self.points,
+            &name,
+            self.store.volume_dir(&name).join("data.img"),
+            volume.size(),
+        )
+        .map_err(|e| io_status("open the recovery points", e))?;
         volume.set_replication(Some(Arc::new(SecondaryRole)));
         let sv = Arc::new(SecondaryVolume {
             volume,
@@ -264,6 +281,7 @@ impl SecondarySet {
             apply_lock: tokio::sync::Mutex::new(()),
             applied_bytes: AtomicU64::new(0),
             groups: self.groups.clone(),
+            points,
         });
         self.volumes
             .lock()
@@ -341,6 +359,9 @@ impl SecondarySet {
                 // Not older than ours (checked above) unless we yielded.
                 r.generation = generation;
             })?;
+            sv.points
+                .set_schedule(points::schedule_of(&req))
+                .map_err(|e| io_status("persist the point schedule", e))?;
             return Ok(pb::OpenReplicaResponse {
                 created: false,
                 state: Some(sv.record().to_proto()),
@@ -358,6 +379,7 @@ impl SecondarySet {
                 req.volume
             )));
         }
+        let schedule = points::schedule_of(&req);
         let (_, volume, _) = self
             .store
             .create(&req.volume, req.size_bytes, None, Source::Empty)
@@ -386,6 +408,9 @@ impl SecondarySet {
         .map_err(|e| io_status("persist secondary state", e))?;
         tracing::info!(volume = %req.volume, primary = %record.primary_site, "secondary created");
         let sv = self.attach(volume, record)?;
+        sv.points
+            .set_schedule(schedule)
+            .map_err(|e| io_status("persist the point schedule", e))?;
         Ok(pb::OpenReplicaResponse {
             created: true,
             state: Some(sv.record().to_proto()),
@@ -421,6 +446,7 @@ impl SecondarySet {
             .resize(&req.volume, req.size_bytes)
             .await
             .map_err(|e| Status::failed_precondition(format!("growing the secondary: {e}")))?;
+        sv.points.resized(meta.size_bytes);
         tracing::info!(volume = %req.volume, size_bytes = meta.size_bytes, "secondary grown with its primary");
         Ok(pb::ResizeReplicaResponse {
             size_bytes: meta.size_bytes,
@@ -454,6 +480,7 @@ impl SecondarySet {
             .path()
             .to_owned();
         let _ = std::fs::remove_file(staging_path);
+        sv.points.delete_all();
         self.store
             .delete(&req.volume)
             .await
@@ -506,6 +533,9 @@ impl SecondarySet {
             .remove(volume);
         let _ = std::fs::remove_file(&sv.record_path);
         let _ = std::fs::remove_file(staging_path);
+        // Points belong to the secondary role (a crash here leaves them to
+        // the next start's orphan cleanup).
+        self.delete_points(volume);
         Ok(sv.record())
     }
 
@@ -561,7 +591,14 @@ impl SecondarySet {
             .remove(volume)
         {
             let _ = std::fs::remove_file(&sv.record_path);
+            self.delete_points(volume);
         }
+    }
+
+    /// The event bus recovery points publish on (the agent's, shared with
+    /// [`crate::Replication`]).
+    pub(crate) fn events(&self) -> &crate::events::EventBus {
+        &self.points.events
     }
 }
 

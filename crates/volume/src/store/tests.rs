@@ -135,6 +135,40 @@ async fn interrupted_creates_are_cleaned_and_volumes_survive_reopen() {
 }
 
 #[tokio::test]
+async fn interrupted_snapshot_operations_are_cleaned_at_open_and_never_listed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let s = store(dir.path()).await;
+        let (_, v, _) = s
+            .create("keep", 4 * MIB, None, Source::Empty)
+            .await
+            .expect("create");
+        v.write(0, vec![9; 4096], false).await.expect("write");
+        s.create_snapshot("keep", "good").await.expect("snapshot");
+    }
+    let snaps = dir.path().join("volumes/keep/snapshots");
+    for leftover in [".creating-half", ".deleting-gone"] {
+        std::fs::create_dir_all(snaps.join(leftover)).expect("leftover dir");
+        std::fs::write(snaps.join(leftover).join(DATA_FILE), vec![1; 8192]).expect("leftover");
+    }
+    // A probe file left by a crash mid-detection.
+    std::fs::write(dir.path().join(".reflink-probe-1-0"), b"x").expect("probe");
+    let s = store(dir.path()).await;
+    let mut left: Vec<_> = std::fs::read_dir(&snaps)
+        .expect("snapshots dir")
+        .map(|e| e.expect("entry").file_name().into_string().expect("utf-8"))
+        .collect();
+    left.sort();
+    assert_eq!(left, ["good"]);
+    assert!(!dir.path().join(".reflink-probe-1-0").exists());
+    let listed = s.list_snapshots("keep").expect("list");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].0.name, "good");
+    let snap = s.export("keep@good").expect("snapshot export");
+    assert_eq!(snap.read(0, 4096).await.expect("read"), vec![9; 4096]);
+}
+
+#[tokio::test]
 async fn shrinking_is_refused_and_growing_keeps_data() {
     let dir = tempfile::tempdir().expect("tempdir");
     let s = store(dir.path()).await;

@@ -1,0 +1,347 @@
+#!/usr/bin/python3
+"""Snapshot time and space, each method side by side with its peers on the
+same data in one run, reported as ratios (this machine is noisy; ratios
+travel, absolutes don't).
+
+For each allocated size (default 1G, 4G, 16G):
+  ember-xfs     `emberctl snapshot create` on an emberd whose data dir is on
+                a loop-mounted XFS made by this script (`mkfs.xfs -m
+                reflink=1`): snapshot_method reflink.
+  cp-reflink    `cp --reflink=always` of that volume's data file on the same
+                XFS: the file system's own floor (no fsync, no metadata).
+  cp-reflink+fsync  the same plus `sync FILE` (fsync of the copy): what a
+                crash-safe clone costs at least; emberd also fsyncs its
+                metadata and two directories.
+  qcow2         `qemu-img snapshot -c` (internal snapshot) on a qcow2 holding
+                the same data, on the same XFS: how Cinder's NFS-style
+                drivers snapshot.
+  ember-ext4    `emberctl snapshot create` on an emberd whose data dir is on
+                a loop-mounted ext4 made by this script: snapshot_method copy.
+
+Volumes are filled sequentially through NBD from nbdkit's pattern plugin
+(non-zero everywhere), then `sync`ed, so every method starts from data on
+disk (a clone otherwise pays for writing back dirty pages). Times are wall
+clock of the client command (process start included for every method);
+`agent_ms` is emberd's own time for the snapshot, from its log, and
+`cli_floor_ms` the time of `emberctl status` (the CLI's fixed cost: process
+start, runtime, connect, one RPC) measured next to it. Space is
+the drop in the file system's free bytes (statvfs, after `sync`).
+
+usage: benches/snap/compare.py [--quick] [--bin-dir DIR] [--sizes 1G,4G,16G]
+       [--rounds N] [--dir DIR] [--skip ext4,qcow2,cp]
+Needs: root (loop mount), emberd and emberctl (cargo build --release
+--bins), xfsprogs, qemu-utils, libnbd-bin (nbdcopy), nbdkit.
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+MIB = 1 << 20
+GIB = 1 << 30
+
+
+def size_arg(s):
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(s[:-1]) * units[s[-1]] if s[-1] in units else int(s)
+
+
+def fmt_size(n):
+    for unit, div in (("GiB", GIB), ("MiB", MIB), ("KiB", 1024)):
+        if abs(n) >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{n} B"
+
+
+def run(*cmd, check=True):
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {r.stderr}{r.stdout}")
+    return r.stdout
+
+
+def timed(*cmd):
+    """Seconds the command took (wall clock, process start included)."""
+    t0 = time.perf_counter()
+    run(*cmd)
+    return time.perf_counter() - t0
+
+
+def free_bytes(path):
+    run("sync")
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class LoopFs:
+    """A sparse file in the work dir, made into a file system and
+    loop-mounted with discard (so space freed inside returns to the host
+    between sizes). Both XFS and ext4 sit on the same kind of loop device,
+    so neither pays a layer the other doesn't, and free-space readings see
+    only this benchmark."""
+
+    def __init__(self, tmp, name, size, *mkfs):
+        self.image = os.path.join(tmp, f"{name}.img")
+        self.path = os.path.join(tmp, name)
+        with open(self.image, "wb") as f:
+            f.truncate(size)
+        run(*mkfs, self.image)
+        os.makedirs(self.path)
+        run("mount", "-o", "loop,discard", self.image, self.path)
+
+    def close(self):
+        run("umount", self.path, check=False)
+
+
+class Agent:
+    """emberd on `data_dir` (log next to it), driven with emberctl."""
+
+    def __init__(self, bins, name, data_dir, log_dir):
+        self.ctl_bin = os.path.join(bins, "emberctl")
+        self.data_dir = data_dir
+        os.makedirs(data_dir, exist_ok=True)
+        # Socket and log on the work dir, not the file system under test.
+        self.api = f"unix:{os.path.join(log_dir, name + '.sock')}"
+        self.nbd_port = free_port()
+        self.log_path = os.path.join(log_dir, name + ".log")
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [os.path.join(bins, "emberd"), "--data-dir", data_dir, "--api", self.api,
+             "--nbd", f"127.0.0.1:{self.nbd_port}", "--log-format", "text"],
+            env={**os.environ, "RUST_LOG": "info"},
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.log)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"emberd exited: {open(self.log_path).read()}")
+            if subprocess.run([self.ctl_bin, "--api", self.api, "status"],
+                              capture_output=True).returncode == 0:
+                return
+            time.sleep(0.05)
+        raise RuntimeError("emberd did not come up")
+
+    def ctl(self, *args):
+        out = run(self.ctl_bin, "--api", self.api, "--json", *args)
+        return json.loads(out) if out.strip() else None
+
+    def uri(self, export):
+        return f"nbd://127.0.0.1:{self.nbd_port}/{export}"
+
+    def data_file(self, vol, snap=None):
+        d = os.path.join(self.data_dir, "volumes", vol)
+        if snap:
+            d = os.path.join(d, "snapshots", snap)
+        return os.path.join(d, "data.img")
+
+    def agent_ms(self, vol, snap):
+        """emberd's own time for snapshot `snap` of `vol`, from its log."""
+        pat = re.compile(rf"volume_id={re.escape(vol)} snapshot={re.escape(snap)} .*elapsed_us=(\d+)")
+        with open(self.log_path) as f:
+            for line in f:
+                m = pat.search(line)
+                if m and "snapshot created" in line:
+                    return int(m.group(1)) / 1000
+        return None
+
+    def fill(self, vol, size):
+        self.ctl("volume", "create", vol, "--size", str(size))
+        run("nbdcopy", "--", "[", "nbdkit", "pattern", f"size={size}", "]", self.uri(vol))
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def ember_rounds(agent, fs_path, vol, rounds, delete_between):
+    """Times `rounds` snapshots of `vol`; returns per-round dicts."""
+    out = []
+    for r in range(rounds):
+        snap = f"s{r}"
+        # The CLI's fixed cost (process start, runtime, connect, one RPC),
+        # measured next to each snapshot.
+        cli = timed(agent.ctl_bin, "--api", agent.api, "status")
+        before = free_bytes(fs_path)
+        secs = timed(agent.ctl_bin, "--api", agent.api, "snapshot", "create", vol, snap)
+        used = before - free_bytes(fs_path)
+        out.append({"secs": secs, "space": used, "agent_ms": agent.agent_ms(vol, snap),
+                    "cli_floor_ms": cli * 1000})
+        if delete_between:
+            agent.ctl("snapshot", "delete", vol, snap)
+    method = agent.ctl("status")["snapshot_method"]
+    return {"method": method, "rounds": out}
+
+
+def cp_rounds(src, fs_path, rounds, fsync):
+    out = []
+    for r in range(rounds):
+        dst = os.path.join(fs_path, f"cp-{r}.img")
+        before = free_bytes(fs_path)
+        if fsync:
+            # One shell so both steps share one process start, as emberctl does.
+            secs = timed("sh", "-c", f'cp --reflink=always "{src}" "{dst}" && sync "{dst}"')
+        else:
+            secs = timed("cp", "--reflink=always", src, dst)
+        out.append({"secs": secs, "space": before - free_bytes(fs_path)})
+    for r in range(rounds):
+        os.remove(os.path.join(fs_path, f"cp-{r}.img"))
+    return {"rounds": out}
+
+
+def qcow2_rounds(src, fs_path, rounds):
+    img = os.path.join(fs_path, "img.qcow2")
+    run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", src, img)
+    out = []
+    for r in range(rounds):
+        before = free_bytes(fs_path)
+        secs = timed("qemu-img", "snapshot", "-c", f"s{r}", img)
+        out.append({"secs": secs, "space": before - free_bytes(fs_path)})
+    os.remove(img)
+    return {"rounds": out}
+
+
+def median(rows, key):
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.median(vals) if vals else None
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the script works")
+    ap.add_argument("--bin-dir", default=os.path.join(ROOT, "target", "release"))
+    ap.add_argument("--sizes", default="1G,4G,16G")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--dir", default=None, help="work dir (default: a temp dir)")
+    ap.add_argument("--skip", default="", help="comma list of: ext4, qcow2, cp")
+    a = ap.parse_args()
+    if a.quick:
+        a.sizes, a.rounds = "32M,64M,128M", 1
+    sizes = [size_arg(s) for s in a.sizes.split(",")]
+    skip = set(filter(None, a.skip.split(",")))
+    for tool in ["mkfs.xfs", "qemu-img", "nbdcopy", "nbdkit"]:
+        if shutil.which(tool) is None:
+            sys.exit(f"missing tool: {tool}")
+    if os.geteuid() != 0:
+        sys.exit("needs root to loop-mount XFS")
+    tmp = tempfile.mkdtemp(prefix="ember-snap-bench-", dir=a.dir)
+    # Room for the largest volume and its qcow2 twin (or copy), and slack.
+    fs_size = max(2 * max(sizes) + 2 * GIB, 2 * GIB)
+    mounts = []
+    xfs = LoopFs(tmp, "xfs", fs_size, "mkfs.xfs", "-q", "-m", "reflink=1")
+    mounts.append(xfs)
+    if "ext4" not in skip:
+        ext4 = LoopFs(tmp, "ext4", fs_size, "mkfs.ext4", "-q", "-F")
+        mounts.append(ext4)
+    agents = []
+    results = {"sizes": {}}
+    try:
+        ax = Agent(a.bin_dir, "xfs", os.path.join(xfs.path, "data"), tmp)
+        agents.append(ax)
+        ae = None
+        if "ext4" not in skip:
+            ae = Agent(a.bin_dir, "ext4", os.path.join(ext4.path, "data"), tmp)
+            agents.append(ae)
+        for size in sizes:
+            label = fmt_size(size)
+            print(f"{label}: filling", file=sys.stderr)
+            row = {}
+            vol = f"v{size >> 20}m"
+            ax.fill(vol, size)
+            run("sync")
+            row["ember-xfs"] = ember_rounds(ax, xfs.path, vol, a.rounds, False)
+            src = ax.data_file(vol)
+            if "cp" not in skip:
+                row["cp-reflink"] = cp_rounds(src, xfs.path, a.rounds, False)
+                row["cp-reflink+fsync"] = cp_rounds(src, xfs.path, a.rounds, True)
+            if "qcow2" not in skip:
+                row["qcow2"] = qcow2_rounds(src, xfs.path, a.rounds)
+            ax.ctl("volume", "delete", vol)
+            if ae is not None:
+                ae.fill(vol, size)
+                run("sync")
+                row["ember-ext4"] = ember_rounds(ae, ext4.path, vol, a.rounds, True)
+                ae.ctl("volume", "delete", vol)
+            results["sizes"][label] = row
+    finally:
+        for ag in agents:
+            ag.stop()
+        for m in mounts:
+            m.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    report(results, sizes, a.rounds)
+    print(json.dumps(results, indent=1, default=str))
+
+
+def report(results, sizes, rounds):
+    methods = ["ember-xfs", "cp-reflink", "cp-reflink+fsync", "qcow2", "ember-ext4"]
+    print(f"medians of {rounds} round(s); time in ms (agent-side ms for ember in brackets), space used")
+    print()
+    print("| allocated | " + " | ".join(methods) + " |")
+    print("|---" * (len(methods) + 1) + "|")
+    labels = [fmt_size(s) for s in sizes]
+    for label in labels:
+        row = results["sizes"][label]
+        cells = []
+        for m in methods:
+            if m not in row:
+                cells.append("–")
+                continue
+            secs = median(row[m]["rounds"], "secs")
+            space = median(row[m]["rounds"], "space")
+            agent = median(row[m]["rounds"], "agent_ms")
+            t = f"{secs * 1000:.1f} ms" + (f" [{agent:.1f}]" if agent is not None else "")
+            cells.append(f"{t}, {fmt_size(max(space, 0))}")
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    print()
+
+    def t(label, m):
+        row = results["sizes"][label]
+        return median(row[m]["rounds"], "secs") if m in row else None
+
+    ratios = {}
+    first, last = labels[0], labels[-1]
+    ratios["ember-xfs time, largest / smallest (target <= 2)"] = t(last, "ember-xfs") / t(first, "ember-xfs")
+    for label in labels:
+        ex = t(label, "ember-xfs")
+        for peer, name in (("cp-reflink", "ember-xfs / cp --reflink (target <= 2)"),
+                           ("cp-reflink+fsync", "ember-xfs / cp --reflink + fsync (like for like)"),
+                           ("qcow2", "qcow2 snapshot / ember-xfs (target > 1)"),
+                           ("ember-ext4", "ember-ext4 (copy) / ember-xfs")):
+            p = t(label, peer)
+            if p is None:
+                continue
+            ratios[f"{label}: {name}"] = ex / p if peer.startswith("cp") else p / ex
+    for label in labels:
+        row = results["sizes"][label]
+        cli = median(row["ember-xfs"]["rounds"], "cli_floor_ms")
+        agent = median(row["ember-xfs"]["rounds"], "agent_ms")
+        cp = t(label, "cp-reflink")
+        print(f"  {label}: emberctl fixed cost (`emberctl status`) {cli:.1f} ms;"
+              f" emberd's own snapshot time {agent:.1f} ms = {agent / (cp * 1000):.2f}x cp --reflink")
+        ratios[f"{label}: emberd's own time / cp --reflink"] = agent / (cp * 1000)
+    for k, v in ratios.items():
+        print(f"  {k}: {v:.2f}x")
+    results["ratios"] = ratios
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+//! `emberctl replica points|point create|set` and the `--at` of promotions:
+//! recovery points on the secondary (docs/points.md).
+
+use std::time::UNIX_EPOCH;
+
+use anyhow::Context;
+use clap::Subcommand;
+use ember_common::format_size;
+use ember_proto::control::v1 as pb;
+use ember_proto::control::v1::ember_control_client::EmberControlClient;
+use serde_json::{Value, json};
+use tonic::transport::Channel;
+
+use crate::output::{Out, table};
+use crate::replica::{rfc3339, status_json};
+
+/// `emberctl replica point …`.
+#[derive(Debug, Subcommand)]
+pub(crate) enum PointCmd {
+    /// Take a manual recovery point of VOLUME on its secondary (asked on
+    /// the primary's site: at the secondary's next committed batch).
+    Create {
+        volume: String,
+        /// Point name (default: manual-TIME).
+        #[arg(long)]
+        name: Option<String>,
+    },
+}
+
+/// Where a promotion's `--at TIME|POINT` points: an RFC 3339 time (the
+/// newest point at or before it) or a point's name.
+pub(crate) fn parse_at(raw: &str) -> anyhow::Result<(String, i64)> {
+    if raw.is_empty() {
+        anyhow::bail!("--at needs an RFC 3339 time (e.g. 2026-12-04T10:22:33Z) or a point name");
+    }
+    match humantime::parse_rfc3339_weak(raw) {
+        Ok(t) => {
+            let ns = t
+                .duration_since(UNIX_EPOCH)
+                .with_context(|| format!("--at {raw:?} is before 1970"))?
+                .as_nanos();
+            Ok((
+                String::new(),
+                i64::try_from(ns).context("--at is too far in the future")?,
+            ))
+        }
+        // Looks like a time but is not one: say so rather than look for a
+        // point of that name.
+        Err(e) if raw.as_bytes().first().is_some_and(u8::is_ascii_digit) && raw.contains(':') => {
+            anyhow::bail!("--at {raw:?}: not an RFC 3339 time ({e}); e.g. 2026-12-04T10:22:33Z")
+        }
+        Err(_) => Ok((raw.to_owned(), 0)),
+    }
+}
+
+fn secs(flag: &str, raw: &str) -> anyhow::Result<u64> {
+    Ok(humantime::parse_duration(raw)
+        .with_context(|| format!("--{flag} {raw:?}: use a duration like 30s, 5m or 24h"))?
+        .as_secs())
+}
+
+/// The point settings of `replica enable|set` (`None`: none given).
+pub(crate) fn settings(
+    points_every: Option<&str>,
+    keep: Option<u32>,
+    keep_for: Option<&str>,
+) -> anyhow::Result<Option<pb::PointSettings>> {
+    if points_every.is_none() && keep.is_none() && keep_for.is_none() {
+        return Ok(None);
+    }
+    let every = points_every.map(|r| secs("points-every", r)).transpose()?;
+    if every == Some(0) && points_every.is_some_and(|r| r.trim() != "0" && r.trim() != "0s") {
+        anyhow::bail!("--points-every must be at least 1s (0 turns scheduled points off)");
+    }
+    let keep_for = keep_for.map(|r| secs("keep-for", r)).transpose()?;
+    Ok(Some(pb::PointSettings {
+        has_points_every: every.is_some(),
+        points_every_seconds: every.unwrap_or(0),
+        has_keep: keep.is_some(),
+        keep_points: keep.unwrap_or(0),
+        has_keep_for: keep_for.is_some(),
+        keep_for_seconds: keep_for.unwrap_or(0),
+    }))
+}
+
+fn point_json(p: &pb::RecoveryPoint) -> Value {
+    json!({
+        "name": p.name, "at": rfc3339(p.at_unix_ns), "at_unix_ns": p.at_unix_ns,
+        "kind": p.kind, "group": p.group, "pinned_bytes": p.pinned_bytes,
+    })
+}
+
+/// `replica points VOLUME`.
+pub(crate) async fn list(
+    api: &mut EmberControlClient<Channel>,
+    out: Out,
+    volume: String,
+) -> anyhow::Result<()> {
+    let r = api
+        .list_points(pb::ListPointsRequest { volume })
+        .await?
+        .into_inner();
+    if out.json {
+        out.print_json(&Value::Array(r.points.iter().map(point_json).collect()));
+        return Ok(());
+    }
+    table(
+        &["NAME", "AT", "KIND", "GROUP", "PINNED"],
+        r.points
+            .iter()
+            .map(|p| {
+                vec![
+                    p.name.clone(),
+                    rfc3339(p.at_unix_ns).unwrap_or_default(),
+                    p.kind.clone(),
+                    p.group.clone(),
+                    format_size(p.pinned_bytes),
+                ]
+            })
+            .collect(),
+    );
+    println!(
+        "schedule: {}; keep {}; keep for {}",
+        match r.points_every_seconds {
+            0 => "none".to_owned(),
+            s => format!("every {s}s"),
+        },
+        match r.keep_points {
+            0 => "any number".to_owned(),
+            n => n.to_string(),
+        },
+        match r.keep_for_seconds {
+            0 => "any age".to_owned(),
+            s => format!("{s}s"),
+        }
+    );
+    Ok(())
+}
+
+/// `replica point …`.
+pub(crate) async fn run(
+    cmd: PointCmd,
+    api: &mut EmberControlClient<Channel>,
+    out: Out,
+) -> anyhow::Result<()> {
+    match cmd {
+        PointCmd::Create { volume, name } => {
+            let p = api
+                .create_point(pb::CreatePointRequest {
+                    volume: volume.clone(),
+                    name: name.unwrap_or_default(),
+                })
+                .await?
+                .into_inner()
+                .point
+                .context("agent returned no point")?;
+            if out.json {
+                out.print_json(&point_json(&p));
+            } else {
+                println!(
+                    "recovery point {} of {volume} at {}",
+                    p.name,
+                    rfc3339(p.at_unix_ns).unwrap_or_default()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `replica set VOLUME …`.
+pub(crate) async fn set(
+    api: &mut EmberControlClient<Channel>,
+    out: Out,
+    volume: String,
+    points: Option<pb::PointSettings>,
+) -> anyhow::Result<()> {
+    let points = points.context("nothing to set: give --points-every, --keep or --keep-for")?;
+    let s = api
+        .set_replication(pb::SetReplicationRequest {
+            volume: volume.clone(),
+            points: Some(points),
+        })
+        .await?
+        .into_inner()
+        .status
+        .context("agent returned no status")?;
+    if out.json {
+        out.print_json(&status_json(&s));
+    } else {
+        println!("replication of {volume} updated");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn at_is_a_time_or_a_point_name() {
+        assert_eq!(
+            parse_at("2026-12-04T10:22:33Z").unwrap(),
+            (String::new(), 1_796_379_753_000_000_000)
+        );
+        assert_eq!(
+            parse_at("auto-2026-12-04T10:22:33.123Z").unwrap(),
+            ("auto-2026-12-04T10:22:33.123Z".to_owned(), 0)
+        );
+        assert_eq!(
+            parse_at("before-upgrade").unwrap(),
+            ("before-upgrade".to_owned(), 0)
+        );
+        assert!(parse_at("2026-13-04T10:22:33Z").is_err());
+        assert!(parse_at("").is_err());
+    }
+
+    #[test]
+    fn settings_carry_only_what_was_given() {
+        assert_eq!(settings(None, None, None).unwrap(), None);
+        let s = settings(Some("5m"), Some(24), None).unwrap().unwrap();
+        assert!(s.has_points_every && s.has_keep && !s.has_keep_for);
+        assert_eq!((s.points_every_seconds, s.keep_points), (300, 24));
+        let s = settings(None, None, Some("24h")).unwrap().unwrap();
+        assert_eq!((s.has_keep_for, s.keep_for_seconds), (true, 86_400));
+        assert!(settings(Some("soon"), None, None).is_err());
+        let off = settings(Some("0s"), None, None).unwrap().unwrap();
+        assert!(off.has_points_every && off.points_every_seconds == 0);
+    }
+}
