@@ -692,7 +692,28 @@ fn a_group_promoted_to_a_point_lands_every_member_on_that_one_point() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("start the group writer");
-    std::thread::sleep(Duration::from_secs(5));
+    // Group points come at the group's cadence, which a loaded machine
+    // stretches (5 s apart were seen in CI with `--points-every 1s`): keep
+    // writing until two group points have landed since the writer started,
+    // then a little longer, so one lies well inside the writer's run.
+    let common_points = || -> Vec<i64> {
+        let lists: Vec<Vec<i64>> = GROUP
+            .iter()
+            .map(|v| points(&s.b, v).iter().map(at).collect())
+            .collect();
+        lists[0]
+            .iter()
+            .copied()
+            .filter(|t| lists[1].contains(t))
+            .collect()
+    };
+    let before = common_points().len();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    std::thread::sleep(Duration::from_secs(3));
+    while common_points().len() < before + 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    std::thread::sleep(Duration::from_secs(2));
     let _ = writer.kill();
     let _ = writer.wait();
     for v in GROUP {
