@@ -37,7 +37,9 @@ fn pki(dir: &Path) {
     }
 }
 
-fn site_config(root: &Path, pki: &Path, site: &str, port: u16, extra: &str) -> String {
+/// Writes `SITE.toml` under `root`: the site name, `extra` TOML, and a peer
+/// listener on `port` with the lab PKI in `pki`. Returns its path.
+pub fn site_config(root: &Path, pki: &Path, site: &str, port: u16, extra: &str) -> String {
     let cfg = root.join(format!("{site}.toml"));
     let p = |f: &str| pki.join(f).display().to_string();
     std::fs::write(

@@ -41,22 +41,6 @@ fn tools() -> bool {
         && require_python_module("nbd")
 }
 
-fn site_config(root: &Path, pki: &Path, site: &str, port: u16) -> String {
-    let cfg = root.join(format!("{site}.toml"));
-    let p = |f: &str| pki.join(f).display().to_string();
-    std::fs::write(
-        &cfg,
-        format!(
-            "site = \"{site}\"\n[peer]\nlisten = \"127.0.0.1:{port}\"\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n",
-            p(&format!("{site}.crt")),
-            p(&format!("{site}.key")),
-            p("ca.crt")
-        ),
-    )
-    .expect("config");
-    cfg.display().to_string()
-}
-
 /// Two paired sites with data dirs on `fs` (XFS or ext4); `b_env` is
 /// site-b's extra environment (fault injection).
 fn sites_on(fs: LoopMount, b_env: &[(&str, &str)]) -> Sites {
@@ -72,8 +56,8 @@ fn sites_on(fs: LoopMount, b_env: &[(&str, &str)]) -> Sites {
         );
     }
     let (pa, pb) = (free_port(), free_port());
-    let cfg_a = site_config(dir.path(), &ca, "site-a", pa);
-    let cfg_b = site_config(dir.path(), &ca, "site-b", pb);
+    let cfg_a = ember_it::repl::site_config(dir.path(), &ca, "site-a", pa, "");
+    let cfg_b = ember_it::repl::site_config(dir.path(), &ca, "site-b", pb, "");
     let metrics_b = format!("127.0.0.1:{}", free_port());
     let a = Agent::start_with(&fs.path().join("site-a"), &["--config", &cfg_a]);
     let b_args = vec![
