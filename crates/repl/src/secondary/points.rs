@@ -52,8 +52,9 @@ const TMP_PREFIX: &str = ".tmp-";
 /// most that much extra per written region.
 const RESERVE_BLOCKS: u64 = 256;
 const IMAGE_EXT: &str = "img";
-/// How long a manual point asked on the primary waits for the secondary
-/// to apply the batch holding the primary's writes up to the request.
+/// How long a manual point waits for the secondary to be consistent (a
+/// reconnect's resync done) and, asked on the primary, to apply the batch
+/// holding the primary's writes up to the request.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Poll interval of that wait (a commit every ≤ 20 ms in async mode).
 const CATCH_UP_POLL: Duration = Duration::from_millis(5);
@@ -853,13 +854,17 @@ impl SecondarySet {
         loop {
             let guard = sv.apply_lock.lock().await;
             let rec = sv.record();
-            if !rec.consistent {
+            let past_deadline = tokio::time::Instant::now() >= deadline;
+            // A reconnect resends the blocks written meanwhile out of order
+            // and leaves the image torn until its commit, usually well
+            // under a second: wait that out rather than fail the operator.
+            if !rec.consistent && past_deadline {
                 return Err(Status::failed_precondition(format!(
                     "secondary {volume} is inconsistent (an initial sync or resync is running); \
                      a point now would be a torn image"
                 )));
             }
-            if rec.consistent_at_unix_ns >= not_before_unix_ns {
+            if rec.consistent && rec.consistent_at_unix_ns >= not_before_unix_ns {
                 let name = name
                     .unwrap_or_else(|| format!("manual-{}", rfc3339(rec.consistent_at_unix_ns)));
                 let p = take_now(&sv, name, PointKind::Manual).await?;
@@ -874,7 +879,7 @@ impl SecondarySet {
                 });
             }
             drop(guard);
-            if tokio::time::Instant::now() >= deadline {
+            if past_deadline {
                 return Err(Status::failed_precondition(format!(
                     "secondary {volume} did not apply the primary's writes up to the request within {CATCH_UP_TIMEOUT:?} \
                      (it is at {}); retry when the replica is in sync",
