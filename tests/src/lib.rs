@@ -80,12 +80,41 @@ pub fn require_python_module(module: &str) -> bool {
     );
 }
 
-/// A free TCP port on loopback.
+/// A free TCP port on loopback for an agent to bind a moment later.
+///
+/// Picked below the kernel's ephemeral range: a port from `bind(0)` comes
+/// from that range, and any outgoing connection (a sibling test's client,
+/// an agent dialling its peer) may take it between our probe and the
+/// agent's bind. Ports handed out by this process are never handed out
+/// again, so parallel tests in one binary do not collide either.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
+    static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    const LOWEST: u16 = 10_000;
+    let below = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .filter(|&lo| lo > LOWEST + 1_000)
+        .unwrap_or(32_768);
+    let span = u32::from(below - LOWEST);
+    // Start somewhere different in every process so concurrent test
+    // binaries rarely probe the same ports.
+    let seed = std::process::id().wrapping_mul(7919)
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+    let mut handed_out = HANDED_OUT.lock().expect("port set poisoned");
+    for i in 0..span {
+        let port = LOWEST + u16::try_from((seed.wrapping_add(i)) % span).expect("below span");
+        if handed_out.contains(&port) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            handed_out.insert(port);
+            return port;
+        }
+    }
+    panic!("no free TCP port between {LOWEST} and {below}");
 }
 
 /// A running agent process.

@@ -802,37 +802,19 @@ fn lab_on_a_terminal_shows_the_top_view_under_its_banner_and_q_stops_the_lab() {
     if !require_tool("tmux") {
         return;
     }
-    // The lab picks free ports by binding port 0 and releasing it; a test
-    // running beside this one in the same binary can take such a port
-    // first, and the agent then exits at start-up. That race is the
-    // harness's, not the view's: start again (at most three times), and
-    // fail on anything else.
-    let mut attempt = 0;
-    let (_dir, lab, tmux, screen) = loop {
-        attempt += 1;
-        let dir = tempdir();
-        let lab = dir.path().join("lab");
-        let cmd = format!(
-            "{} lab up --dir {} --size 16M; echo LAB-EXITED $?; sleep 60",
-            bin("emberctl").display(),
-            lab.display()
-        );
-        let tmux = Tmux::start(&cmd);
-        let screen = tmux.wait("the lab's view", Duration::from_secs(60), |s| {
-            (s.contains("PEER site-b")
-                && s.lines()
-                    .any(|l| l.contains("demo") && l.contains("in-sync")))
-                || (attempt < 3 && s.contains("exited during start-up"))
-        });
-        if screen.contains("exited during start-up") {
-            eprintln!(
-                "lab start-up lost a port race (attempt {attempt}); starting again:\n{screen}"
-            );
-            drop(tmux);
-            continue;
-        }
-        break (dir, lab, tmux, screen);
-    };
+    let dir = tempdir();
+    let lab = dir.path().join("lab");
+    let cmd = format!(
+        "{} lab up --dir {} --size 16M; echo LAB-EXITED $?; sleep 60",
+        bin("emberctl").display(),
+        lab.display()
+    );
+    let tmux = Tmux::start(&cmd);
+    let screen = tmux.wait("the lab's view", Duration::from_secs(60), |s| {
+        s.contains("PEER site-b")
+            && s.lines()
+                .any(|l| l.contains("demo") && l.contains("in-sync"))
+    });
     assert!(
         screen.contains("demo volume (primary, write here): nbd://"),
         "{screen}"

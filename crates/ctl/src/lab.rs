@@ -45,10 +45,31 @@ pub(crate) enum LabCmd {
     },
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+/// A free loopback port for an agent to bind a moment later, picked below
+/// the kernel's ephemeral range: a `bind(0)` port comes from that range,
+/// and any outgoing connection on the host may take it before the agent
+/// binds it (the lab then dies at start-up). `taken` holds the ports this
+/// lab already handed out.
+fn free_port(taken: &mut Vec<u16>) -> anyhow::Result<u16> {
+    const LOWEST: u16 = 10_000;
+    let below = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .filter(|&lo| lo > LOWEST + 1_000)
+        .unwrap_or(32_768);
+    let span = u32::from(below - LOWEST);
+    let seed = std::process::id().wrapping_mul(7919)
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+    for i in 0..span {
+        let port = LOWEST + u16::try_from(seed.wrapping_add(i) % span)?;
+        if !taken.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            taken.push(port);
+            return Ok(port);
+        }
+    }
+    bail!("no free TCP port between {LOWEST} and {below}")
 }
 
 fn emberd_path() -> anyhow::Result<PathBuf> {
@@ -69,17 +90,18 @@ struct Site {
     api: String,
     nbd: String,
     peer: String,
+    log: PathBuf,
 }
 
-fn start_site(dir: &Path, name: &'static str) -> anyhow::Result<Site> {
+fn start_site(dir: &Path, name: &'static str, ports: &mut Vec<u16>) -> anyhow::Result<Site> {
     let data = dir.join(name);
     std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
     let api = format!(
         "unix:{}",
         std::fs::canonicalize(&data)?.join("api.sock").display()
     );
-    let nbd = format!("127.0.0.1:{}", free_port()?);
-    let peer = format!("127.0.0.1:{}", free_port()?);
+    let nbd = format!("127.0.0.1:{}", free_port(ports)?);
+    let peer = format!("127.0.0.1:{}", free_port(ports)?);
     let pki = dir.join("pki");
     let config = dir.join(format!("{name}.toml"));
     std::fs::write(
@@ -91,7 +113,8 @@ fn start_site(dir: &Path, name: &'static str) -> anyhow::Result<Site> {
             pki.join("ca.crt").display()
         ),
     )?;
-    let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
+    let log_path = dir.join(format!("{name}.log"));
+    let log = std::fs::File::create(&log_path)?;
     let child = Command::new(emberd_path()?)
         .arg("--config")
         .arg(&config)
@@ -109,6 +132,7 @@ fn start_site(dir: &Path, name: &'static str) -> anyhow::Result<Site> {
         api,
         nbd,
         peer,
+        log: log_path,
     })
 }
 
@@ -116,10 +140,16 @@ async fn wait_ready(site: &mut Site) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
         if let Some(status) = site.child.try_wait()? {
+            // The agent's last log line says why (a port taken, a bad
+            // config): show it rather than send the user hunting.
+            let last = std::fs::read_to_string(&site.log)
+                .ok()
+                .and_then(|l| l.lines().last().map(str::to_owned))
+                .unwrap_or_default();
             bail!(
-                "emberd for {} exited during start-up ({status}); see {}.log in the lab dir",
+                "emberd for {} exited during start-up ({status}): {last}\n(full log: {})",
                 site.name,
-                site.name
+                site.log.display()
             );
         }
         if client::connect(&site.api).await.is_ok() {
@@ -167,8 +197,9 @@ async fn up(dir: &Path, detach: bool, size: &str, out: Out) -> anyhow::Result<()
         }
     }
     let mut sites = Vec::new();
+    let mut ports = Vec::new();
     for name in SITES {
-        match start_site(&dir, name) {
+        match start_site(&dir, name, &mut ports) {
             Ok(site) => sites.push(site),
             Err(e) => {
                 stop_all(&mut sites);
