@@ -288,6 +288,31 @@ fn emberctl_contract_and_bad_arguments() {
         false
     );
     assert_eq!(agent.ctl_json(&["volume", "list"]), serde_json::json!([]));
+
+    // A reader that stops early (`| head -1`, `| grep -q`) ends the command
+    // quietly: no panic on the broken pipe. The pipe's read end is closed
+    // before emberctl starts, so every write meets EPIPE.
+    agent.ctl_json(&["volume", "create", "c2", "--size", "1G"]);
+    for args in [
+        vec!["volume", "list"],
+        vec!["volume", "list", "--json"],
+        vec!["status", "--json"],
+    ] {
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        let out = std::process::Command::new(ember_it::bin("emberctl"))
+            .args(["--api", &agent.api])
+            .args(&args)
+            .stdout(writer)
+            .output()
+            .expect("run emberctl");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && !err.contains("panicked"),
+            "{args:?} into a closed pipe: {:?} {err}",
+            out.status
+        );
+    }
 }
 
 #[test]

@@ -2,6 +2,7 @@
 //! a writable, unreplicated copy of a consistent image (the newest, or a
 //! recovery point), list them, stop (delete) one.
 
+use crate::output::outln;
 use anyhow::Context;
 use clap::Subcommand;
 use ember_common::format_size;
@@ -115,7 +116,7 @@ pub(crate) async fn run(
             if out.json {
                 out.print_json(&drill_json(&d));
             } else {
-                println!(
+                outln!(
                     "drill {} of {} started from {} (image of {}): {}",
                     d.name,
                     d.volume,
@@ -152,12 +153,12 @@ async fn stop(api: &mut EmberControlClient<Channel>, out: Out, name: String) -> 
     if out.json {
         out.print_json(&json!({ "name": name, "stopped": r.existed, "drills": r.stopped }));
     } else if r.existed {
-        println!(
+        outln!(
             "stopped {}; their volumes are deleted",
             r.stopped.join(", ")
         );
     } else {
-        println!("no drill named {name} on this site");
+        outln!("no drill named {name} on this site");
     }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! `emberctl replica promote|demote`: role changes, and `emberctl events`,
 //! the stream that reports them (with state changes and RPO breaches).
 
+use crate::output::outln;
 use anyhow::Context;
 use ember_common::format_size;
 use ember_proto::control::v1 as pb;
@@ -37,21 +38,22 @@ pub(crate) async fn promote(
         return Ok(());
     }
     if r.already_primary {
-        println!(
+        outln!(
             "{volume} is already primary here (generation {})",
             status.generation
         );
     } else if r.forced {
-        println!(
+        outln!(
             "{volume} force-promoted: primary at generation {}; recovery point {} — writes {} acknowledged after it are lost",
             status.generation,
             rfc3339(r.recovery_point_unix_ns).unwrap_or_else(|| "unknown".into()),
             status.peer_site
         );
     } else {
-        println!(
+        outln!(
             "{volume} promoted (planned, zero loss): primary at generation {}, replicating to {}",
-            status.generation, status.peer_site
+            status.generation,
+            status.peer_site
         );
     }
     Ok(())
@@ -76,13 +78,13 @@ pub(crate) async fn demote(
         v["discarded_bytes"] = json!(r.discarded_bytes);
         out.print_json(&v);
     } else if discard_local {
-        println!(
+        outln!(
             "{volume} now follows {}; {} changed here will be overwritten from it (audit-logged)",
             status.peer_site,
             format_size(r.discarded_bytes)
         );
     } else {
-        println!(
+        outln!(
             "{volume} handed over to {} (planned switchover)",
             status.peer_site
         );
@@ -104,7 +106,7 @@ pub(crate) async fn events(
     while let Some(e) = stream.message().await? {
         if out.json {
             // One compact line per event, flushed: scripts follow it live.
-            println!(
+            outln!(
                 "{}",
                 json!({
                     "at": rfc3339(e.at_unix_ns), "at_unix_ns": e.at_unix_ns,
@@ -115,7 +117,7 @@ pub(crate) async fn events(
                 })
             );
         } else {
-            println!(
+            outln!(
                 "{} {:<16} {:<12} {}",
                 rfc3339(e.at_unix_ns).unwrap_or_default(),
                 e.kind,

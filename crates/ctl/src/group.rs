@@ -1,6 +1,7 @@
 //! `emberctl group …`: consistency groups — volumes replicated with one
 //! shared write order and promoted together.
 
+use crate::output::outln;
 use anyhow::Context;
 use clap::Subcommand;
 use ember_proto::control::v1 as pb;
@@ -69,7 +70,7 @@ fn print(out: Out, g: &pb::GroupStatus) {
         out.print_json(&group_json(g));
         return;
     }
-    println!(
+    outln!(
         "group {} ({} here, peer {}): {} at {}",
         g.name,
         g.role,
@@ -209,13 +210,13 @@ pub(crate) async fn run(
                 return Ok(());
             }
             if r.forced {
-                println!(
+                outln!(
                     "group {name} force-promoted: every member came up on {} — writes acknowledged on {} after it are lost",
                     rfc3339(r.recovery_point_unix_ns).unwrap_or_else(|| "unknown".into()),
                     status.peer_site
                 );
             } else {
-                println!("group {name} promoted (planned, zero loss)");
+                outln!("group {name} promoted (planned, zero loss)");
             }
             print(out, &status);
         }

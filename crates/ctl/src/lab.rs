@@ -9,6 +9,7 @@
 //! writes `DIR/lab.json` and returns; `lab down --dir DIR` stops exactly the
 //! processes recorded there.
 
+use crate::output::outln;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -250,7 +251,7 @@ async fn up(dir: &Path, detach: bool, size: &str, out: Out) -> anyhow::Result<()
     });
     std::fs::write(dir.join("lab.json"), serde_json::to_vec_pretty(&lab)?)?;
     if out.json || detach {
-        println!("{}", serde_json::to_string_pretty(&lab)?);
+        outln!("{}", serde_json::to_string_pretty(&lab)?);
     }
     if detach {
         return Ok(());
@@ -280,7 +281,7 @@ async fn up(dir: &Path, detach: bool, size: &str, out: Out) -> anyhow::Result<()
     // Printed in both modes: on a terminal the view below takes the
     // alternate screen, and this stays in the scrollback once it is gone.
     for line in &banner {
-        println!("{line}");
+        outln!("{line}");
     }
     let stop = async {
         let _ = tokio::signal::ctrl_c().await;
@@ -298,7 +299,7 @@ async fn up(dir: &Path, detach: bool, size: &str, out: Out) -> anyhow::Result<()
         crate::top::run_view(&mut api, Out { json: false }, view, stop).await
     } else {
         // Piped (scripts, tests): one plain line a second, as before.
-        println!("Ctrl-C stops the lab.\n");
+        outln!("Ctrl-C stops the lab.\n");
         tokio::pin!(stop);
         let mut last_shipped = None;
         loop {
@@ -426,7 +427,7 @@ async fn live_line(
         repl.bytes_shipped.saturating_sub(b) as f64 / now.duration_since(t).as_secs_f64()
     });
     *last_shipped = Some((now, repl.bytes_shipped));
-    println!(
+    outln!(
         "demo: {:<12} lag {:>6.2}s {:>9}  shipping {:>9}/s  resync left {:>9}  allocated {:>9}  clients {}  |  {}",
         repl.state,
         repl.lag_seconds,
@@ -451,7 +452,7 @@ async fn down(dir: &Path) -> anyhow::Result<()> {
         };
         // SAFETY: kill(2) with a pid we started; a stale pid gets ESRCH.
         if unsafe { libc::kill(pid as i32, libc::SIGTERM) } != 0 {
-            println!("{name} (pid {pid}) was not running");
+            outln!("{name} (pid {pid}) was not running");
             continue;
         }
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -463,9 +464,9 @@ async fn down(dir: &Path) -> anyhow::Result<()> {
         if alive(pid as i32) {
             // SAFETY: as above.
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-            println!("killed {name} (pid {pid}): it did not stop within 30 s of SIGTERM");
+            outln!("killed {name} (pid {pid}): it did not stop within 30 s of SIGTERM");
         } else {
-            println!("stopped {name} (pid {pid})");
+            outln!("stopped {name} (pid {pid})");
         }
     }
     std::fs::remove_file(&path)?;

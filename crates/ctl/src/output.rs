@@ -4,6 +4,29 @@ use ember_common::format_size;
 use ember_proto::control::v1 as pb;
 use serde_json::{Value, json};
 
+/// `println!` for command output: when the reader has gone (`emberctl … |
+/// head -1`, `| grep -q`) the command ends quietly instead of panicking
+/// on the broken pipe; the reader chose to stop, nothing failed.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::output::write_line(format_args!($($arg)*))
+    };
+}
+pub(crate) use outln;
+
+/// Writes one line to stdout; exits 0 when stdout is a closed pipe.
+pub(crate) fn write_line(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.write_all(b"\n")) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("emberctl: writing the output: {e}");
+        std::process::exit(1);
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Out {
     pub(crate) json: bool,
@@ -48,15 +71,15 @@ pub(crate) fn table(headers: &[&str], rows: Vec<Vec<String>>) {
             .trim_end()
             .to_owned()
     };
-    println!("{}", line(headers.iter().map(|h| h.to_string()).collect()));
+    outln!("{}", line(headers.iter().map(|h| h.to_string()).collect()));
     for r in rows {
-        println!("{}", line(r));
+        outln!("{}", line(r));
     }
 }
 
 impl Out {
     pub(crate) fn print_json(&self, v: &Value) {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(v).expect("JSON values serialize")
         );
@@ -108,7 +131,7 @@ impl Out {
             ],
         );
         for t in &c.replication_targets {
-            println!(
+            outln!(
                 "replication to {} ({}): RPO {}s..{}s, sync {}, RTT {} µs, {} volumes",
                 t.site,
                 t.state,
@@ -188,9 +211,9 @@ impl Out {
             return self.print_json(&json!({ "name": name, "deleted": deleted }));
         }
         if deleted {
-            println!("deleted {what} {name}")
+            outln!("deleted {what} {name}")
         } else {
-            println!("{what} {name} did not exist")
+            outln!("{what} {name} did not exist")
         }
     }
 
@@ -216,7 +239,7 @@ impl Out {
                 .map(|e| vec![e.offset.to_string(), e.length.to_string()])
                 .collect(),
         );
-        println!(
+        outln!(
             "{} dirty in {} extent(s); checkpoint {}",
             format_size(r.dirty_bytes),
             r.extents.len(),

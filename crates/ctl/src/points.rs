@@ -1,6 +1,7 @@
 //! `emberctl replica points|point create|set` and the `--at` of promotions:
 //! recovery points on the secondary (docs/points.md).
 
+use crate::output::outln;
 use std::time::UNIX_EPOCH;
 
 use anyhow::Context;
@@ -119,7 +120,7 @@ pub(crate) async fn list(
             })
             .collect(),
     );
-    println!(
+    outln!(
         "schedule: {}; keep {}; keep for {}",
         match r.points_every_seconds {
             0 => "none".to_owned(),
@@ -157,7 +158,7 @@ pub(crate) async fn run(
             if out.json {
                 out.print_json(&point_json(&p));
             } else {
-                println!(
+                outln!(
                     "recovery point {} of {volume} at {}",
                     p.name,
                     rfc3339(p.at_unix_ns).unwrap_or_default()
@@ -188,7 +189,7 @@ pub(crate) async fn set(
     if out.json {
         out.print_json(&status_json(&s));
     } else {
-        println!("replication of {volume} updated");
+        outln!("replication of {volume} updated");
     }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! `emberctl replica …`: enable, disable, status (once or live), list, verify;
 //! promote and demote live in [`crate::failover`].
 
+use crate::output::outln;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
@@ -198,12 +199,12 @@ fn rows(list: &[pb::ReplicationStatus]) {
 
 fn detail(s: &pb::ReplicationStatus) {
     rows(std::slice::from_ref(s));
-    println!(
+    outln!(
         "last consistent point: {}",
         since(s.last_consistent_at_unix_ns)
     );
     if s.role == "primary" {
-        println!(
+        outln!(
             "resync sent {} (skipped {} already identical); frames rejected {}; sessions {}; on peer loss: {}",
             format_size(s.resync_bytes_sent),
             format_size(s.resync_bytes_skipped),
@@ -211,7 +212,7 @@ fn detail(s: &pb::ReplicationStatus) {
             s.sessions,
             s.on_peer_loss
         );
-        println!(
+        outln!(
             "RPO target {}s, policy {}: {}{} ({} breaches so far)",
             s.rpo_seconds,
             s.rpo_policy,
@@ -224,15 +225,15 @@ fn detail(s: &pb::ReplicationStatus) {
             s.rpo_breaches
         );
     }
-    println!("generation {}", s.generation);
+    outln!("generation {}", s.generation);
     if s.recovery_point_unix_ns > 0 {
-        println!(
+        outln!(
             "force-promoted: came up on the image of {} (writes after it were lost)",
             since(s.recovery_point_unix_ns)
         );
     }
     if !s.last_error.is_empty() {
-        println!("last error: {}", s.last_error);
+        outln!("last error: {}", s.last_error);
     }
 }
 
@@ -254,9 +255,9 @@ async fn set_paused(
     if out.json {
         out.print_json(&json!({ "volume": volume, "paused": paused, "changed": changed }));
     } else if changed {
-        println!("replication of {volume} {verb}");
+        outln!("replication of {volume} {verb}");
     } else {
-        println!("replication of {volume} was already {verb}");
+        outln!("replication of {volume} was already {verb}");
     }
     Ok(())
 }
@@ -333,9 +334,9 @@ pub(crate) async fn run(
             if out.json {
                 out.print_json(&json!({ "volume": volume, "disabled": disabled }));
             } else if disabled {
-                println!("replication of {volume} disabled");
+                outln!("replication of {volume} disabled");
             } else {
-                println!("{volume} was not replicated");
+                outln!("{volume} was not replicated");
             }
         }
         ReplicaCmd::Status { volume, watch } => loop {
@@ -406,17 +407,17 @@ pub(crate) async fn run(
                     "resync_queued": r.resync_queued,
                 }));
             } else {
-                println!(
+                outln!(
                     "compared {}; {} mismatching range(s); {} pending (writes in flight)",
                     format_size(r.compared_bytes),
                     r.mismatches.len(),
                     format_size(r.pending_bytes)
                 );
                 for m in &r.mismatches {
-                    println!("  offset {} length {}", m.offset, format_size(m.length));
+                    outln!("  offset {} length {}", m.offset, format_size(m.length));
                 }
                 if r.resync_queued {
-                    println!("resync queued");
+                    outln!("resync queued");
                 }
             }
             if !r.mismatches.is_empty() && !r.resync_queued {
