@@ -170,6 +170,21 @@ mod tests {
             .await
             .expect("read tail");
         assert_eq!(tail, vec![0u8; 20]);
+        // Data up to EOF, zeros after it (reads fill uninitialised buffers:
+        // nothing but the kernel's bytes and the zeroed tail may show).
+        engine
+            .write_at(&file, (1 << 20) - 8, vec![0xa5; 8], true)
+            .await
+            .expect("write the last bytes");
+        for _ in 0..3 {
+            let tail = engine
+                .read_at(&file, (1 << 20) - 8, 4096 + 8)
+                .await
+                .expect("read across EOF");
+            assert_eq!(tail.len(), 4096 + 8);
+            assert_eq!(tail[..8], [0xa5; 8]);
+            assert!(tail[8..].iter().all(|&b| b == 0), "past EOF not zero");
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

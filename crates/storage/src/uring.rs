@@ -41,7 +41,12 @@ struct Pending {
     kind: OpKind,
     file: Arc<File>,
     offset: u64,
+    /// Writes: the data. Reads: the destination, its length the bytes
+    /// the kernel has filled so far (`done`), its capacity `want`: a read
+    /// buffer is never zeroed first, only its tail past EOF.
     buf: Vec<u8>,
+    /// Bytes to transfer in all.
+    want: usize,
     done: usize,
     reply: Option<oneshot::Sender<io::Result<Vec<u8>>>>,
 }
@@ -49,12 +54,13 @@ struct Pending {
 impl Pending {
     fn sqe(&mut self, id: u64) -> squeue::Entry {
         let fd = types::Fd(self.file.as_raw_fd());
-        let remaining = (self.buf.len() - self.done) as u32;
+        let remaining = (self.want - self.done) as u32;
         let offset = self.offset + self.done as u64;
         let entry = match self.kind {
             OpKind::Read => {
-                // SAFETY-relevant: the buffer lives in the slab until reaped.
-                let ptr = self.buf[self.done..].as_mut_ptr();
+                // SAFETY-relevant: the buffer lives in the slab until reaped;
+                // the kernel writes into its spare capacity, `done..want`.
+                let ptr = self.buf.spare_capacity_mut().as_mut_ptr().cast::<u8>();
                 opcode::Read::new(fd, ptr, remaining).offset(offset).build()
             }
             OpKind::Write { durable } => {
@@ -88,7 +94,8 @@ impl Pending {
                 true
             }
             OpKind::Read if res == 0 => {
-                // Past EOF: the rest of the buffer is already zero.
+                // Past EOF: the rest reads as zeros.
+                self.buf.resize(self.want, 0);
                 self.finish(Ok(()));
                 true
             }
@@ -101,7 +108,14 @@ impl Pending {
             }
             _ => {
                 self.done += res as usize;
-                if self.done >= self.buf.len() {
+                if self.kind == OpKind::Read {
+                    // SAFETY: the kernel filled `res` more bytes of the
+                    // spare capacity, so `..done` is initialised, and a
+                    // read never returns more than it was asked for
+                    // (`done <= want <= capacity`).
+                    unsafe { self.buf.set_len(self.done) };
+                }
+                if self.done >= self.want {
                     self.finish(Ok(()));
                     true
                 } else {
@@ -269,7 +283,9 @@ impl UringEngine {
         file: Arc<File>,
         offset: u64,
         buf: Vec<u8>,
+        want: usize,
     ) -> io::Result<Vec<u8>> {
+        debug_assert!(want <= buf.capacity());
         let (tx, rx) = oneshot::channel();
         {
             let mut ring = self.ring.lock().expect("ring lock poisoned by a panic");
@@ -278,6 +294,7 @@ impl UringEngine {
                 file,
                 offset,
                 buf,
+                want,
                 done: 0,
                 reply: Some(tx),
             });
@@ -298,7 +315,8 @@ impl UringEngine {
         offset: u64,
         len: usize,
     ) -> io::Result<Vec<u8>> {
-        self.submit(OpKind::Read, file, offset, vec![0u8; len])
+        // Uninitialised: the kernel fills it (see `Pending::buf`).
+        self.submit(OpKind::Read, file, offset, Vec::with_capacity(len), len)
             .await
     }
 
@@ -312,12 +330,13 @@ impl UringEngine {
         if buf.is_empty() {
             return Ok(buf);
         }
-        self.submit(OpKind::Write { durable }, file, offset, buf)
+        let len = buf.len();
+        self.submit(OpKind::Write { durable }, file, offset, buf, len)
             .await
     }
 
     pub(crate) async fn sync(&self, file: Arc<File>) -> io::Result<()> {
-        self.submit(OpKind::Sync, file, 0, Vec::new())
+        self.submit(OpKind::Sync, file, 0, Vec::new(), 0)
             .await
             .map(drop)
     }
