@@ -2,7 +2,6 @@
 //! a writable, unreplicated copy of a consistent image (the newest, or a
 //! recovery point), list them, stop (delete) one.
 
-use crate::output::outln;
 use anyhow::Context;
 use clap::Subcommand;
 use ember_common::format_size;
@@ -11,7 +10,7 @@ use ember_proto::control::v1::ember_control_client::EmberControlClient;
 use serde_json::{Value, json};
 use tonic::transport::Channel;
 
-use crate::output::{Out, table};
+use crate::output::{Out, outln, table};
 use crate::replica::rfc3339;
 
 #[derive(Debug, Subcommand)]
@@ -67,7 +66,11 @@ fn drill_json(d: &pb::Drill) -> Value {
     })
 }
 
-fn rows(drills: &[pb::Drill]) {
+/// Drills as a JSON array or a table.
+fn print_drills(out: Out, drills: &[pb::Drill]) {
+    if out.json {
+        return out.print_json(&Value::Array(drills.iter().map(drill_json).collect()));
+    }
     table(
         &[
             "NAME", "VOLUME", "POINT", "IMAGE OF", "SIZE", "NBD URI", "CONN",
@@ -89,6 +92,14 @@ fn rows(drills: &[pb::Drill]) {
     );
 }
 
+/// `--at` read as `replica promote --at` reads it; absent: the newest image.
+fn parse_at(at: Option<&str>) -> anyhow::Result<(String, i64)> {
+    Ok(at
+        .map(crate::points::parse_at)
+        .transpose()?
+        .unwrap_or_default())
+}
+
 pub(crate) async fn run(
     cmd: DrillCmd,
     api: &mut EmberControlClient<Channel>,
@@ -96,12 +107,7 @@ pub(crate) async fn run(
 ) -> anyhow::Result<()> {
     match cmd {
         DrillCmd::Start { volume, at, name } => {
-            // The same reading of `--at` as `replica promote --at`.
-            let (point, at_unix_ns) = at
-                .as_deref()
-                .map(crate::points::parse_at)
-                .transpose()?
-                .unwrap_or_default();
+            let (point, at_unix_ns) = parse_at(at.as_deref())?;
             let d = api
                 .start_drill(pb::StartDrillRequest {
                     volume,
@@ -134,11 +140,7 @@ pub(crate) async fn run(
                 .await?
                 .into_inner()
                 .drills;
-            if out.json {
-                out.print_json(&Value::Array(drills.iter().map(drill_json).collect()));
-            } else {
-                rows(&drills);
-            }
+            print_drills(out, &drills);
         }
         DrillCmd::Stop { name } => stop(api, out, name).await?,
     }
@@ -171,11 +173,7 @@ pub(crate) async fn run_group(
 ) -> anyhow::Result<()> {
     match cmd {
         GroupDrillCmd::Start { group, at, name } => {
-            let (point, at_unix_ns) = at
-                .as_deref()
-                .map(crate::points::parse_at)
-                .transpose()?
-                .unwrap_or_default();
+            let (point, at_unix_ns) = parse_at(at.as_deref())?;
             let drills = api
                 .start_group_drill(pb::StartGroupDrillRequest {
                     group,
@@ -186,11 +184,7 @@ pub(crate) async fn run_group(
                 .await?
                 .into_inner()
                 .drills;
-            if out.json {
-                out.print_json(&Value::Array(drills.iter().map(drill_json).collect()));
-            } else {
-                rows(&drills);
-            }
+            print_drills(out, &drills);
         }
         GroupDrillCmd::Stop { name } => stop(api, out, name).await?,
     }

@@ -1,7 +1,6 @@
 //! `emberctl replica promote|demote`: role changes, and `emberctl events`,
 //! the stream that reports them (with state changes and RPO breaches).
 
-use crate::output::outln;
 use anyhow::Context;
 use ember_common::format_size;
 use ember_proto::control::v1 as pb;
@@ -9,7 +8,7 @@ use ember_proto::control::v1::ember_control_client::EmberControlClient;
 use serde_json::json;
 use tonic::transport::Channel;
 
-use crate::output::Out;
+use crate::output::{Out, outln};
 use crate::replica::{rfc3339, status_json};
 
 pub(crate) async fn promote(

@@ -1,7 +1,6 @@
 //! `emberctl group …`: consistency groups — volumes replicated with one
 //! shared write order and promoted together.
 
-use crate::output::outln;
 use anyhow::Context;
 use clap::Subcommand;
 use ember_proto::control::v1 as pb;
@@ -9,7 +8,7 @@ use ember_proto::control::v1::ember_control_client::EmberControlClient;
 use serde_json::{Value, json};
 use tonic::transport::Channel;
 
-use crate::output::{Out, table};
+use crate::output::{Out, outln, table};
 use crate::replica::rfc3339;
 
 #[derive(Debug, Subcommand)]

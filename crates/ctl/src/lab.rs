@@ -9,7 +9,6 @@
 //! writes `DIR/lab.json` and returns; `lab down --dir DIR` stops exactly the
 //! processes recorded there.
 
-use crate::output::outln;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -20,7 +19,7 @@ use ember_proto::control::v1 as pb;
 use serde_json::json;
 
 use crate::client;
-use crate::output::Out;
+use crate::output::{Out, outln};
 
 const DEMO_VOLUME: &str = "demo";
 const SITES: [&str; 2] = ["site-a", "site-b"];

@@ -1,7 +1,6 @@
 //! `emberctl replica points|point create|set` and the `--at` of promotions:
 //! recovery points on the secondary (docs/points.md).
 
-use crate::output::outln;
 use std::time::UNIX_EPOCH;
 
 use anyhow::Context;
@@ -12,7 +11,7 @@ use ember_proto::control::v1::ember_control_client::EmberControlClient;
 use serde_json::{Value, json};
 use tonic::transport::Channel;
 
-use crate::output::{Out, table};
+use crate::output::{Out, outln, table};
 use crate::replica::{rfc3339, status_json};
 
 /// `emberctl replica point …`.

@@ -1,7 +1,6 @@
 //! `emberctl replica …`: enable, disable, status (once or live), list, verify;
 //! promote and demote live in [`crate::failover`].
 
-use crate::output::outln;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
@@ -12,7 +11,7 @@ use ember_proto::control::v1::ember_control_client::EmberControlClient;
 use serde_json::{Value, json};
 use tonic::transport::Channel;
 
-use crate::output::{Out, table};
+use crate::output::{Out, outln, table};
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum ReplicaCmd {
