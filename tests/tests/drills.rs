@@ -465,6 +465,16 @@ fn drill_bad_requests_get_precise_codes() {
     );
     assert_eq!(code, "ALREADY_EXISTS", "{msg}");
 
+    // A drill is never replicated: test writes must not reach a site.
+    let (code, msg) = ctl_err(
+        &sites.b,
+        &[
+            "replica", "enable", "d1", "--peer", "site-a", "--mode", "async",
+        ],
+    );
+    assert_eq!(code, "FAILED_PRECONDITION", "{msg}");
+    assert!(msg.contains("DR drill of db"), "{msg}");
+
     // None of the refusals left anything behind.
     assert_eq!(drill_names(&sites.b), ["d1"]);
     assert_eq!(

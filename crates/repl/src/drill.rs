@@ -676,6 +676,16 @@ impl Drills {
         Ok(doomed)
     }
 
+    /// The secondary a drill volume named `name` was made from, if `name`
+    /// is a drill here (in any state: a half-made one is one too).
+    pub(crate) fn source_of(&self, name: &str) -> Option<String> {
+        self.records
+            .lock()
+            .expect("drill records lock poisoned")
+            .get(name)
+            .map(|r| r.volume.clone())
+    }
+
     /// Active drills, of `volume` only when given, by name.
     pub(crate) fn list(&self, volume: Option<&str>) -> Vec<DrillInfo> {
         let records: Vec<DrillRecord> = self

@@ -397,6 +397,15 @@ impl Replication {
                 req.volume
             )));
         }
+        if let Some(source) = self.drills.source_of(&req.volume) {
+            // A drill is a rehearsal copy, isolated by design: replicating
+            // it would ship test writes to another site.
+            return Err(ReplError::FailedPrecondition(format!(
+                "volume {} is a DR drill of {source} and is never replicated; \
+                 stop the drill, or clone a snapshot of it into a volume of its own",
+                req.volume
+            )));
+        }
         let Some((version, _)) = self.ctx.registry.peer(&req.peer).await else {
             return Err(ReplError::NotFound(format!(
                 "site {} is not paired; run emberctl peer add first",
