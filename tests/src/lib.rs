@@ -382,9 +382,14 @@ pub fn raise_fd_limit() -> u64 {
 
 /// Starts fio as a background random-write load (30 s cap) on `uri`; the
 /// caller kills it. `extra` sets block sizes and the file size.
+///
+/// `--thread`: fio otherwise forks a job process, which `Child::kill` does
+/// not reach; orphaned after its agent was killed, that process spun on
+/// the dead connection at 60 % of a CPU for the rest of the run.
 pub fn fio_load(uri: &str, extra: &[&str]) -> Child {
     Command::new("fio")
         .args([
+            "--thread",
             "--name=load",
             "--ioengine=nbd",
             "--uri",

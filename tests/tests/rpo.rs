@@ -21,6 +21,8 @@ const LINK: u64 = 4 * MIB;
 fn offered_load(uri: &str, rate: u64, secs: u64, report: &std::path::Path) -> std::process::Child {
     Command::new("fio")
         .args([
+            // One process (see `ember_it::fio_load`): nothing outlives a kill.
+            "--thread",
             "--name=offered",
             "--ioengine=nbd",
             "--uri",
