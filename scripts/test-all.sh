@@ -51,6 +51,8 @@ smoke repl benches/repl/compare.py
 smoke rpo benches/rpo/adherence.py
 smoke failback benches/rpo/failback.py
 smoke snap benches/snap/compare.py
+smoke points benches/points/overhead.py
+smoke scale benches/scale/scale.py
 
 # The Cinder driver shim: a venv with the real cinder 29.0.0 and the shim
 # installed from source (its gRPC stubs generated from proto/ by the pinned

@@ -51,7 +51,7 @@ def run(*cmd, check=True):
 class Xfs:
     """A sparse file made XFS (reflink=1) and loop-mounted."""
 
-    def __init__(self, tmp, size):
+    def __init__(self, tmp, size, cowextsize=None):
         self.image = os.path.join(tmp, "xfs.img")
         self.path = os.path.join(tmp, "mnt")
         with open(self.image, "wb") as f:
@@ -59,6 +59,9 @@ class Xfs:
         run("mkfs.xfs", "-q", "-m", "reflink=1", self.image)
         os.mkdir(self.path)
         run("mount", "-o", "loop", self.image, self.path)
+        if cowextsize:
+            # Inherited by every directory and file made below the root.
+            run("xfs_io", "-c", f"cowextsize {cowextsize}", self.path)
 
     def close(self):
         run("umount", self.path, check=False)
@@ -119,34 +122,47 @@ def latency(lab, vol, runtime):
 
 
 def point_stats(lab):
-    """(points taken, their durations in ms) from site-b's log."""
-    ms = []
+    """(points taken, their durations in ms, how long each held the
+    stream in ms) from site-b's log."""
+    ms, held = [], []
     for line in lab.log("site-b").splitlines():
+        if "recovery point taken" not in line:
+            continue
         # Text (`ms=12`) or JSON (`"ms":12`) logs.
-        m = re.search(r'\bms"?[=:]\s*(\d+)', line) if "recovery point taken" in line else None
+        m = re.search(r'\bms"?[=:]\s*(\d+)', line)
         if m:
             ms.append(int(m.group(1)))
-    return len(ms), ms
+        h = re.search(r'\bstream_held_us"?[=:]\s*(\d+)', line)
+        if h:
+            held.append(int(h.group(1)) / 1000)
+    return len(ms), ms, held
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the script works")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke mode (seconds, any build): tiny sizes, a point every second; "
+                         "asserts points were taken and listed, prints the ratios (not a measurement)")
     ap.add_argument("--bin-dir", default=os.path.join(ROOT, "target", "release"))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--size", default="2G", help="bytes written per throughput round")
     ap.add_argument("--runtime", type=int, default=30, help="seconds per latency round")
     ap.add_argument("--every", type=int, default=10, help="seconds between points")
     ap.add_argument("--dir", default=None, help="work dir (default: a temp dir)")
+    ap.add_argument("--cowextsize", default=None,
+                    help="XFS copy-on-write extent size hint on the file system's root "
+                         "(e.g. 16m), inherited by the lab's data dirs")
+    ap.add_argument("--keep-log", default=None, metavar="FILE",
+                    help="copy the secondary's log here before cleaning up")
     a = ap.parse_args()
     if a.quick:
-        a.size, a.runtime, a.rounds, a.every = "256M", 3, 1, 1
+        a.size, a.runtime, a.rounds, a.every = "64M", 2, 1, 1
     for tool in ["mkfs.xfs", "fio", "nbdinfo"]:
         if shutil.which(tool) is None:
             sys.exit(f"missing tool: {tool}")
     size = size_arg(a.size)
     tmp = tempfile.mkdtemp(prefix="ember-points-bench-", dir=a.dir)
-    fs = Xfs(tmp, max(8 << 30, 4 * size))
+    fs = Xfs(tmp, max(8 << 30, 4 * size), a.cowextsize)
     lab = None
     try:
         lab = Lab(a.bin_dir, os.path.join(fs.path, "lab"))
@@ -165,7 +181,7 @@ def main():
                 tput[mode].append(throughput(lab, vols[mode], size))
             for mode in order:
                 lat[mode].append(latency(lab, vols[mode], a.runtime))
-        taken, ms = point_stats(lab)
+        taken, ms, held = point_stats(lab)
         listed = len(lab.ctl("site-b", "replica", "points", "pts"))
         t = {m: statistics.median(v) for m, v in tput.items()}
         p50 = {m: statistics.median(x[0] for x in v) for m, v in lat.items()}
@@ -180,21 +196,31 @@ def main():
             "points_taken": taken, "points_listed": listed,
             "point_ms_median": statistics.median(ms) if ms else None,
             "point_ms_max": max(ms) if ms else None,
+            "stream_held_ms_median": statistics.median(held) if held else None,
+            "stream_held_ms_max": max(held) if held else None,
         }
         print(f"points every {a.every} s ({taken} taken, clone+record median "
-              f"{res['point_ms_median']} ms, max {res['point_ms_max']} ms):")
-        print(f"  throughput {size >> 20} MiB seq 1M QD8 to lag 0: plain {t['plain'] / 1e6:.0f} MB/s, "
+              f"{res['point_ms_median']} ms, max {res['point_ms_max']} ms; stream held median "
+              f"{res['stream_held_ms_median']} ms, max {res['stream_held_ms_max']} ms):")
+        print(f"throughput {size >> 20} MiB seq 1M QD8 to lag 0: plain {t['plain'] / 1e6:.0f} MB/s, "
               f"points {t['points'] / 1e6:.0f} MB/s; time ratio points/plain "
               f"{res['throughput_time_ratio']:.3f}x (target <= 1.05x)")
-        print(f"  4k QD1 randwrite: p50 plain {p50['plain']:.1f} us, points {p50['points']:.1f} us "
+        print(f"4k QD1 randwrite: p50 plain {p50['plain']:.1f} us, points {p50['points']:.1f} us "
               f"({res['p50_ratio']:.3f}x); p99 plain {p99['plain']:.1f} us, points "
               f"{p99['points']:.1f} us ({res['p99_ratio']:.3f}x) (target <= 1.05x)")
         if taken == 0:
             raise RuntimeError("the secondary took no point: the comparison measured nothing")
+        if listed == 0:
+            raise RuntimeError(f"{taken} points taken but none listed by `replica points`")
+        for m in vols:
+            if not (t[m] > 0 and p50[m] > 0):
+                raise RuntimeError(f"{m}: no throughput or latency measured: {t[m]} B/s, p50 {p50[m]} us")
         print(json.dumps(res, indent=1, default=str))
     finally:
         if lab:
             lab.down()
+            if a.keep_log:
+                shutil.copy(os.path.join(lab.dir, "site-b.log"), a.keep_log)
         fs.close()
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -372,6 +372,14 @@ class EmberDriver(ManageMixin, ReplicationMixin, driver.VolumeDriver):
     # target helper's IQN; only the agent calls use the agent's name.
     def _attach_here(self, volume):
         uri, size = self._nbd_uri(volume)
+        if uri.startswith("nbds://"):
+            # The agent's NBD listener requires TLS ([nbd_tls]); the host
+            # attach helpers here speak plaintext NBD only.
+            raise attach.AttachError(
+                volume=volume.name,
+                reason=f"the agent serves NBD over TLS only ({uri}); use "
+                       "ember_export_mode = nbd, whose clients (QEMU, libnbd) "
+                       "present a client certificate")
         try:
             return self._attacher.attach(volume.name, uri, size)
         except ValueError as e:
@@ -432,9 +440,13 @@ class EmberDriver(ManageMixin, ReplicationMixin, driver.VolumeDriver):
                                          reason="not attached (create_export first)")
             info = {"driver_volume_type": "local", "data": {"device_path": path}}
         else:
+            # With [nbd_tls] on the agent the URI is nbds://: the client
+            # must run TLS with a certificate the agent's allow-list admits
+            # (QEMU tls-creds-x509 / libnbd ?tls-certificates=DIR).
             info = {"driver_volume_type": "nbd",
                     "data": {"export_name": agent_volume_name(volume),
-                             "access_mode": "rw"}}
+                             "access_mode": "rw",
+                             "tls": uri.startswith("nbds://")}}
         info["data"].update({"nbd_uri": uri, "volume_id": volume.id})
         return info
 

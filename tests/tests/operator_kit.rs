@@ -240,6 +240,12 @@ fn dashboard_has_the_keys_grafana_needs_and_every_query_parses() {
         "Resync remaining",
         "Resync ETA",
         "Write latency",
+        "Per peer RTT",
+        "Peer reachable",
+        "Consistent point age vs RPO target",
+        "Recovery points",
+        "DR drills active",
+        "Replication memory vs budget",
     ] {
         assert!(titles.contains(&want), "no panel {want:?}: {titles:?}");
     }
@@ -320,6 +326,22 @@ fn scrape(addr: &str) -> Option<String> {
     head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
 }
 
+/// Scrapes `addr` until the body satisfies `pred` (30 s at most).
+fn wait_scraped(addr: &str, what: &str, pred: impl Fn(&str) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let body = scrape(addr).unwrap_or_default();
+        if pred(&body) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{addr}: never scraped {what}:\n{body}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// One sample line of the exposition: name, labels, value.
 type Sample = (String, Vec<(String, String)>, String);
 
@@ -377,6 +399,11 @@ fn samples(body: &str) -> Vec<Sample> {
 /// input series. Each scrape is one evaluation step (a minute in promtool's
 /// clock): the real run takes seconds, the rules' `for:` clauses minutes,
 /// and what is under test is the series' names, labels and values.
+///
+/// Timestamps (`*_timestamp_seconds`) are the one kind of value that
+/// refers to the clock: each is moved into promtool's clock keeping its
+/// real age at the scrape (promtool's `time()` at step N is N minutes
+/// after 1970), so `time() - …` in a rule sees the age the agent had.
 #[derive(Default)]
 struct Recording {
     steps: usize,
@@ -384,6 +411,18 @@ struct Recording {
     series: BTreeMap<String, Vec<Option<String>>>,
     /// metric names seen, per site.
     names: BTreeMap<String, BTreeSet<String>>,
+    /// (site, metric name) → label sets seen (without the target labels).
+    labels: BTreeMap<(String, String), BTreeSet<LabelSet>>,
+}
+
+/// A sample's labels, in scrape order.
+type LabelSet = Vec<(String, String)>;
+
+/// A scraped timestamp's value in promtool's clock at `step` (one minute
+/// per step), keeping its age at `scraped_at` (unix seconds).
+fn rebase_timestamp(value: &str, scraped_at: f64, step: usize) -> String {
+    let v: f64 = value.parse().expect("timestamp value");
+    format!("{:.3}", v - scraped_at + step as f64 * 60.0)
 }
 
 impl Recording {
@@ -395,6 +434,10 @@ impl Recording {
         for (site, addr) in targets {
             let target = format!("job=\"ember\",instance=\"{addr}\",site=\"{site}\"");
             let body = scrape(addr);
+            let scraped_at = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("clock after 1970")
+                .as_secs_f64();
             let up = if body.is_some() { "1" } else { "0" };
             self.put(format!("up{{{target}}}"), step, up);
             for (name, labels, value) in samples(body.as_deref().unwrap_or("")) {
@@ -402,12 +445,38 @@ impl Recording {
                     .entry((*site).to_owned())
                     .or_default()
                     .insert(name.clone());
+                self.labels
+                    .entry(((*site).to_owned(), name.clone()))
+                    .or_default()
+                    .insert(labels.clone());
                 let mut l: Vec<String> =
                     labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
                 l.push(target.clone());
+                let value = if name.ends_with("_timestamp_seconds") {
+                    rebase_timestamp(&value, scraped_at, step)
+                } else {
+                    value
+                };
                 self.put(format!("{name}{{{}}}", l.join(",")), step, &value);
             }
         }
+    }
+
+    /// Asserts that `site` exported `name` with exactly these labels.
+    fn assert_series(&self, site: &str, name: &str, labels: &[(&str, &str)]) {
+        let want: Vec<(String, String)> = labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let seen = self
+            .labels
+            .get(&(site.to_owned(), name.to_owned()))
+            .cloned()
+            .unwrap_or_default();
+        assert!(
+            seen.contains(&want),
+            "{site} did not export {name}{want:?}; it exported {name} with {seen:?}"
+        );
     }
 
     fn put(&mut self, series: String, step: usize, value: &str) {
@@ -476,6 +545,11 @@ fn alerts_fire_on_series_scraped_from_agents_whose_link_is_cut() {
     sites.wait_caught_up("s", Duration::from_secs(60));
     let targets = [("site-a", addr_a.as_str()), ("site-b", addr_b.as_str())];
     let mut rec = Recording::default();
+    // The agent probes its peers every 10 s; the first probe ran before
+    // the pairing, so wait for one that saw site-b.
+    wait_scraped(&addr_a, "a round trip to site-b", |m| {
+        m.contains("ember_peer_rtt_seconds{peer=\"site-b\"}")
+    });
 
     // Phase 1, steps 0-5: in sync. Nothing may fire.
     for _ in 0..6 {
@@ -483,6 +557,21 @@ fn alerts_fire_on_series_scraped_from_agents_whose_link_is_cut() {
         std::thread::sleep(Duration::from_millis(200));
     }
     let quiet_at = rec.steps - 1;
+
+    // Scheduled recovery points on a secondary without reflink (the test's
+    // data dirs are on ext4): every one is refused, and counted.
+    sites
+        .a
+        .ctl_json(&["replica", "set", "m", "--points-every", "1s"]);
+    run("qemu-io", &["-f", "raw", "-c", "write -P 0x33 0 1M", &uri]);
+    sites.wait_caught_up("m", Duration::from_secs(60));
+    wait_scraped(&addr_b, "a failed recovery point of m", |m| {
+        m.lines().any(|l| {
+            l.strip_prefix("ember_recovery_points_failed_total{volume=\"m\"} ")
+                .and_then(|v| v.parse::<f64>().ok())
+                .is_some_and(|v| v > 0.0)
+        })
+    });
 
     // Phase 2: the link is cut and site-a keeps taking writes; the lag
     // passes the 1 s target. Eight scrapes, all disconnected and breached.
@@ -515,14 +604,16 @@ fn alerts_fire_on_series_scraped_from_agents_whose_link_is_cut() {
     }
     let down_at = rec.steps - 1;
 
-    // Every metric the rules and the dashboard use is one the agent exports
-    // (site-a has replicas, so it exports every family).
-    let exported = rec.names.get("site-a").cloned().unwrap_or_default();
+    // Every metric the rules and the dashboard use is one the agents
+    // export (site-a as a primary, site-b as a secondary). Only the drill
+    // count needs a drill, which needs reflink: tests/tests/drills.rs
+    // checks that series on a real drill.
+    let exported: BTreeSet<String> = rec.names.values().flatten().cloned().collect();
     let mut used = metric_names(&rule_text());
     for (title, e) in dashboard_queries(&dashboard(), "4m") {
         for n in metric_names(&e) {
             assert!(
-                exported.contains(&n),
+                exported.contains(&n) || n == "ember_drills_active",
                 "dashboard panel {title:?} uses {n}, not exported: {exported:?}"
             );
         }
@@ -532,6 +623,32 @@ fn alerts_fire_on_series_scraped_from_agents_whose_link_is_cut() {
         used.is_empty(),
         "the rules use metrics emberd does not export: {used:?}"
     );
+
+    // The series the newer rules and panels read, with the labels they
+    // join on.
+    let m_to_b = [("volume", "m"), ("peer", "site-b")];
+    rec.assert_series(
+        "site-a",
+        "ember_replication_last_consistent_timestamp_seconds",
+        &m_to_b,
+    );
+    rec.assert_series(
+        "site-b",
+        "ember_replication_last_consistent_timestamp_seconds",
+        &[("volume", "m"), ("peer", "site-a")],
+    );
+    rec.assert_series("site-a", "ember_peer_rtt_seconds", &[("peer", "site-b")]);
+    rec.assert_series("site-a", "ember_peer_connected", &[("peer", "site-b")]);
+    rec.assert_series(
+        "site-b",
+        "ember_recovery_points_failed_total",
+        &[("volume", "m")],
+    );
+    rec.assert_series("site-b", "ember_recovery_points", &[("volume", "m")]);
+    for site in ["site-a", "site-b"] {
+        rec.assert_series(site, "ember_replication_memory_used_bytes", &[]);
+        rec.assert_series(site, "ember_replication_memory_budget_bytes", &[]);
+    }
 
     let a_labels = [
         ("job", "ember"),
@@ -548,6 +665,17 @@ fn alerts_fire_on_series_scraped_from_agents_whose_link_is_cut() {
         ("site", "site-b"),
     ];
     let breached = firing("EmberRpoBreached", "critical", &a_labels);
+    let stale = firing("EmberConsistentPointStale", "critical", &a_labels);
+    let points_failing = firing(
+        "EmberRecoveryPointsFailing",
+        "warning",
+        &[
+            ("job", "ember"),
+            ("instance", addr_b.as_str()),
+            ("site", "site-b"),
+            ("volume", "m"),
+        ],
+    );
     let cut = firing("EmberReplicaDisconnected", "warning", &disconnected);
     let down = firing("EmberAgentDown", "critical", &b_labels);
     let degraded = firing(
@@ -565,19 +693,25 @@ fn alerts_fire_on_series_scraped_from_agents_whose_link_is_cut() {
 
     // The dashboard's queries return data from these series at the end of
     // the cut (the ETA needs a resync that is moving, which a cut link is
-    // not, so it may be empty).
+    // not, so it may be empty; no drill runs here), the peers' round trip
+    // while the link was up.
     let mut dash_tests = String::new();
     for (title, e) in dashboard_queries(&dashboard(), "4m") {
-        if title == "Resync ETA" {
+        if title == "Resync ETA" || title == "DR drills active" {
             continue;
         }
+        let at = if title == "Per peer RTT" {
+            quiet_at
+        } else {
+            cut_at
+        };
         dash_tests.push_str(&format!(
-            "      - expr: {}\n        eval_time: {cut_at}m\n        exp_samples:\n          - labels: '{{}}'\n            value: 1\n",
+            "      - expr: {}\n        eval_time: {at}m\n        exp_samples:\n          - labels: '{{}}'\n            value: 1\n",
             serde_json::to_string(&format!("count({e}) > bool 0")).expect("quote")
         ));
     }
     let test = format!(
-        "rule_files:\n  - {rules}\nevaluation_interval: 1m\ntests:\n  - interval: 1m\n    input_series:\n{series}    promql_expr_test:\n      - expr: ALERTS\n        eval_time: {quiet_at}m\n        exp_samples: []\n      - expr: ALERTS{{alertstate=\"firing\"}}\n        eval_time: {cut_at}m\n        exp_samples:\n{breached}{cut}{degraded}      - expr: ALERTS{{alertstate=\"firing\"}}\n        eval_time: {down_at}m\n        exp_samples:\n{breached}{cut}{degraded}{down}{dash_tests}",
+        "rule_files:\n  - {rules}\nevaluation_interval: 1m\ntests:\n  - interval: 1m\n    input_series:\n{series}    promql_expr_test:\n      - expr: ALERTS\n        eval_time: {quiet_at}m\n        exp_samples: []\n      - expr: ALERTS{{alertstate=\"firing\"}}\n        eval_time: {cut_at}m\n        exp_samples:\n{breached}{cut}{degraded}{stale}{points_failing}      - expr: ALERTS{{alertstate=\"firing\"}}\n        eval_time: {down_at}m\n        exp_samples:\n{breached}{cut}{degraded}{stale}{points_failing}{down}{dash_tests}",
         rules = rules_path().display(),
         series = rec.input_series(),
     );

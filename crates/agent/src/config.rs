@@ -81,6 +81,15 @@ pub struct ApiTls {
     pub key: PathBuf,
     /// PEM CA bundle; when set, clients must present a certificate.
     pub client_ca: Option<PathBuf>,
+    /// Certificate name patterns (subject CN or SAN DNS, `*` wildcard) of
+    /// callers allowed every RPC. With `readers` also empty, every
+    /// certificate `client_ca` signed is admin (docs/security.md).
+    #[serde(default)]
+    pub admins: Vec<String>,
+    /// Certificate name patterns of callers allowed only the read-only RPCs
+    /// (status, list, show, WatchEvents).
+    #[serde(default)]
+    pub readers: Vec<String>,
 }
 
 /// `[peer]` section: the replication listener and its mutual-TLS material.
@@ -121,6 +130,12 @@ pub struct Config {
     pub nbd_unix: Option<PathBuf>,
     /// Host clients should use in NBD URIs when `nbd` binds a wildcard.
     pub nbd_advertise_host: Option<String>,
+    /// NBD over TLS with client certificates (docs/security.md); required
+    /// for a non-loopback `nbd` unless `nbd_insecure`.
+    pub nbd_tls: Option<crate::nbd_policy::NbdTlsSection>,
+    /// Serve plaintext NBD on a non-loopback address anyway (a trusted
+    /// storage network); logged at WARN.
+    pub nbd_insecure: bool,
     /// "auto", "io_uring" or "blocking".
     pub io_engine: String,
     /// Most NBD connections served at once.
@@ -143,6 +158,10 @@ pub struct Config {
     /// oldest scheduled points expire. Absent: 20 % of the data dir's
     /// file system (docs/points.md).
     pub points_space_cap: Option<String>,
+    /// One memory budget for every replication journal, staging copy and
+    /// stream buffer of this agent, e.g. "1G". Absent: 1/8 of RAM, at most
+    /// 1 GiB (docs/operations.md, "Replication memory").
+    pub replication_memory: Option<String>,
 }
 
 impl Default for Config {
@@ -153,6 +172,8 @@ impl Default for Config {
             nbd: "127.0.0.1:10809".into(),
             nbd_unix: None,
             nbd_advertise_host: None,
+            nbd_tls: None,
+            nbd_insecure: false,
             io_engine: "auto".into(),
             max_nbd_connections: 4096,
             tracking: TrackingSection::default(),
@@ -162,6 +183,7 @@ impl Default for Config {
             peer: None,
             metrics: None,
             points_space_cap: None,
+            replication_memory: None,
         }
     }
 }
@@ -196,6 +218,25 @@ impl Config {
             .as_deref()
             .map(|raw| parse_size(raw).map_err(|e| format!("points_space_cap {raw:?}: {e}")))
             .transpose()
+    }
+
+    /// The replication memory budget in bytes: `replication_memory`, or
+    /// the default for this host's RAM ([`ember_repl::default_budget`]).
+    ///
+    /// # Errors
+    /// A malformed size, or one below [`ember_repl::MIN_BUDGET`].
+    pub fn replication_memory_bytes(&self) -> Result<u64, String> {
+        let Some(raw) = self.replication_memory.as_deref() else {
+            return Ok(ember_repl::default_budget(physical_memory()));
+        };
+        let bytes = parse_size(raw).map_err(|e| format!("replication_memory {raw:?}: {e}"))?;
+        if bytes < ember_repl::MIN_BUDGET {
+            return Err(format!(
+                "replication_memory {raw:?} is below the minimum of {} MiB",
+                ember_repl::MIN_BUDGET >> 20
+            ));
+        }
+        Ok(bytes)
     }
 
     /// The I/O engine choice.
@@ -275,6 +316,7 @@ impl Config {
     /// The first problem found, in words an operator can act on.
     pub fn validate(&self) -> Result<(), String> {
         self.points_space_cap_bytes()?;
+        self.replication_memory_bytes()?;
         self.api_endpoint()?;
         self.engine_choice()?;
         self.tracking_config()?;
@@ -302,11 +344,42 @@ impl Config {
         if self.max_nbd_connections == 0 {
             return Err("max_nbd_connections must be at least 1".into());
         }
+        // NBD off loopback needs TLS or an explicit opt-out (nbd_policy.rs).
+        if let Ok(addr) = self.nbd.parse::<SocketAddr>() {
+            crate::nbd_policy::check_nbd_listener(
+                addr.ip(),
+                self.nbd_tls.is_some(),
+                self.nbd_insecure,
+            )?;
+        }
+        if let Some(tls) = &self.nbd_tls {
+            tls.load()?;
+        }
         if self.api_tls.is_some() && matches!(self.api_endpoint()?, ApiEndpoint::Unix(_)) {
             return Err("[api_tls] needs a TCP api endpoint (http://host:port)".into());
         }
+        // Who may reach the API and who may call what (issue 15).
+        crate::listen_policy::check_api_listener(crate::listen_policy::ApiListener::of(
+            &self.api_endpoint()?,
+            self.api_tls.as_ref(),
+        ))?;
+        crate::authz::Policy::from_config(self.api_tls.as_ref())?;
         Ok(())
     }
+}
+
+/// This host's RAM in bytes (0 when unknown: the budget's minimum applies).
+fn physical_memory() -> u64 {
+    // SAFETY: sysconf reads system constants and has no preconditions.
+    let (pages, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    u64::try_from(pages)
+        .unwrap_or(0)
+        .saturating_mul(u64::try_from(page).unwrap_or(0))
 }
 
 #[cfg(test)]
@@ -324,6 +397,20 @@ mod tests {
         assert!(c.validate().unwrap_err().contains("io_engine"));
         let c = Config::from_toml("[tracking]\ngranularity = \"3K\"").expect("parses");
         assert!(c.validate().unwrap_err().contains("granularity"));
+    }
+
+    #[test]
+    fn replication_memory_parses_and_refuses_tiny_budgets() {
+        let c = Config::from_toml("replication_memory = \"64M\"").expect("parses");
+        assert_eq!(c.replication_memory_bytes(), Ok(64 << 20));
+        let c = Config::from_toml("replication_memory = \"1M\"").expect("parses");
+        assert!(c.validate().unwrap_err().contains("replication_memory"));
+        let c = Config::from_toml("replication_memory = \"lots\"").expect("parses");
+        assert!(c.validate().unwrap_err().contains("replication_memory"));
+        let d = Config::default()
+            .replication_memory_bytes()
+            .expect("default");
+        assert!((ember_repl::MIN_BUDGET..=ember_repl::DEFAULT_BUDGET_CAP).contains(&d));
     }
 
     #[test]

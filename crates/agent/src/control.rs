@@ -15,22 +15,27 @@ use tonic::{Request, Response, Status};
 /// Where clients reach NBD exports, for building URIs.
 #[derive(Debug, Clone)]
 pub(crate) enum NbdAddress {
-    Tcp { host: String, port: u16 },
+    /// `tls`: the listener requires NBD_OPT_STARTTLS, so URIs say `nbds://`.
+    Tcp { host: String, port: u16, tls: bool },
 }
 
 impl NbdAddress {
     pub(crate) fn uri(&self, export: &str) -> String {
         match self {
-            Self::Tcp { host, port } if host.contains(':') => {
-                format!("nbd://[{host}]:{port}/{export}")
+            Self::Tcp { host, port, tls } => {
+                let scheme = if *tls { "nbds" } else { "nbd" };
+                if host.contains(':') {
+                    format!("{scheme}://[{host}]:{port}/{export}")
+                } else {
+                    format!("{scheme}://{host}:{port}/{export}")
+                }
             }
-            Self::Tcp { host, port } => format!("nbd://{host}:{port}/{export}"),
         }
     }
 
     pub(crate) fn display(&self) -> String {
         match self {
-            Self::Tcp { host, port } => format!("{host}:{port}"),
+            Self::Tcp { host, port, .. } => format!("{host}:{port}"),
         }
     }
 }
@@ -140,6 +145,23 @@ pub(crate) fn replication_pb(s: ember_repl::ReplicaStatus) -> pb::ReplicationSta
         last_error: s.last_error,
         generation: s.generation,
         recovery_point_unix_ns: s.recovery_point_unix_ns,
+        replication_memory: Some(memory_pb(
+            ember_repl::memory_budget().usage(),
+            s.memory_held_bytes,
+        )),
+        journal_overflows: s.journal_overflows,
+    }
+}
+
+/// The agent's replication memory budget on the wire (issue 15).
+fn memory_pb(u: ember_repl::BudgetUsage, volume_held_bytes: u64) -> pb::ReplicationMemory {
+    pb::ReplicationMemory {
+        budget_bytes: u.budget_bytes,
+        used_bytes: u.used_bytes,
+        peak_bytes: u.peak_bytes,
+        holders: u.holders,
+        refusals: u.refusals,
+        volume_held_bytes,
     }
 }
 
@@ -281,6 +303,7 @@ impl EmberControl for ControlService {
             site: self.site.clone(),
             peer_address: self.peer_address.clone().unwrap_or_default(),
             snapshot_method: self.store.snapshot_method().as_str().into(),
+            nbd_tls: matches!(self.nbd, NbdAddress::Tcp { tls: true, .. }),
             replication_targets: self
                 .replication
                 .targets()
@@ -932,13 +955,25 @@ mod tests {
         let tcp = NbdAddress::Tcp {
             host: "127.0.0.1".into(),
             port: 10809,
+            tls: false,
         };
         assert_eq!(tcp.uri("vol1"), "nbd://127.0.0.1:10809/vol1");
         let v6 = NbdAddress::Tcp {
             host: "::1".into(),
             port: 10809,
+            tls: false,
         };
         assert_eq!(v6.uri("v"), "nbd://[::1]:10809/v");
+        let tls = NbdAddress::Tcp {
+            host: "10.0.0.1".into(),
+            port: 10809,
+            tls: true,
+        };
+        assert_eq!(
+            tls.uri("v"),
+            "nbds://10.0.0.1:10809/v",
+            "TLS listeners hand out nbds://"
+        );
     }
 
     #[test]

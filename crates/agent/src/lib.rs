@@ -2,10 +2,13 @@
 //! the NBD listeners and the gRPC control API, and drains them on shutdown.
 //! `main.rs` only parses flags, sets up logging and signals.
 
+mod authz;
 pub mod config;
 mod control;
 mod drills;
+mod listen_policy;
 mod metrics;
+pub mod nbd_policy;
 mod points;
 mod registry;
 mod server;

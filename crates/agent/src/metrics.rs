@@ -29,6 +29,8 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+mod operator;
+
 type Labels = Vec<(&'static str, String)>;
 type FloatGauge = Gauge<f64, AtomicU64>;
 
@@ -57,7 +59,11 @@ impl Collector for WriteLatency {
 }
 
 /// Renders the metrics of every volume and replica.
-pub(crate) fn render(store: &VolumeStore, replication: &ember_repl::Replication) -> String {
+pub(crate) fn render(
+    store: &VolumeStore,
+    replication: &ember_repl::Replication,
+    peers: &operator::PeerProbes,
+) -> String {
     let mut registry = <Registry>::default();
     registry.register_collector(Box::new(WriteLatency(
         store
@@ -164,20 +170,65 @@ pub(crate) fn render(store: &VolumeStore, replication: &ember_repl::Replication)
         "DR drills running from this secondary volume",
         drills,
     );
+    replication_memory(&mut registry, replication);
+    operator::register(&mut registry, store, replication, peers);
     let mut out = String::new();
     encode(&mut out, &registry).expect("writing to a String cannot fail");
     out
 }
 
+/// The replication memory budget, its use, and the fall-backs it and the
+/// journals' caps caused (issue 15).
+fn replication_memory(registry: &mut Registry, replication: &ember_repl::Replication) {
+    let usage = ember_repl::memory_budget().usage();
+    let budget = Gauge::<i64>::default();
+    budget.set(usage.budget_bytes as i64);
+    registry.register(
+        "ember_replication_memory_budget_bytes",
+        "Memory budget shared by every replication journal, staging copy and stream buffer",
+        budget,
+    );
+    let used = Gauge::<i64>::default();
+    used.set(usage.used_bytes as i64);
+    registry.register(
+        "ember_replication_memory_used_bytes",
+        "Replication memory held now (never above the budget)",
+        used,
+    );
+    let refusals = Counter::<u64>::default();
+    refusals.inc_by(usage.refusals);
+    registry.register(
+        "ember_replication_memory_refusals",
+        "Requests the replication memory budget refused (a journal fell back to change-set catch-up, or a staged batch stayed on disk only)",
+        refusals,
+    );
+    let overflows = Family::<Labels, Counter>::default();
+    for s in replication
+        .list()
+        .into_iter()
+        .filter(|s| s.role == "primary")
+    {
+        overflows
+            .get_or_create(&vec![("volume", s.volume), ("peer", s.peer)])
+            .inc_by(s.journal_overflows);
+    }
+    registry.register(
+        "ember_replication_journal_overflows",
+        "Journal overflows to change-set catch-up (the volume's journal cap or the memory budget)",
+        overflows,
+    );
+}
+
 async fn handle(
     store: Arc<VolumeStore>,
     replication: Arc<ember_repl::Replication>,
+    peers: Arc<operator::PeerProbes>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let response = if req.method() == Method::GET && req.uri().path() == "/metrics" {
         Response::builder()
             .header("content-type", CONTENT_TYPE)
-            .body(Full::new(Bytes::from(render(&store, &replication))))
+            .body(Full::new(Bytes::from(render(&store, &replication, &peers))))
     } else {
         Response::builder()
             .status(StatusCode::NOT_FOUND)
@@ -193,6 +244,9 @@ pub(crate) async fn serve(
     replication: Arc<ember_repl::Replication>,
     cancel: CancellationToken,
 ) {
+    // Detached, but it ends with `cancel` like this loop.
+    let peers = Arc::new(operator::PeerProbes::default());
+    tokio::spawn(peers.clone().run(replication.clone(), cancel.clone()));
     loop {
         let stream = tokio::select! {
             r = listener.accept() => match r {
@@ -204,9 +258,11 @@ pub(crate) async fn serve(
             },
             () = cancel.cancelled() => return,
         };
-        let (store, replication) = (store.clone(), replication.clone());
+        let (store, replication, peers) = (store.clone(), replication.clone(), peers.clone());
         tokio::spawn(async move {
-            let service = service_fn(move |req| handle(store.clone(), replication.clone(), req));
+            let service = service_fn(move |req| {
+                handle(store.clone(), replication.clone(), peers.clone(), req)
+            });
             if let Err(e) = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .await

@@ -86,6 +86,14 @@ pub async fn run(
         ember_repl::PeerRegistry::open(&config.data_dir, config.peer_tls(), identity.clone())
             .context("loading the peer list")?,
     );
+    // One replication memory budget for every journal and staging copy,
+    // set before any is opened (issue 15).
+    ember_repl::memory_budget().set_total(
+        config
+            .replication_memory_bytes()
+            .map_err(anyhow::Error::msg)?,
+    );
+    ember_repl::give_memory_back();
     // Secondaries first: their volumes must refuse client writes before
     // the NBD listener opens, and a crash's committed batch is replayed.
     let secondaries = Arc::new(
@@ -119,6 +127,23 @@ pub async fn run(
             .with_context(|| format!("binding NBD listener {}", config.nbd))?,
     };
     let nbd_local: SocketAddr = nbd_listener.local_addr()?;
+    // The start-time rule again on the bound address (a pre-bound listener
+    // skips config.validate()'s view of it); see nbd_policy.rs.
+    let exposure = crate::nbd_policy::check_nbd_listener(
+        nbd_local.ip(),
+        config.nbd_tls.is_some(),
+        config.nbd_insecure,
+    )
+    .map_err(anyhow::Error::msg)?;
+    if exposure == crate::nbd_policy::NbdExposure::Insecure {
+        tracing::warn!(nbd = %nbd_local, "nbd_insecure = true: plaintext NBD off loopback; anyone reaching this port can read and write every volume");
+    }
+    let nbd_tls = config
+        .nbd_tls
+        .as_ref()
+        .map(crate::nbd_policy::NbdTlsSection::load)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
     let advertise = config
         .nbd_advertise_host
         .clone()
@@ -129,6 +154,7 @@ pub async fn run(
     let nbd_address = NbdAddress::Tcp {
         host: advertise,
         port: nbd_local.port(),
+        tls: nbd_tls.is_some(),
     };
 
     let cancel = CancellationToken::new();
@@ -136,9 +162,11 @@ pub async fn run(
         max_connections: config.max_nbd_connections,
         ..ServerLimits::default()
     };
-    let nbd = NbdServer::new(
+    let nbd_tls_on = nbd_tls.is_some();
+    let nbd = NbdServer::with_tls(
         Arc::new(StoreRegistry(store.clone())),
         limits,
+        nbd_tls,
         cancel.child_token(),
     );
     let mut nbd_tasks = vec![tokio::spawn(nbd.clone().serve_tcp(nbd_listener))];
@@ -148,7 +176,7 @@ pub async fn run(
             .with_context(|| format!("binding NBD socket {}", path.display()))?;
         nbd_tasks.push(tokio::spawn(nbd.clone().serve_unix(l)));
     }
-    tracing::info!(nbd = %nbd_local, nbd_unix = ?config.nbd_unix, "NBD listening");
+    tracing::info!(nbd = %nbd_local, nbd_tls = nbd_tls_on, nbd_unix = ?config.nbd_unix, "NBD listening");
 
     let mut peer_task = None;
     let mut peer_address = None;
@@ -214,13 +242,18 @@ pub async fn run(
                     .tls_config(tls_config(tls)?)
                     .context("API TLS configuration")?;
             }
+            // Roles from client certificates (authz.rs); config.validate()
+            // already checked the policy, so this cannot fail here.
+            let policy = crate::authz::Policy::from_config(config.api_tls.as_ref())
+                .map_err(anyhow::Error::msg)?;
             let listener = TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("binding API {addr}"))?;
-            tracing::info!(api = %addr, tls = config.api_tls.is_some(), "control API listening");
+            tracing::info!(api = %addr, tls = config.api_tls.is_some(), authz = ?policy, "control API listening");
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
             tokio::spawn(
                 builder
+                    .layer(crate::authz::AuthzLayer::new(policy))
                     .add_service(health)
                     .add_service(EmberControlServer::new(control))
                     .serve_with_incoming_shutdown(incoming, api_cancel.cancelled_owned()),

@@ -28,12 +28,18 @@ pub(crate) enum PkiCmd {
     Issue {
         #[arg(long)]
         dir: PathBuf,
-        /// Certificate name (file stem and common name).
+        /// Certificate name (file stem, common name and a SAN DNS name: what
+        /// the API's `[api_tls] admins`/`readers` patterns match).
         name: String,
         /// Subject alternative names (DNS names or IP addresses);
         /// default: NAME, localhost, 127.0.0.1, ::1.
         #[arg(long = "san")]
         sans: Vec<String>,
+        /// Also lay the certificate out for QEMU and libnbd NBD-over-TLS
+        /// clients in this directory: `ca-cert.pem`, `client-cert.pem`,
+        /// `client-key.pem` (`tls-creds-x509,dir=`, `?tls-certificates=`).
+        #[arg(long)]
+        client_dir: Option<PathBuf>,
     },
 }
 
@@ -52,7 +58,18 @@ fn write_private(path: &Path, body: &str, mode: u32) -> anyhow::Result<()> {
 pub(crate) fn run(cmd: PkiCmd) -> anyhow::Result<()> {
     match cmd {
         PkiCmd::Init { dir } => init(&dir),
-        PkiCmd::Issue { dir, name, sans } => issue(&dir, &name, sans),
+        PkiCmd::Issue {
+            dir,
+            name,
+            sans,
+            client_dir,
+        } => {
+            issue(&dir, &name, sans)?;
+            match client_dir {
+                Some(out) => nbd_client_dir(&dir, &name, &out),
+                None => Ok(()),
+            }
+        }
     }
 }
 
@@ -126,5 +143,22 @@ pub(crate) fn issue(dir: &Path, name: &str, sans: Vec<String>) -> anyhow::Result
     )?;
     write_private(&dir.join(format!("{name}.crt")), &cert.pem(), 0o644)?;
     println!("issued {name}.crt in {}", dir.display());
+    Ok(())
+}
+
+/// Copies `NAME`'s certificate, key and the CA into `out` under the names
+/// QEMU's `tls-creds-x509` and libnbd's `tls-certificates` look for.
+fn nbd_client_dir(dir: &Path, name: &str, out: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    for (from, to, mode) in [
+        ("ca.crt".to_owned(), "ca-cert.pem", 0o644),
+        (format!("{name}.crt"), "client-cert.pem", 0o644),
+        (format!("{name}.key"), "client-key.pem", 0o600),
+    ] {
+        let body =
+            std::fs::read_to_string(dir.join(&from)).with_context(|| format!("reading {from}"))?;
+        write_private(&out.join(to), &body, mode)?;
+    }
+    println!("NBD client certificates for {name} in {}", out.display());
     Ok(())
 }

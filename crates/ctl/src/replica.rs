@@ -145,6 +145,12 @@ pub(crate) fn status_json(s: &pb::ReplicationStatus) -> Value {
         "recovery_point": rfc3339(s.recovery_point_unix_ns),
         "recovery_point_unix_ns": s.recovery_point_unix_ns,
         "group": s.group,
+        "journal_overflows": s.journal_overflows,
+        "replication_memory": s.replication_memory.as_ref().map(|m| json!({
+            "budget_bytes": m.budget_bytes, "used_bytes": m.used_bytes,
+            "peak_bytes": m.peak_bytes, "holders": m.holders,
+            "refusals": m.refusals, "volume_held_bytes": m.volume_held_bytes,
+        })),
     })
 }
 

@@ -11,7 +11,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::codec::{REQUEST_HEADER_BYTES, classify, decode_request_header};
 use crate::export::{BlockRun, Export, ExportRegistry};
-use crate::handshake::{negotiate, parse_info_request, parse_meta_request};
+use crate::handshake::{
+    Phase, Step, greet, negotiate, options, parse_info_request, parse_meta_request,
+};
+use crate::proto;
 
 /// An in-memory export: enough for the handshake to find something.
 #[derive(Debug)]
@@ -90,12 +93,17 @@ impl ExportRegistry for MemRegistry {
     }
 }
 
-/// A stream that yields `input` then EOF, and swallows everything written.
+/// A stream that yields `input` then EOF, and swallows everything written
+/// (keeping the first [`KEPT_OUTPUT`] bytes for checks).
 #[derive(Debug)]
 struct Scripted<'a> {
     input: &'a [u8],
     written: usize,
+    kept: Vec<u8>,
 }
+
+/// Output bytes a [`Scripted`] stream keeps for inspection.
+const KEPT_OUTPUT: usize = 1 << 20;
 
 impl AsyncRead for Scripted<'_> {
     fn poll_read(
@@ -117,6 +125,8 @@ impl AsyncWrite for Scripted<'_> {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         self.written += buf.len();
+        let room = KEPT_OUTPUT.saturating_sub(self.kept.len()).min(buf.len());
+        self.kept.extend_from_slice(&buf[..room]);
         Poll::Ready(Ok(buf.len()))
     }
     fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -135,7 +145,11 @@ pub fn handshake(input: &[u8]) {
         .enable_time()
         .build()
         .expect("fuzz runtime");
-    let mut stream = Scripted { input, written: 0 };
+    let mut stream = Scripted {
+        input,
+        written: 0,
+        kept: Vec::new(),
+    };
     let _ = runtime.block_on(negotiate(&mut stream, &registry));
     // Bounded output: a hostile client cannot make us write without limit.
     assert!(
@@ -144,6 +158,67 @@ pub fn handshake(input: &[u8]) {
         stream.written,
         input.len()
     );
+}
+
+/// Runs the FORCEDTLS option loop (before STARTTLS) against arbitrary
+/// client bytes. Must never panic, never reach an export, and answer
+/// nothing but `ERR_TLS_REQD` — except an `ACK` to ABORT or STARTTLS
+/// (which ends the loop) and `ERR_INVALID` to a STARTTLS with a payload.
+/// Returns whether the client got as far as an acknowledged STARTTLS.
+pub fn handshake_before_tls(input: &[u8]) -> bool {
+    let registry = MemRegistry(Arc::new(MemExport::new(1 << 20)));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("fuzz runtime");
+    let mut stream = Scripted {
+        input,
+        written: 0,
+        kept: Vec::new(),
+    };
+    let step = runtime.block_on(async {
+        let no_zeroes = greet(&mut stream).await?;
+        options(&mut stream, &registry, Phase::BeforeTls, no_zeroes).await
+    });
+    assert!(
+        !matches!(step, Ok(Step::Session(_))),
+        "an export was reached before TLS"
+    );
+    assert!(
+        stream.written <= 64 * 1024 + input.len() * 64,
+        "wrote {} bytes for {} input bytes",
+        stream.written,
+        input.len()
+    );
+    // Every option reply: magic(8) option(4) kind(4) len(4) data.
+    let mut out = stream.kept.get(18..).unwrap_or_default();
+    let mut acked_starttls = false;
+    while out.len() >= 20 {
+        let be32 = |at: usize| u32::from_be_bytes(out[at..at + 4].try_into().expect("4 bytes"));
+        assert_eq!(
+            u64::from_be_bytes(out[..8].try_into().expect("8 bytes")),
+            proto::REPLY_MAGIC,
+            "reply framing"
+        );
+        let (option, kind, len) = (be32(8), be32(12), be32(16) as usize);
+        let fine = match kind {
+            proto::REP_ERR_TLS_REQD => option != proto::OPT_STARTTLS && option != proto::OPT_ABORT,
+            proto::REP_ACK => option == proto::OPT_ABORT || option == proto::OPT_STARTTLS,
+            proto::REP_ERR_INVALID => option == proto::OPT_STARTTLS,
+            _ => false,
+        };
+        assert!(
+            fine,
+            "before TLS, option {option} was answered with reply type {kind:#x}"
+        );
+        acked_starttls |= option == proto::OPT_STARTTLS && kind == proto::REP_ACK;
+        out = out.get(20 + len..).unwrap_or_default();
+    }
+    assert!(
+        !acked_starttls || matches!(step, Ok(Step::StartTls)),
+        "STARTTLS acknowledged but the loop went on in plaintext"
+    );
+    acked_starttls
 }
 
 /// Decodes and classifies every 28-byte request header in `input`.

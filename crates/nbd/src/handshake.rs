@@ -131,6 +131,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Wire<'_, S> {
         buf.extend_from_slice(&(data.len() as u32).to_be_bytes());
         buf.extend_from_slice(data);
         self.stream.write_all(&buf).await?;
+        // A TLS stream holds records until flushed; on a socket it is free.
+        self.stream.flush().await?;
         Ok(())
     }
 
@@ -178,8 +180,82 @@ pub(crate) fn transmission_flags<E: Export>(export: &E, structured: bool) -> u16
     flags
 }
 
-/// Runs the handshake. `Ok(None)` means the client ended it (ABORT, EOF
-/// after LIST): not an error.
+/// Where in the TLS life of a connection the option loop runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// A listener without TLS (the Unix socket, an insecure TCP listener):
+    /// STARTTLS is refused, everything else served.
+    Plain,
+    /// FORCEDTLS before STARTTLS: nothing but STARTTLS and ABORT is served.
+    BeforeTls,
+    /// After the TLS handshake; `allowed` is the allow-list's verdict on
+    /// the client certificate.
+    Tls {
+        /// Whether the client may reach exports.
+        allowed: bool,
+    },
+}
+
+/// What the option loop does with one option, before looking at its payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Gate {
+    /// Handle it normally.
+    Serve,
+    /// Skip its payload and answer with this error reply and message.
+    Refuse(u32, &'static str),
+    /// Hang up: `EXPORT_NAME` has no way to fail but closing.
+    Close,
+    /// STARTTLS accepted: ACK, then the TLS handshake.
+    BeginTls,
+}
+
+/// The TLS rules of the option loop (`doc/proto.md` "TLS support",
+/// FORCEDTLS). Pure, so the MUST rules are table-tested.
+pub(crate) fn gate(phase: Phase, option: u32) -> Gate {
+    const NOT_ALLOWED: &str = "client certificate is not on this server's allow-list";
+    match (phase, option) {
+        (_, proto::OPT_ABORT) => Gate::Serve,
+        (Phase::Plain, proto::OPT_STARTTLS) => {
+            Gate::Refuse(proto::REP_ERR_POLICY, "TLS is not enabled on this listener")
+        }
+        (Phase::Plain, _) => Gate::Serve,
+        (Phase::BeforeTls, proto::OPT_STARTTLS) => Gate::BeginTls,
+        (Phase::BeforeTls, proto::OPT_EXPORT_NAME) => Gate::Close,
+        (Phase::BeforeTls, _) => Gate::Refuse(
+            proto::REP_ERR_TLS_REQD,
+            "this server requires TLS: send NBD_OPT_STARTTLS first",
+        ),
+        (Phase::Tls { .. }, proto::OPT_STARTTLS) => {
+            Gate::Refuse(proto::REP_ERR_INVALID, "TLS is already negotiated")
+        }
+        (Phase::Tls { allowed: false }, proto::OPT_EXPORT_NAME) => Gate::Close,
+        (
+            Phase::Tls { allowed: false },
+            proto::OPT_LIST
+            | proto::OPT_INFO
+            | proto::OPT_GO
+            | proto::OPT_LIST_META_CONTEXT
+            | proto::OPT_SET_META_CONTEXT,
+        ) => Gate::Refuse(proto::REP_ERR_POLICY, NOT_ALLOWED),
+        (Phase::Tls { .. }, _) => Gate::Serve,
+    }
+}
+
+/// How an option loop ended.
+#[derive(Debug)]
+pub(crate) enum Step<E> {
+    /// Transmission starts with this state.
+    Session(Negotiated<E>),
+    /// STARTTLS was acknowledged: run the TLS handshake on the raw stream
+    /// (nothing of it has been read yet) and negotiate again over TLS.
+    StartTls,
+    /// The client ended the handshake (ABORT, EOF, unknown EXPORT_NAME):
+    /// not an error.
+    Closed,
+}
+
+/// Runs a whole plaintext handshake (greeting and options). `Ok(None)`
+/// means the client ended it (ABORT, EOF after LIST): not an error.
 pub(crate) async fn negotiate<S, R>(
     stream: &mut S,
     registry: &R,
@@ -188,18 +264,47 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
     R: ExportRegistry,
 {
+    let no_zeroes = greet(stream).await?;
+    match options(stream, registry, Phase::Plain, no_zeroes).await? {
+        Step::Session(s) => Ok(Some(s)),
+        Step::StartTls | Step::Closed => Ok(None),
+    }
+}
+
+/// Sends the fixed-newstyle greeting and reads the client flags; returns
+/// whether the client asked for `NO_ZEROES`.
+pub(crate) async fn greet<S>(stream: &mut S) -> Result<bool, NbdError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let mut greeting = Vec::with_capacity(18);
     greeting.extend_from_slice(&proto::NBDMAGIC.to_be_bytes());
     greeting.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
     greeting.extend_from_slice(&(proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES).to_be_bytes());
     stream.write_all(&greeting).await?;
+    stream.flush().await?;
     let client_flags = stream.read_u32().await?;
     if client_flags & !(proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES) != 0 {
         return Err(NbdError::Protocol(format!(
             "unknown client flags {client_flags:#x}"
         )));
     }
-    let no_zeroes = client_flags & proto::FLAG_C_NO_ZEROES != 0;
+    Ok(client_flags & proto::FLAG_C_NO_ZEROES != 0)
+}
+
+/// The option loop. Every call starts from a clean state (no structured
+/// replies, no meta contexts): after STARTTLS the caller calls it again, so
+/// nothing negotiated in plaintext survives into the TLS session.
+pub(crate) async fn options<S, R>(
+    stream: &mut S,
+    registry: &R,
+    phase: Phase,
+    no_zeroes: bool,
+) -> Result<Step<R::Export>, NbdError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    R: ExportRegistry,
+{
     let mut wire = Wire { stream };
     let mut structured = false;
     let mut contexts: Vec<u32> = Vec::new();
@@ -207,7 +312,7 @@ where
     for _ in 0..MAX_OPTIONS {
         let magic = match wire.stream.read_u64().await {
             Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(Step::Closed),
             Err(e) => return Err(e.into()),
         };
         if magic != proto::IHAVEOPT {
@@ -215,6 +320,42 @@ where
         }
         let option = wire.stream.read_u32().await?;
         let len = wire.stream.read_u32().await?;
+        match gate(phase, option) {
+            Gate::Serve => {}
+            Gate::Close => {
+                tracing::info!(
+                    option,
+                    ?phase,
+                    "NBD client sent EXPORT_NAME it may not use; closing"
+                );
+                return Ok(Step::Closed);
+            }
+            Gate::Refuse(kind, message) => {
+                if len > MAX_DRAIN_BYTES {
+                    return Err(NbdError::Protocol(format!(
+                        "option {option} payload of {len} bytes"
+                    )));
+                }
+                wire.drain(u64::from(len)).await?;
+                wire.error(option, kind, message).await?;
+                continue;
+            }
+            Gate::BeginTls => {
+                if len != 0 {
+                    if len > MAX_DRAIN_BYTES {
+                        return Err(NbdError::Protocol(format!(
+                            "option {option} payload of {len} bytes"
+                        )));
+                    }
+                    wire.drain(u64::from(len)).await?;
+                    wire.error(option, proto::REP_ERR_INVALID, "STARTTLS takes no payload")
+                        .await?;
+                    continue;
+                }
+                wire.reply(option, proto::REP_ACK, &[]).await?;
+                return Ok(Step::StartTls);
+            }
+        }
         if len > MAX_OPTION_BYTES {
             if len > MAX_DRAIN_BYTES || option == proto::OPT_EXPORT_NAME {
                 return Err(NbdError::Protocol(format!(
@@ -235,7 +376,7 @@ where
                 let Some(export) = registry.lookup(&name) else {
                     // The spec leaves no way to report this but hanging up.
                     tracing::info!(export = %name, "NBD client asked for unknown export");
-                    return Ok(None);
+                    return Ok(Step::Closed);
                 };
                 let mut d = Vec::with_capacity(10 + 124);
                 d.extend_from_slice(&export.size().to_be_bytes());
@@ -244,7 +385,8 @@ where
                     d.resize(d.len() + 124, 0);
                 }
                 wire.stream.write_all(&d).await?;
-                return Ok(Some(Negotiated {
+                wire.stream.flush().await?;
+                return Ok(Step::Session(Negotiated {
                     export,
                     name,
                     structured,
@@ -253,7 +395,7 @@ where
             }
             proto::OPT_ABORT => {
                 let _ = wire.reply(option, proto::REP_ACK, &[]).await;
-                return Ok(None);
+                return Ok(Step::Closed);
             }
             proto::OPT_LIST => {
                 if !data.is_empty() {
@@ -309,7 +451,7 @@ where
                 }
                 wire.reply(option, proto::REP_ACK, &[]).await?;
                 if option == proto::OPT_GO {
-                    return Ok(Some(Negotiated {
+                    return Ok(Step::Session(Negotiated {
                         export,
                         name: req.name,
                         structured,
@@ -378,14 +520,6 @@ where
                 }
                 wire.reply(option, proto::REP_ACK, &[]).await?;
             }
-            proto::OPT_STARTTLS => {
-                wire.error(
-                    option,
-                    proto::REP_ERR_POLICY,
-                    "TLS is not enabled on this listener",
-                )
-                .await?;
-            }
             _ => {
                 wire.error(option, proto::REP_ERR_UNSUP, "option not supported")
                     .await?;
@@ -431,6 +565,77 @@ mod tests {
         assert!(matches("base:", proto::CONTEXT_BASE_ALLOCATION, true));
         assert!(!matches("base:", proto::CONTEXT_BASE_ALLOCATION, false));
         assert!(matches("qemu:dirty-bitmap:", proto::CONTEXT_DIRTY, true));
+    }
+
+    /// The FORCEDTLS MUST rules, option by option and phase by phase.
+    #[test]
+    fn tls_gate_table() {
+        use Gate::*;
+        use Phase::*;
+        const REQD: u32 = proto::REP_ERR_TLS_REQD;
+        let allowed = Tls { allowed: true };
+        let denied = Tls { allowed: false };
+        for (phase, option, want) in [
+            // Plaintext listener: everything but STARTTLS as before.
+            (Plain, proto::OPT_GO, Serve),
+            (Plain, proto::OPT_EXPORT_NAME, Serve),
+            (
+                Plain,
+                proto::OPT_STARTTLS,
+                Refuse(proto::REP_ERR_POLICY, ""),
+            ),
+            // Before TLS: only STARTTLS and ABORT; EXPORT_NAME cannot fail.
+            (BeforeTls, proto::OPT_STARTTLS, BeginTls),
+            (BeforeTls, proto::OPT_ABORT, Serve),
+            (BeforeTls, proto::OPT_EXPORT_NAME, Close),
+            (BeforeTls, proto::OPT_GO, Refuse(REQD, "")),
+            (BeforeTls, proto::OPT_INFO, Refuse(REQD, "")),
+            (BeforeTls, proto::OPT_LIST, Refuse(REQD, "")),
+            (BeforeTls, proto::OPT_STRUCTURED_REPLY, Refuse(REQD, "")),
+            (BeforeTls, proto::OPT_SET_META_CONTEXT, Refuse(REQD, "")),
+            (BeforeTls, proto::OPT_EXTENDED_HEADERS, Refuse(REQD, "")),
+            (BeforeTls, 0xdead, Refuse(REQD, "")),
+            // After TLS: a second STARTTLS is invalid; the rest is served.
+            (
+                allowed,
+                proto::OPT_STARTTLS,
+                Refuse(proto::REP_ERR_INVALID, ""),
+            ),
+            (allowed, proto::OPT_GO, Serve),
+            (allowed, proto::OPT_EXPORT_NAME, Serve),
+            (allowed, proto::OPT_STRUCTURED_REPLY, Serve),
+            // A certificate not on the allow-list reaches no export.
+            (denied, proto::OPT_GO, Refuse(proto::REP_ERR_POLICY, "")),
+            (denied, proto::OPT_INFO, Refuse(proto::REP_ERR_POLICY, "")),
+            (denied, proto::OPT_LIST, Refuse(proto::REP_ERR_POLICY, "")),
+            (
+                denied,
+                proto::OPT_LIST_META_CONTEXT,
+                Refuse(proto::REP_ERR_POLICY, ""),
+            ),
+            (
+                denied,
+                proto::OPT_SET_META_CONTEXT,
+                Refuse(proto::REP_ERR_POLICY, ""),
+            ),
+            (denied, proto::OPT_EXPORT_NAME, Close),
+            (
+                denied,
+                proto::OPT_STARTTLS,
+                Refuse(proto::REP_ERR_INVALID, ""),
+            ),
+            (denied, proto::OPT_ABORT, Serve),
+        ] {
+            let got = gate(phase, option);
+            let same = match (got, want) {
+                (Refuse(a, _), Refuse(b, _)) => a == b,
+                (a, b) => a == b,
+            };
+            assert!(
+                same,
+                "{phase:?} option {option}: got {got:?}, want {want:?}"
+            );
+        }
     }
 
     proptest! {

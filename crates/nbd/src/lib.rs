@@ -8,7 +8,8 @@
 //! `ERR_UNSUP` with its payload drained); commands `READ`, `WRITE` (+FUA),
 //! `DISC`, `FLUSH`, `TRIM`, `CACHE`, `WRITE_ZEROES` (+`NO_HOLE`,
 //! `FAST_ZERO`), `BLOCK_STATUS` for `base:allocation` and
-//! `qemu:dirty-bitmap:dirty`.
+//! `qemu:dirty-bitmap:dirty`. TCP listeners can require TLS
+//! (`NBD_OPT_STARTTLS`, FORCEDTLS, client certificates; see [`tls`]).
 
 pub mod codec;
 mod connection;
@@ -19,9 +20,11 @@ pub mod fuzzing;
 mod handshake;
 pub mod proto;
 mod server;
+pub mod tls;
 
 pub use codec::{Request, RequestHeader, decode_request_header};
 pub use error::{NbdError, nbd_errno};
 pub use export::{BlockRun, Export, ExportRegistry};
 pub use handshake::{OptionRequest, parse_info_request, parse_meta_request};
 pub use server::{NbdServer, ServerLimits};
+pub use tls::{AllowList, NbdTls, TlsSetupError};

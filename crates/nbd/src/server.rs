@@ -1,5 +1,7 @@
 //! Listeners: accept loops for TCP and Unix sockets, a global connection
-//! cap, handshake timeouts, and graceful drain on shutdown.
+//! cap, handshake timeouts, and graceful drain on shutdown. With [`NbdTls`]
+//! the TCP listener runs FORCEDTLS; the Unix socket stays plaintext (it is
+//! local and guarded by file permissions).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,7 +16,8 @@ use tokio_util::task::TaskTracker;
 use crate::connection::transmit;
 use crate::error::NbdError;
 use crate::export::ExportRegistry;
-use crate::handshake::negotiate;
+use crate::handshake::{Phase, Step, greet, negotiate, options};
+use crate::tls::NbdTls;
 
 /// Resource limits of an NBD server.
 #[derive(Debug, Clone)]
@@ -51,12 +54,24 @@ pub struct NbdServer<R> {
     next_conn: AtomicU64,
     tasks: TaskTracker,
     cancel: CancellationToken,
+    tls: Option<Arc<NbdTls>>,
 }
 
 impl<R: ExportRegistry> NbdServer<R> {
     /// A server; `cancel` stops accept loops and asks connections to stop
     /// reading new requests (in-flight ones complete).
     pub fn new(registry: Arc<R>, limits: ServerLimits, cancel: CancellationToken) -> Arc<Self> {
+        Self::with_tls(registry, limits, None, cancel)
+    }
+
+    /// Like [`NbdServer::new`]; with `tls`, TCP clients must negotiate TLS
+    /// (`NBD_OPT_STARTTLS`) and present a certificate the allow-list admits.
+    pub fn with_tls(
+        registry: Arc<R>,
+        limits: ServerLimits,
+        tls: Option<NbdTls>,
+        cancel: CancellationToken,
+    ) -> Arc<Self> {
         Arc::new(Self {
             registry,
             slots: Arc::new(Semaphore::new(limits.max_connections)),
@@ -64,6 +79,7 @@ impl<R: ExportRegistry> NbdServer<R> {
             next_conn: AtomicU64::new(1),
             tasks: TaskTracker::new(),
             cancel,
+            tls: tls.map(Arc::new),
         })
     }
 
@@ -77,7 +93,8 @@ impl<R: ExportRegistry> NbdServer<R> {
             match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    self.spawn_connection(stream, peer.to_string());
+                    let tls = self.tls.clone();
+                    self.spawn_connection(stream, peer.to_string(), tls);
                 }
                 Err(e) => accept_error(e).await,
             }
@@ -92,13 +109,13 @@ impl<R: ExportRegistry> NbdServer<R> {
                 a = listener.accept() => a,
             };
             match accepted {
-                Ok((stream, _)) => self.spawn_connection(stream, "unix".to_owned()),
+                Ok((stream, _)) => self.spawn_connection(stream, "unix".to_owned(), None),
                 Err(e) => accept_error(e).await,
             }
         }
     }
 
-    fn spawn_connection<S>(self: &Arc<Self>, mut stream: S, peer: String)
+    fn spawn_connection<S>(self: &Arc<Self>, stream: S, peer: String, tls: Option<Arc<NbdTls>>)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -110,23 +127,106 @@ impl<R: ExportRegistry> NbdServer<R> {
         let this = self.clone();
         self.tasks.spawn(async move {
             let _slot = slot;
-            let negotiated = tokio::time::timeout(this.limits.handshake_timeout, negotiate(&mut stream, &*this.registry))
-                .await
-                .unwrap_or(Err(NbdError::HandshakeTimeout));
-            let result = match negotiated {
-                Ok(Some(session)) => {
-                    tracing::debug!(conn, %peer, export = %session.name, structured = session.structured, "NBD client attached");
-                    transmit(stream, session, &this.limits, conn, this.cancel.child_token()).await
-                }
-                Ok(None) => Ok(()),
-                Err(e) => Err(e),
+            let result = match tls {
+                None => this.serve_plain(stream, conn, &peer).await,
+                Some(tls) => this.serve_tls(stream, &tls, conn, &peer).await,
             };
             match result {
                 Ok(()) => tracing::debug!(conn, %peer, "NBD connection closed"),
-                Err(NbdError::Io(e)) => tracing::debug!(conn, %peer, error = %e, "NBD connection dropped"),
-                Err(e) => tracing::warn!(conn, %peer, error = %e, "NBD connection closed on bad input"),
+                Err(NbdError::Io(e)) => {
+                    tracing::debug!(conn, %peer, error = %e, "NBD connection dropped")
+                }
+                Err(e) => {
+                    tracing::warn!(conn, %peer, error = %e, "NBD connection closed on bad input")
+                }
             }
         });
+    }
+
+    async fn serve_plain<S>(&self, mut stream: S, conn: u64, peer: &str) -> Result<(), NbdError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let negotiated = tokio::time::timeout(
+            self.limits.handshake_timeout,
+            negotiate(&mut stream, &*self.registry),
+        )
+        .await
+        .unwrap_or(Err(NbdError::HandshakeTimeout))?;
+        let Some(session) = negotiated else {
+            return Ok(());
+        };
+        tracing::debug!(conn, %peer, export = %session.name, structured = session.structured, "NBD client attached");
+        transmit(
+            stream,
+            session,
+            &self.limits,
+            conn,
+            self.cancel.child_token(),
+        )
+        .await
+    }
+
+    /// FORCEDTLS: plaintext options until STARTTLS (all refused), the TLS
+    /// handshake on the same socket, then a fresh option loop over TLS.
+    /// Transmission runs over the TLS stream; the plaintext path above is
+    /// untouched (no boxing, no extra layer).
+    async fn serve_tls<S>(
+        &self,
+        mut stream: S,
+        tls: &NbdTls,
+        conn: u64,
+        peer: &str,
+    ) -> Result<(), NbdError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let handshake = async {
+            let no_zeroes = greet(&mut stream).await?;
+            match options(&mut stream, &*self.registry, Phase::BeforeTls, no_zeroes).await? {
+                Step::StartTls => {}
+                Step::Closed => return Ok(None),
+                Step::Session(_) => {
+                    return Err(NbdError::Protocol(
+                        "export reached before TLS (bug in the TLS gate)".into(),
+                    ));
+                }
+            }
+            let (mut secure, client) = match tls.accept(stream).await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Wrong CA, no certificate, expired, protocol mismatch:
+                    // an operator wants to see who knocked and why.
+                    tracing::info!(conn, %peer, error = %e, "NBD TLS handshake refused");
+                    return Ok(None);
+                }
+            };
+            if !client.allowed {
+                tracing::warn!(conn, %peer, names = ?client.names, "NBD client certificate not on the allow-list; refusing exports");
+            }
+            let phase = Phase::Tls {
+                allowed: client.allowed,
+            };
+            match options(&mut secure, &*self.registry, phase, no_zeroes).await? {
+                Step::Session(session) => Ok(Some((secure, session, client))),
+                Step::StartTls | Step::Closed => Ok(None),
+            }
+        };
+        let negotiated = tokio::time::timeout(self.limits.handshake_timeout, handshake)
+            .await
+            .unwrap_or(Err(NbdError::HandshakeTimeout))?;
+        let Some((secure, session, client)) = negotiated else {
+            return Ok(());
+        };
+        tracing::debug!(conn, %peer, export = %session.name, client = ?client.names, structured = session.structured, "NBD TLS client attached");
+        transmit(
+            secure,
+            session,
+            &self.limits,
+            conn,
+            self.cancel.child_token(),
+        )
+        .await
     }
 
     /// Waits until every connection has finished (call after cancelling).

@@ -41,3 +41,14 @@ fn option_payload_corpus_replays_without_panics() {
         "corpus too small"
     );
 }
+
+#[test]
+fn handshake_tls_corpus_replays_without_panics() {
+    let replay_tls = |input: &[u8]| {
+        let _ = ember_nbd::fuzzing::handshake_before_tls(input);
+    };
+    assert!(
+        replay("handshake_tls", replay_tls) >= 10,
+        "corpus too small"
+    );
+}

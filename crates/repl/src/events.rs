@@ -3,6 +3,9 @@
 //! channel: every watcher gets every event from the moment it subscribes;
 //! a watcher too slow to keep up is told how many it missed.
 
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
 use tokio::sync::broadcast;
 
 use crate::primary::link::now_unix_ns;
@@ -108,12 +111,17 @@ impl Event {
 #[derive(Debug, Clone)]
 pub struct EventBus {
     tx: broadcast::Sender<Event>,
+    /// `point-failed` events per volume since the agent started (the
+    /// `ember_recovery_points_failed_total` counter). Counted here, where
+    /// every such event passes, so no place that emits one can forget it.
+    points_failed: Arc<Mutex<BTreeMap<String, u64>>>,
 }
 
 impl Default for EventBus {
     fn default() -> Self {
         Self {
             tx: broadcast::channel(BACKLOG).0,
+            points_failed: Arc::default(),
         }
     }
 }
@@ -121,11 +129,53 @@ impl Default for EventBus {
 impl EventBus {
     /// Publishes an event (nobody listening is fine).
     pub(crate) fn publish(&self, event: Event) {
+        if event.kind == EventKind::PointFailed {
+            *self
+                .points_failed
+                .lock()
+                .expect("points-failed lock poisoned")
+                .entry(event.volume.clone())
+                .or_default() += 1;
+        }
         let _ = self.tx.send(event);
+    }
+
+    /// Recovery points that could not be taken, per volume, since the
+    /// agent started (volumes without a failure are absent).
+    pub fn points_failed(&self) -> BTreeMap<String, u64> {
+        self.points_failed
+            .lock()
+            .expect("points-failed lock poisoned")
+            .clone()
     }
 
     /// A new watcher.
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.tx.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn point_failures_are_counted_per_volume_with_or_without_watchers() {
+        let bus = EventBus::default();
+        let clone = bus.clone();
+        bus.publish(Event::new(EventKind::PointFailed, "a", "no reflink"));
+        let mut watcher = bus.subscribe();
+        clone.publish(Event::new(EventKind::PointFailed, "a", "no space"));
+        clone.publish(Event::new(EventKind::PointFailed, "b", "no space"));
+        bus.publish(Event::new(EventKind::PointCreated, "c", "taken"));
+        assert_eq!(
+            bus.points_failed(),
+            BTreeMap::from([("a".to_owned(), 2), ("b".to_owned(), 1)])
+        );
+        // Watchers still see every event.
+        assert_eq!(
+            watcher.try_recv().expect("event").kind,
+            EventKind::PointFailed
+        );
     }
 }

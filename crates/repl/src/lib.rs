@@ -13,6 +13,7 @@
 //!   holds for its peers (staging log, atomic batches).
 
 mod audit;
+mod budget;
 mod drill;
 mod error;
 mod events;
@@ -31,6 +32,10 @@ mod throttle;
 mod tls;
 mod version;
 
+pub use budget::{
+    BudgetUsage, DEFAULT_BUDGET_CAP, MIN_BUDGET, MemoryBudget, default_budget, give_memory_back,
+    memory_budget, trim,
+};
 pub use drill::{DrillError, DrillInfo};
 pub use error::{ReplError, Result};
 pub use events::{Event, EventBus, EventKind};

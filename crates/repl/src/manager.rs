@@ -118,6 +118,11 @@ pub struct ReplicaStatus {
     /// After a forced promotion: the old primary's time of the image this
     /// primary came up on (unix ns): writes after it were lost. 0 otherwise.
     pub recovery_point_unix_ns: i64,
+    /// Primary: replication memory budget bytes this volume's journal holds
+    /// (queued and in flight).
+    pub memory_held_bytes: u64,
+    /// Primary: journal overflows to change-set catch-up since start.
+    pub journal_overflows: u64,
 }
 
 /// What this agent offers for replication to one paired peer: the input
@@ -589,6 +594,8 @@ impl Replication {
                 last_error: String::new(),
                 generation: s.generation,
                 recovery_point_unix_ns: 0,
+                memory_held_bytes: 0,
+                journal_overflows: 0,
             });
         }
         if self.store.export(volume).is_none() {
@@ -894,5 +901,7 @@ fn primary_status(link: &ReplicaLink) -> ReplicaStatus {
         last_error: link.last_error.lock().expect("error lock poisoned").clone(),
         generation: cfg.generation,
         recovery_point_unix_ns: cfg.recovery_point_unix_ns,
+        memory_held_bytes: link.journal().held_bytes(),
+        journal_overflows: s.overflows.load(Ordering::Relaxed),
     }
 }

@@ -32,6 +32,12 @@ pub(crate) async fn clone_live(
         let quiet = volume.quiesce().await;
         let result = reflink_blocking(src.clone(), dst.to_owned(), size).await;
         drop(quiet);
+        // The clone is exact once the ioctl returns; writers need not wait
+        // for it to be durable too.
+        let result = match result {
+            Ok(()) => sync_blocking(dst.to_owned()).await,
+            Err(e) => Err(e),
+        };
         match result {
             Ok(()) => return Ok(SnapshotMethod::Reflink),
             Err(e) if !falls_back_to_copy(&e) => return Err(e),
@@ -54,7 +60,11 @@ pub(crate) async fn clone_frozen(
     method: SnapshotMethod,
 ) -> Result<SnapshotMethod> {
     if effective_method(method, is_regular_file(src)) == SnapshotMethod::Reflink {
-        match reflink_blocking(src.to_owned(), dst.to_owned(), size).await {
+        let made = match reflink_blocking(src.to_owned(), dst.to_owned(), size).await {
+            Ok(()) => sync_blocking(dst.to_owned()).await,
+            Err(e) => Err(e),
+        };
+        match made {
             Ok(()) => return Ok(SnapshotMethod::Reflink),
             Err(e) if !falls_back_to_copy(&e) => return Err(e),
             Err(e) => {
@@ -89,11 +99,28 @@ fn is_regular_file(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.file_type().is_file())
 }
 
+/// Fsyncs the clone `dst`; on error removes it (callers treat it as never
+/// made).
+async fn sync_blocking(dst: PathBuf) -> Result<()> {
+    tokio::task::spawn_blocking(move || {
+        let synced = std::fs::File::open(&dst)
+            .and_then(|f| f.sync_all())
+            .map_err(io("sync reflink target", &dst));
+        if synced.is_err() {
+            let _ = std::fs::remove_file(&dst);
+        }
+        synced
+    })
+    .await
+    .map_err(|e| StoreError::InvalidArgument(format!("sync task failed: {e}")))?
+}
+
 /// `FICLONE`s `src` into the new file `dst` and sizes it to `size` (a clone
-/// may be larger than its source). On error `dst` does not exist.
+/// may be larger than its source). Does not sync: see [`sync_blocking`].
+/// On error `dst` does not exist.
 async fn reflink_blocking(src: PathBuf, dst: PathBuf, size: u64) -> Result<()> {
     tokio::task::spawn_blocking(move || {
-        cow::reflink_file(&src, &dst)?;
+        cow::reflink_file_unsynced(&src, &dst)?;
         let sized = (|| {
             let f = OpenOptions::new()
                 .write(true)
@@ -102,7 +129,6 @@ async fn reflink_blocking(src: PathBuf, dst: PathBuf, size: u64) -> Result<()> {
             let len = f.metadata().map_err(io("stat reflink target", &dst))?.len();
             if len != size {
                 f.set_len(size).map_err(io("size reflink target", &dst))?;
-                f.sync_all().map_err(io("sync reflink target", &dst))?;
             }
             Ok(())
         })();

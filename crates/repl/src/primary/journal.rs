@@ -10,12 +10,35 @@
 //! is not capturing), entries are dropped and the change-set bitmap, which
 //! saw every write too, is what gets resent: correctness never depends on
 //! the journal, only the cost of catching up does.
+//!
+//! Its memory is drawn from the agent's replication budget
+//! ([`crate::budget`]): queued entries hold it here, and entries taken for
+//! shipping carry it on to the session's stream ([`Journal::take_into`]),
+//! which gives it back as the transport pulls each frame. A refusal, or the
+//! budget asking a journal past its fair share to shed, is an overflow like
+//! any other.
 
 use std::collections::VecDeque;
 use std::time::{Duration, SystemTime};
 
 use ember_volume::Change;
 use tokio::sync::oneshot;
+
+use crate::budget::{Account, memory_budget};
+
+/// Bytes a flush or marker entry is counted as.
+const SMALL_ENTRY: u64 = 64;
+/// Entry queues are given back to the allocator when they empty with
+/// room for more than this many entries (after a burst).
+const KEEP_ENTRIES: usize = 1024;
+
+/// Budget bytes an entry holds.
+fn payload(op: &Op) -> u64 {
+    match op {
+        Op::Change(Change::Write { data, .. }) => data.len() as u64,
+        _ => SMALL_ENTRY,
+    }
+}
 
 /// What a journal entry carries.
 #[derive(Debug)]
@@ -50,6 +73,13 @@ pub(crate) struct Entry {
     pub(crate) fua: bool,
 }
 
+impl Entry {
+    /// Budget bytes the entry holds.
+    pub(crate) fn budget_bytes(&self) -> u64 {
+        payload(&self.op)
+    }
+}
+
 /// Writes that completed within one 10 ms slot: lag is measured from the
 /// oldest slot not yet on the secondary (at 10 ms resolution), without a
 /// per-write record while the link is down.
@@ -79,11 +109,20 @@ pub(crate) struct Journal {
     lost_marker: bool,
     slots: VecDeque<Slot>,
     waiters: VecDeque<(u64, oneshot::Sender<()>)>,
+    /// This journal's share of the agent's replication budget (its queued
+    /// entries).
+    account: Account,
 }
 
 impl Journal {
-    /// An empty journal holding at most `capacity` bytes of changes.
+    /// An empty journal holding at most `capacity` bytes of changes,
+    /// drawing on the agent's replication budget.
     pub(crate) fn new(capacity: u64) -> Self {
+        Self::with_account(capacity, memory_budget().account())
+    }
+
+    /// As [`Self::new`], drawing on `account`.
+    pub(crate) fn with_account(capacity: u64, account: Account) -> Self {
         Self {
             last_seq: 0,
             capturing: false,
@@ -95,6 +134,32 @@ impl Journal {
             lost_marker: false,
             slots: VecDeque::new(),
             waiters: VecDeque::new(),
+            account,
+        }
+    }
+
+    /// Drops every queued entry (overflow, restart or stop of capture),
+    /// gives their bytes back and, after a burst, the queue's memory too.
+    fn drop_entries(&mut self) {
+        self.lost_marker |= self.entries.iter().any(|e| matches!(e.op, Op::Marker(_)));
+        self.entries.clear();
+        self.account.give_back(self.bytes);
+        self.bytes = 0;
+        self.shrink();
+    }
+
+    /// Returns the queues' memory after a burst: a `VecDeque` keeps its
+    /// largest capacity for ever, which at a thousand volumes is most of
+    /// the agent's memory.
+    fn shrink(&mut self) {
+        if self.entries.is_empty() && self.entries.capacity() > KEEP_ENTRIES {
+            self.entries = VecDeque::new();
+        }
+        if self.slots.capacity() > KEEP_ENTRIES && self.slots.len() < KEEP_ENTRIES / 4 {
+            self.slots.shrink_to(KEEP_ENTRIES / 4);
+        }
+        if self.waiters.capacity() > KEEP_ENTRIES && self.waiters.len() < KEEP_ENTRIES / 4 {
+            self.waiters.shrink_to(KEEP_ENTRIES / 4);
         }
     }
 
@@ -131,15 +196,16 @@ impl Journal {
             self.lost_marker = true;
         }
         if self.capturing && !self.overflowed {
-            let payload = match &op {
-                Op::Change(Change::Write { data, .. }) => data.len() as u64,
-                _ => 64,
-            };
-            if self.bytes + payload > self.capacity {
+            let payload = payload(&op);
+            // Past this volume's own cap, refused by the agent's budget, or
+            // asked to shed for a volume within its share: fall back to the
+            // change set (the bitmap saw this write too).
+            if self.bytes + payload > self.capacity
+                || self.account.must_shed()
+                || !self.account.try_take(payload)
+            {
                 self.overflowed = true;
-                self.lost_marker |= self.entries.iter().any(|e| matches!(e.op, Op::Marker(_)));
-                self.entries.clear();
-                self.bytes = 0;
+                self.drop_entries();
             } else {
                 self.bytes += payload;
                 self.entries.push_back(Entry { seq, op, fua });
@@ -161,18 +227,15 @@ impl Journal {
         self.overflowed = false;
         // Markers dropped before this capture named points the new
         // capture never shipped: no restart needed for them.
+        self.drop_entries();
         self.lost_marker = false;
-        self.entries.clear();
-        self.bytes = 0;
         self.last_seq
     }
 
     /// Stops capturing (link down).
     pub(crate) fn stop_capture(&mut self) {
         self.capturing = false;
-        self.lost_marker |= self.entries.iter().any(|e| matches!(e.op, Op::Marker(_)));
-        self.entries.clear();
-        self.bytes = 0;
+        self.drop_entries();
     }
 
     /// True when entries were dropped since capture started.
@@ -192,17 +255,25 @@ impl Journal {
 
     /// Takes captured entries, oldest first, up to about `max_bytes`; a
     /// group marker is always the last entry taken, so a batch ends there.
+    /// Their budget bytes are given back.
+    #[cfg(test)]
     pub(crate) fn take(&mut self, max_bytes: u64) -> Vec<Entry> {
+        let mut sink = self.account.sibling();
+        let out = self.take_into(max_bytes, &mut sink);
+        sink.give_back_all();
+        out
+    }
+
+    /// As `take`, moving the entries' budget bytes to `to` (the session's
+    /// stream account; [`Entry::budget_bytes`] each).
+    pub(crate) fn take_into(&mut self, max_bytes: u64, to: &mut Account) -> Vec<Entry> {
         let mut out = Vec::new();
         let mut taken = 0;
         while taken < max_bytes {
             let Some(e) = self.entries.pop_front() else {
                 break;
             };
-            let payload = match &e.op {
-                Op::Change(Change::Write { data, .. }) => data.len() as u64,
-                _ => 64,
-            };
+            let payload = payload(&e.op);
             self.bytes -= payload;
             taken += payload;
             let marker = matches!(e.op, Op::Marker(_));
@@ -211,7 +282,15 @@ impl Journal {
                 break;
             }
         }
+        // Still held until the stream pulls them.
+        self.account.transfer(to, taken);
+        self.shrink();
         out
+    }
+
+    /// Budget bytes this journal holds (its queued entries).
+    pub(crate) fn held_bytes(&self) -> u64 {
+        self.account.held()
     }
 
     /// Every change up to `seq` is on the secondary: wakes its waiters and
@@ -338,5 +417,47 @@ mod tests {
         assert!(w2.as_mut().expect("waiter").try_recv().is_ok());
         j.release(j.last_seq());
         assert_eq!(j.lag(), (Duration::ZERO, 0));
+    }
+
+    #[test]
+    fn the_budget_bounds_queued_bytes_hands_taken_ones_to_the_stream_and_overflows() {
+        let budget = crate::budget::MemoryBudget::new(16 * 4096);
+        let mut j = Journal::with_account(1 << 30, budget.account());
+        let mut stream = budget.account();
+        j.start_capture();
+        for i in 0..8 {
+            write(&mut j, i * 4096, false);
+        }
+        assert!(!j.overflowed());
+        let taken = j.take_into(u64::MAX, &mut stream);
+        assert_eq!(taken.len(), 8);
+        assert_eq!(j.held_bytes(), 0);
+        assert_eq!(
+            stream.held(),
+            8 * 4096,
+            "until pulled, the stream holds them"
+        );
+        let bytes: u64 = taken.iter().map(Entry::budget_bytes).sum();
+        assert_eq!(bytes, 8 * 4096);
+        for i in 0..8 {
+            write(&mut j, i * 4096, false);
+        }
+        assert_eq!(budget.usage().used_bytes, 16 * 4096);
+        write(&mut j, 0, false);
+        assert!(j.overflowed(), "the budget refused: the bitmap takes over");
+        assert_eq!(j.held_bytes(), 0, "queued entries given back");
+        assert!(j.take(u64::MAX).is_empty());
+        stream.give_back_all();
+        assert_eq!(budget.usage().used_bytes, 0);
+        j.start_capture();
+        write(&mut j, 0, false);
+        assert!(!j.overflowed());
+        assert_eq!(budget.usage().used_bytes, 4096);
+        j.stop_capture();
+        assert_eq!(
+            budget.usage().used_bytes,
+            0,
+            "stopped: everything given back"
+        );
     }
 }

@@ -61,13 +61,21 @@ async fn write_out(
 /// Applies a committed batch to the volume and makes it durable, then
 /// records the new consistent point and empties the staging log.
 async fn apply_batch(sv: &SecondaryVolume, batch: CommittedBatch) -> Result<(), Status> {
-    // Write-ahead: the recovery points' change set covers the batch before
-    // any of it reaches the volume.
-    sv.points.note(batch.changes.iter().map(|c| match *c {
-        StagedChange::Write { offset, len, .. } | StagedChange::Zero { offset, len } => {
-            (offset, len)
-        }
-    }))?;
+    // The recovery points' change set must cover the batch before the
+    // record calls it applied. Before that, a crash replays the batch from
+    // the staging log (which notes it again), so the record of the change
+    // set can be written while the batch's writes go down, not before.
+    let noted = sv
+        .points
+        .note_in_memory(batch.changes.iter().map(|c| match *c {
+            StagedChange::Write { offset, len, .. } | StagedChange::Zero { offset, len } => {
+                (offset, len)
+            }
+        }));
+    let persisting = noted.map(|blocks| {
+        let points = sv.points.clone();
+        tokio::task::spawn_blocking(move || points.persist_covering(&blocks))
+    });
     let device = sv.volume.device();
     let mut bytes = 0;
     // Consecutive writes go down together, in order, on one blocking
@@ -111,6 +119,10 @@ async fn apply_batch(sv: &SecondaryVolume, batch: CommittedBatch) -> Result<(), 
         .flush()
         .await
         .map_err(|e| storage_status("syncing the secondary", &e))?;
+    if let Some(task) = persisting {
+        task.await
+            .map_err(|e| Status::internal(format!("change-set task: {e}")))??;
+    }
     sv.update(|r| {
         r.applied_seq = batch.seq;
         r.consistent = true;

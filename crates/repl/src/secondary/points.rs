@@ -52,6 +52,14 @@ const TMP_PREFIX: &str = ".tmp-";
 /// most that much extra per written region.
 const RESERVE_BLOCKS: u64 = 256;
 const IMAGE_EXT: &str = "img";
+/// Above this many changed runs since the previous point, a new point is
+/// one `FICLONE` of the whole image rather than one `FICLONERANGE` per run
+/// into the previous point's head-start clone. Each run costs a call and,
+/// in the kernel, unmapping the head start's extents there before mapping
+/// the volume's: after random writes (thousands of runs of fragmented
+/// extents) that held the stream 0.4–3.4 s per point in the benchmark,
+/// while a streaming writer changes one or a few runs.
+const MAX_INCREMENTAL_RUNS: usize = 64;
 /// How long a manual point waits for the secondary to be consistent (a
 /// reconnect's resync done) and, asked on the primary, to apply the batch
 /// holding the primary's writes up to the request.
@@ -160,6 +168,12 @@ struct State {
     /// The last scheduled point tried (taken or failed): one try per
     /// interval, so a failing clone is not retried on every commit.
     last_try_at: Option<i64>,
+    /// A point cloned but not yet recorded (its record runs off the
+    /// stream's path): the blocks applied since its clone, which become its
+    /// change set once it is recorded. Until then they also go to the
+    /// newest recorded point's set (and `tail.json`), so a crash that
+    /// drops the unrecorded point loses nothing.
+    pending: Option<Blocks>,
 }
 
 /// Shared by every secondary volume's points: the data dir's reflink
@@ -209,6 +223,14 @@ pub(crate) struct VolumePoints {
     /// The volume's size in change-set blocks (caps the reserve).
     size_blocks: AtomicU64,
     state: Mutex<State>,
+    /// Serializes the writes of `points.json` and `tail.json`, so each
+    /// write holds the in-memory state of its moment and the `state` lock
+    /// (which the apply path takes per batch) is never held across an
+    /// fsync. Order: `io`, then `state`.
+    io: Mutex<()>,
+    /// One point at a time per volume: held from the clone until the
+    /// point is recorded (and the next point's head start is made).
+    serial: Arc<tokio::sync::Mutex<()>>,
     ctx: Arc<PointsCtx>,
 }
 
@@ -278,11 +300,15 @@ impl VolumePoints {
                     .unwrap_or_default(),
                 index,
                 last_try_at: None,
+                pending: None,
             }),
+            io: Mutex::new(()),
+            serial: Arc::new(tokio::sync::Mutex::new(())),
             ctx: ctx.clone(),
         });
         if changed {
-            this.persist_index(&this.state().index)?;
+            let index = this.state().index.clone();
+            this.persist_index(&index)?;
         }
         ctx.all
             .lock()
@@ -300,6 +326,23 @@ impl VolumePoints {
             .map_err(|e| std::io::Error::other(e.to_string()))
     }
 
+    fn io(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.io.lock().expect("points io lock poisoned")
+    }
+
+    /// Changes the index durably without holding the `state` lock across
+    /// the write: `f` is applied to a copy that is persisted, then to the
+    /// live index (which the apply path may have changed meanwhile, but
+    /// only in change sets: `f` must not depend on those). Holding `io`
+    /// keeps every other index write out in between.
+    fn mutate_index<R>(&self, mut f: impl FnMut(&mut Index) -> R) -> std::io::Result<R> {
+        let _io = self.io();
+        let mut next = self.state().index.clone();
+        f(&mut next);
+        self.persist_index(&next)?;
+        Ok(f(&mut self.state().index))
+    }
+
     fn image(&self, name: &str) -> PathBuf {
         self.dir.join(image_name(name))
     }
@@ -311,15 +354,10 @@ impl VolumePoints {
 
     /// Records the primary's schedule (from `OpenReplica`).
     pub(crate) fn set_schedule(&self, schedule: Schedule) -> std::io::Result<()> {
-        let mut st = self.state();
-        if st.index.schedule == schedule {
+        if self.state().index.schedule == schedule {
             return Ok(());
         }
-        let mut next = st.index.clone();
-        next.schedule = schedule;
-        self.persist_index(&next)?;
-        st.index = next;
-        Ok(())
+        self.mutate_index(|ix| ix.schedule = schedule)
     }
 
     /// The volume grew: coarser change-set blocks would mis-map the old
@@ -336,30 +374,64 @@ impl VolumePoints {
 
     /// Write-ahead: `ranges` (byte offset, length) are about to change on
     /// the volume. Adds them to the newest point's change set and persists
-    /// it when it grew. Free when no point exists.
+    /// it when it grew. Free when no point exists. Blocking.
     pub(crate) fn note(&self, ranges: impl IntoIterator<Item = (u64, u64)>) -> Result<(), Status> {
+        match self.note_in_memory(ranges) {
+            Some(batch) => self.persist_covering(&batch),
+            None => Ok(()),
+        }
+    }
+
+    /// The in-memory half of [`Self::note`]: adds `ranges` to the change
+    /// sets and returns the blocks `tail.json` does not cover yet (`None`:
+    /// nothing to persist). The caller must have them persisted
+    /// ([`Self::persist_covering`]) before the change counts as applied
+    /// (for a staged batch: before the record names it; until then a crash
+    /// replays the batch, and the replay notes it again).
+    pub(crate) fn note_in_memory(
+        &self,
+        ranges: impl IntoIterator<Item = (u64, u64)>,
+    ) -> Option<Blocks> {
         let g = self.block_bytes.load(Ordering::Relaxed);
-        let mut st = self.state();
-        let Some(last) = st.index.points.last_mut() else {
-            return Ok(());
-        };
+        let mut guard = self.state();
+        let st = &mut *guard;
+        if st.index.points.is_empty() && st.pending.is_none() {
+            return None;
+        }
         let mut batch = Blocks::default();
         for (offset, len) in ranges {
             batch.insert_bytes(offset, len, g);
         }
-        last.after.union(&batch);
-        if st.tail_persisted.covers(&batch) {
-            return Ok(());
+        if let Some(last) = st.index.points.last_mut() {
+            last.after.union(&batch);
         }
-        // The record runs ahead of the writes (see `Blocks::with_reserve`):
-        // one fsync per RESERVE_BLOCKS of a sequential stream.
-        let limit = self.size_blocks.load(Ordering::Relaxed);
-        let tail = st
-            .tail_persisted
-            .with_reserve(&batch, RESERVE_BLOCKS, limit);
+        // A first point being recorded has no recorded predecessor whose
+        // tail would cover the batch: `tail.json` covers it for it (read
+        // at start only when a point is listed, and then a superset).
+        if let Some(pending) = st.pending.as_mut() {
+            pending.union(&batch);
+        }
+        (!st.tail_persisted.covers(&batch)).then_some(batch)
+    }
+
+    /// Makes `tail.json` cover `batch` (no-op when it already does).
+    /// Blocking (two fsyncs when it writes).
+    pub(crate) fn persist_covering(&self, batch: &Blocks) -> Result<(), Status> {
+        let _io = self.io();
+        let tail = {
+            let st = self.state();
+            if st.tail_persisted.covers(batch) {
+                return Ok(());
+            }
+            // The record runs ahead of the writes (see
+            // `Blocks::with_reserve`): one write per RESERVE_BLOCKS of a
+            // sequential stream.
+            let limit = self.size_blocks.load(Ordering::Relaxed);
+            st.tail_persisted.with_reserve(batch, RESERVE_BLOCKS, limit)
+        };
         ember_volume::fsutil::write_json_atomic(&self.dir.join(TAIL), &tail)
             .map_err(|e| io_err("persisting the recovery points' change set", e))?;
-        st.tail_persisted = tail;
+        self.state().tail_persisted = tail;
         Ok(())
     }
 
@@ -378,16 +450,15 @@ impl VolumePoints {
         }
     }
 
-    /// Takes a point now: the caller holds the volume's `apply_lock`, so
-    /// the image is the consistent image of `at_unix_ns`. Blocking.
-    fn take(
-        &self,
-        name: &str,
-        at_unix_ns: i64,
-        kind: PointKind,
-        group: &str,
-        size_bytes: u64,
-    ) -> Result<PointMeta, Status> {
+    /// The part of taking a point that needs the stream stopped: the
+    /// caller holds the volume's `apply_lock`, so the clone is the
+    /// consistent image of the last committed batch. Clones into
+    /// `.tmp-NAME.img` and returns that path (and whether the clone was
+    /// incremental); nothing is synced or recorded
+    /// yet ([`Self::record`] does that, off the stream's path). From here
+    /// on the blocks applied also go to the new point's change set.
+    /// Blocking.
+    fn clone_now(&self, name: &str, size_bytes: u64) -> Result<(PathBuf, bool), Status> {
         if self.state().index.points.iter().any(|p| p.name == name) {
             return Err(Status::already_exists(format!(
                 "volume {} already has a recovery point named {name}",
@@ -396,19 +467,60 @@ impl VolumePoints {
         }
         let tmp = self.dir.join(format!("{TMP_PREFIX}{}", image_name(name)));
         let _ = std::fs::remove_file(&tmp);
-        if !self.take_incremental(&tmp, size_bytes) {
-            ember_volume::cow::reflink_file(&self.data_path, &tmp).map_err(|e| {
+        let incremental = self.take_incremental(&tmp, size_bytes);
+        if !incremental {
+            ember_volume::cow::reflink_file_unsynced(&self.data_path, &tmp).map_err(|e| {
                 Status::failed_precondition(format!(
                     "cloning {} for a recovery point: {e}",
                     self.volume
                 ))
             })?;
         }
+        self.state().pending = Some(Blocks::default());
+        Ok((tmp, incremental))
+    }
+
+    /// Makes the clone [`Self::clone_now`] left in `tmp` a recorded point:
+    /// fsync it, rename it to `NAME.img`, fsync the directory, add it to
+    /// `points.json`, then start its change set in `tail.json`. Runs while
+    /// the stream goes on: the clone no longer depends on the volume, and
+    /// the writes applied meanwhile are in the pending change set. On
+    /// failure nothing is listed and the files are removed. Blocking.
+    fn record(
+        &self,
+        tmp: &Path,
+        name: &str,
+        at_unix_ns: i64,
+        kind: PointKind,
+        group: &str,
+        size_bytes: u64,
+    ) -> Result<PointMeta, Status> {
         let dest = self.image(name);
-        if let Err(e) = ember_volume::cow::publish(&tmp, &dest) {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(io_err("publishing the recovery point", e));
+        let result = self.record_steps(tmp, &dest, name, at_unix_ns, kind, group, size_bytes);
+        if result.is_err() {
+            self.state().pending = None;
+            let _ = std::fs::remove_file(tmp);
+            let _ = std::fs::remove_file(&dest);
         }
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn record_steps(
+        &self,
+        tmp: &Path,
+        dest: &Path,
+        name: &str,
+        at_unix_ns: i64,
+        kind: PointKind,
+        group: &str,
+        size_bytes: u64,
+    ) -> Result<PointMeta, Status> {
+        File::open(tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| io_err("syncing the recovery point's clone", e))?;
+        ember_volume::cow::publish(tmp, dest)
+            .map_err(|e| io_err("publishing the recovery point", e))?;
         if let Some(d) = self.ctx.delay_record {
             std::thread::sleep(d);
         }
@@ -420,20 +532,33 @@ impl VolumePoints {
             size_bytes,
             after: Blocks::default(),
         };
-        let mut st = self.state();
-        let mut next = st.index.clone();
-        next.points.push(point.clone());
-        if let Err(e) = self.persist_index(&next) {
-            drop(st);
-            let _ = std::fs::remove_file(&dest);
-            return Err(io_err("recording the recovery point", e));
-        }
-        st.index = next;
-        // The new point's change set starts empty. A crash before this
-        // write leaves the old tail on it: larger than the truth, harmless.
-        if ember_volume::fsutil::write_json_atomic(&self.dir.join(TAIL), &Blocks::default()).is_ok()
-        {
-            st.tail_persisted = Blocks::default();
+        let _io = self.io();
+        // As `mutate_index`, by hand: the live point takes over the
+        // pending change set in the same critical section that lists it.
+        // The written record carries the pending set as of now; what is
+        // noted after this is covered by `tail.json` (its writer waits for
+        // `io`) before its batch counts as applied.
+        let mut next = self.state().index.clone();
+        let mut written = point.clone();
+        written.after = self.state().pending.clone().unwrap_or_default();
+        next.points.push(written);
+        self.persist_index(&next)
+            .map_err(|e| io_err("recording the recovery point", e))?;
+        let tail = {
+            let mut st = self.state();
+            let after = st.pending.take().unwrap_or_default();
+            let mut live = point.clone();
+            live.after = after.clone();
+            st.index.points.push(live);
+            after
+        };
+        // The new point's change set starts as what was applied since its
+        // clone. A crash before this write leaves the previous point's
+        // tail on it: a superset of the truth, harmless. A batch noted
+        // meanwhile waits for `io`, then finds this tail not covering it
+        // and writes its own.
+        if ember_volume::fsutil::write_json_atomic(&self.dir.join(TAIL), &tail).is_ok() {
+            self.state().tail_persisted = tail;
         }
         Ok(point)
     }
@@ -442,29 +567,37 @@ impl VolumePoints {
     /// previous point's image was cloned in advance (off the stream's path,
     /// [`Self::prepare_next`]) to `.next-PREV.img`; only the blocks applied
     /// since that point are cloned into it from the volume, so the time
-    /// under the lock follows the changes, not the volume's extents.
+    /// under the lock follows the changes, not the volume's extents. Used
+    /// only while few runs changed: one `FICLONERANGE` per run costs about
+    /// what one `FICLONE` of a whole unfragmented image does.
     /// `false` (nothing made) when there is no such clone or a clone call
-    /// fails: the caller clones the whole volume instead. Blocking.
+    /// fails: the caller clones the whole volume instead. Does not sync.
+    /// Blocking.
     fn take_incremental(&self, tmp: &Path, size_bytes: u64) -> bool {
-        let (prev, changed) = {
+        let g = self.block_bytes.load(Ordering::Relaxed);
+        let (prev, ranges) = {
             let st = self.state();
             match st.index.points.last() {
-                Some(p) if p.size_bytes == size_bytes => (p.name.clone(), p.after.clone()),
+                Some(p) if p.size_bytes == size_bytes => {
+                    (p.name.clone(), p.after.byte_ranges(g, size_bytes))
+                }
                 _ => return false,
             }
         };
+        if ranges.len() > MAX_INCREMENTAL_RUNS {
+            return false;
+        }
         let next = self.next_path(&prev);
         if std::fs::rename(&next, tmp).is_err() {
             return false;
         }
-        let g = self.block_bytes.load(Ordering::Relaxed);
         let made = (|| -> std::io::Result<()> {
             let src = File::open(&self.data_path)?;
             let dst = OpenOptions::new().write(true).open(tmp)?;
-            for (offset, len) in changed.byte_ranges(g, size_bytes) {
+            for &(offset, len) in &ranges {
                 ember_volume::cow::reflink_range(&src, offset, len, &dst, offset)?;
             }
-            dst.sync_all()
+            Ok(())
         })();
         if let Err(e) = made {
             tracing::debug!(volume = %self.volume, error = %e, "incremental point clone failed; cloning the whole volume");
@@ -510,25 +643,27 @@ impl VolumePoints {
         if names.is_empty() {
             return Vec::new();
         }
-        let gone: Vec<String> = {
-            let mut st = self.state();
-            let mut next = st.index.clone();
+        // Folds the change sets of the expired points into their
+        // predecessors (on the copy written, then on the live index).
+        let drop_named = |ix: &mut Index| {
             let mut gone = Vec::new();
             for name in names {
-                if let Some(i) = next.points.iter().position(|p| &p.name == name) {
-                    gone.push(plan::remove(&mut next.points, i).name);
+                if let Some(i) = ix.points.iter().position(|p| &p.name == name) {
+                    gone.push(plan::remove(&mut ix.points, i).name);
                 }
             }
-            if gone.is_empty() {
-                return gone;
-            }
-            if let Err(e) = self.persist_index(&next) {
+            gone
+        };
+        let gone: Vec<String> = match self.mutate_index(drop_named) {
+            Ok(gone) => gone,
+            Err(e) => {
                 tracing::warn!(volume = %self.volume, error = %e, "cannot record expired recovery points; keeping them");
                 return Vec::new();
             }
-            st.index = next;
-            gone
         };
+        if gone.is_empty() {
+            return gone;
+        }
         let files: Vec<PathBuf> = gone.iter().map(|n| self.image(n)).collect();
         // Detached: unlinking a clone frees its unshared extents, which can
         // take a while; nothing waits for it (a crash leaves an unlisted
@@ -648,56 +783,89 @@ fn image_name(point: &str) -> String {
     format!("{point}.{IMAGE_EXT}")
 }
 
-/// Takes a point of `sv` now (the caller holds its `apply_lock`), then
-/// applies retention and the space cap. Publishes `point-created` or
-/// `point-failed`.
+/// A point cloned under the apply lock whose record (fsyncs, rename,
+/// `points.json`, retention, space cap) runs in this task.
+pub(crate) type Recording = tokio::task::JoinHandle<Result<PointMeta, Status>>;
+
+/// Takes a point of `sv` now. The caller holds its `apply_lock`, which
+/// this holds only for the clone itself (one `FICLONE`, or a few
+/// `FICLONERANGE`s): every fsync, the rename, the record, the retention
+/// and the space cap run in the returned task while the stream goes on.
+/// Waits first for the previous point of the volume to be recorded.
+/// Publishes `point-created` or `point-failed`.
 async fn take_now(
     sv: &SecondaryVolume,
     name: String,
     kind: PointKind,
-) -> Result<PointMeta, Status> {
+) -> Result<Recording, Status> {
+    let serial = sv.points.serial.clone().lock_owned().await;
     let rec = sv.record();
     let points = sv.points.clone();
     let size = ember_nbd::Export::size(sv.volume.as_ref());
     let at = rec.consistent_at_unix_ns;
     let group = rec.group.clone();
     let started = std::time::Instant::now();
-    let taken = tokio::task::spawn_blocking(move || points.take(&name, at, kind, &group, size))
-        .await
-        .map_err(|e| io_err("recovery point task", e))?;
-    let ctx = &sv.points.ctx;
-    match &taken {
-        Ok(p) => {
-            tracing::info!(volume = %rec.volume, point = %p.name, at = %rfc3339(at), kind = kind.as_str(), ms = started.elapsed().as_millis() as u64, "recovery point taken");
-            ctx.publish(
-                EventKind::PointCreated,
-                &rec.volume,
-                format!(
-                    "recovery point {} ({}) at {}",
-                    p.name,
-                    kind.as_str(),
-                    rfc3339(at)
-                ),
-            );
-            // The next point starts from a clone of this one, made now
-            // while the stream runs (detached: a crash leaves a temporary).
-            let (vp, name) = (sv.points.clone(), p.name.clone());
-            tokio::task::spawn_blocking(move || vp.prepare_next(&name));
-            let schedule = sv.points.schedule();
-            let old = plan::expired_by_retention(&sv.points.list(), &schedule, now_unix_ns());
-            sv.points.expire(&old, "retention");
-            enforce_cap(ctx);
-        }
+    let cloned = {
+        let (points, name) = (points.clone(), name.clone());
+        tokio::task::spawn_blocking(move || points.clone_now(&name, size))
+            .await
+            .map_err(|e| io_err("recovery point task", e))
+            .and_then(|r| r)
+    };
+    let held = started.elapsed();
+    let ctx = points.ctx.clone();
+    let volume = rec.volume;
+    let (tmp, incremental) = match cloned {
+        Ok(made) => made,
         Err(status) => {
-            tracing::warn!(volume = %rec.volume, error = %status.message(), "recovery point failed");
-            ctx.publish(
-                EventKind::PointFailed,
-                &rec.volume,
-                format!("recovery point not taken: {}", status.message()),
-            );
+            point_failed(&ctx, &volume, &status);
+            return Err(status);
         }
-    }
-    taken
+    };
+    Ok(tokio::spawn(async move {
+        let _serial = serial;
+        let vp = points.clone();
+        let taken = tokio::task::spawn_blocking(move || {
+            let p = vp.record(&tmp, &name, at, kind, &group, size)?;
+            // The next point starts from a clone of this one, made now
+            // while the stream runs (a crash leaves a temporary).
+            vp.prepare_next(&p.name);
+            Ok(p)
+        })
+        .await
+        .map_err(|e| io_err("recovery point task", e))
+        .and_then(|r| r);
+        match &taken {
+            Ok(p) => {
+                tracing::info!(volume = %volume, point = %p.name, at = %rfc3339(at), kind = kind.as_str(), ms = started.elapsed().as_millis() as u64, stream_held_us = held.as_micros() as u64, incremental, "recovery point taken");
+                ctx.publish(
+                    EventKind::PointCreated,
+                    &volume,
+                    format!(
+                        "recovery point {} ({}) at {}",
+                        p.name,
+                        kind.as_str(),
+                        rfc3339(at)
+                    ),
+                );
+                let schedule = points.schedule();
+                let old = plan::expired_by_retention(&points.list(), &schedule, now_unix_ns());
+                points.expire(&old, "retention");
+                enforce_cap(&ctx);
+            }
+            Err(status) => point_failed(&ctx, &volume, status),
+        }
+        taken
+    }))
+}
+
+fn point_failed(ctx: &PointsCtx, volume: &str, status: &Status) {
+    tracing::warn!(volume, error = %status.message(), "recovery point failed");
+    ctx.publish(
+        EventKind::PointFailed,
+        volume,
+        format!("recovery point not taken: {}", status.message()),
+    );
 }
 
 /// Expires points across the data dir until the pinned bytes fit the cap.
@@ -765,6 +933,7 @@ pub(super) async fn after_commit(sv: &SecondaryVolume) {
         );
         return;
     }
+    // The record finishes on its own; a failure is an event.
     let _ = take_now(sv, format!("auto-{}", rfc3339(at)), PointKind::Scheduled).await;
 }
 
@@ -867,8 +1036,11 @@ impl SecondarySet {
             if rec.consistent && rec.consistent_at_unix_ns >= not_before_unix_ns {
                 let name = name
                     .unwrap_or_else(|| format!("manual-{}", rfc3339(rec.consistent_at_unix_ns)));
-                let p = take_now(&sv, name, PointKind::Manual).await?;
+                let recording = take_now(&sv, name, PointKind::Manual).await?;
                 drop(guard);
+                let p = recording
+                    .await
+                    .map_err(|e| io_err("recovery point task", e))??;
                 let g = sv.points.block_bytes.load(Ordering::Relaxed);
                 return Ok(PointListing {
                     pinned_bytes: p.after.count() * g,
@@ -937,6 +1109,8 @@ impl SecondarySet {
         let sv = self.points_of(volume)?;
         sv.session.fetch_add(1, Ordering::SeqCst);
         let _guard = sv.apply_lock.lock().await;
+        // A point still being recorded would land after the rollback.
+        let _serial = sv.points.serial.lock().await;
         sv.reset_staging()?;
         let points = sv.points.list();
         let i = plan::select(&points, sel, now_unix_ns()).map_err(|e| select_status(volume, e))?;

@@ -13,11 +13,18 @@
 //! primary's consistent-at time (unix ns). The crc covers the first 24
 //! header bytes and the data, so a commit is only trusted when every record
 //! before it reads back intact.
+//!
+//! The in-memory copy draws on the agent's replication budget
+//! ([`crate::budget`]): when the budget refuses, the rest of the batch goes
+//! to the file only and is read back to apply it; the log on disk, and so
+//! what a crash or a commit sees, is the same either way.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+
+use crate::budget::{Account, memory_budget};
 
 const MAGIC: u32 = u32::from_le_bytes(*b"EMSL");
 const HEADER: u64 = 32;
@@ -30,6 +37,10 @@ const WRITE_CHUNK: u64 = 1 << 20;
 /// The open batch is also kept in memory up to this size, so applying it
 /// needs no reads; a larger batch (a big catch-up) is read back.
 const MEMORY_MAX: usize = 64 << 20;
+/// After a batch, an in-memory copy larger than this is given back to the
+/// allocator: at a thousand volumes even a few MiB kept per volume is
+/// gigabytes held for nothing.
+const KEEP_MEMORY: usize = 64 << 10;
 
 /// One staged change, located in the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +74,8 @@ pub(crate) struct StagingLog {
     changes: Vec<StagedChange>,
     /// Staged bytes (data and zeroed ranges) in the open batch.
     staged_bytes: u64,
+    /// The budget bytes `mem`'s capacity holds.
+    account: Account,
 }
 
 fn header(kind: u32, a: u64, b: u64, data: &[u8]) -> [u8; HEADER as usize] {
@@ -79,8 +92,14 @@ fn header(kind: u32, a: u64, b: u64, data: &[u8]) -> [u8; HEADER as usize] {
 }
 
 impl StagingLog {
-    /// Opens (creating) the log at `path`. Call [`Self::recover`] next.
+    /// Opens (creating) the log at `path`, its memory drawn from the
+    /// agent's replication budget. Call [`Self::recover`] next.
     pub(crate) fn open(path: &Path) -> std::io::Result<Self> {
+        Self::open_with(path, memory_budget().account())
+    }
+
+    /// As [`Self::open`], drawing on `account`.
+    pub(crate) fn open_with(path: &Path, account: Account) -> std::io::Result<Self> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -96,6 +115,7 @@ impl StagingLog {
             mem_start: 0,
             changes: Vec::new(),
             staged_bytes: 0,
+            account,
         })
     }
 
@@ -157,6 +177,20 @@ impl StagingLog {
     /// Appends bytes to the log: to memory, and to the file once a chunk
     /// has gathered.
     fn append(&mut self, parts: &[&[u8]]) -> std::io::Result<()> {
+        let n: usize = parts.iter().map(|p| p.len()).sum();
+        if !self.reserve(n) {
+            // The budget is spent: this part of the batch lives in the
+            // file only (read back when applied).
+            self.write_out()?;
+            self.drop_mem();
+            for p in parts {
+                self.file.write_all_at(p, self.end)?;
+                self.end += p.len() as u64;
+            }
+            self.written = self.end;
+            self.mem_start = self.end;
+            return Ok(());
+        }
         for p in parts {
             self.mem.extend_from_slice(p);
             self.end += p.len() as u64;
@@ -166,10 +200,38 @@ impl StagingLog {
         }
         if self.mem.len() > MEMORY_MAX {
             self.write_out()?;
-            self.mem.clear();
-            self.mem_start = self.end;
+            self.drop_mem();
         }
         Ok(())
+    }
+
+    /// Makes room for `n` more bytes in `mem`, its growth granted by the
+    /// budget first. False: refused, nothing changed.
+    fn reserve(&mut self, n: usize) -> bool {
+        let needed = self.mem.len() + n;
+        let cap = self.mem.capacity();
+        if needed <= cap {
+            return true;
+        }
+        let new_cap = needed.max(cap * 2).max(64 << 10);
+        if !self.account.try_take((new_cap - cap) as u64) {
+            return false;
+        }
+        self.mem.reserve_exact(new_cap - self.mem.len());
+        // `reserve_exact` may round up; account what is really held.
+        let extra = self.mem.capacity().saturating_sub(new_cap) as u64;
+        if extra > 0 && !self.account.try_take(extra) {
+            self.mem.shrink_to(new_cap);
+        }
+        true
+    }
+
+    /// Forgets the in-memory copy (everything in it is in the file) and
+    /// gives its memory back.
+    fn drop_mem(&mut self) {
+        self.mem = Vec::new();
+        self.mem_start = self.end;
+        self.account.give_back_all();
     }
 
     /// Writes the part of the log that is only in memory to the file.
@@ -242,12 +304,16 @@ impl StagingLog {
         self.end = 0;
         self.written = 0;
         self.mem.clear();
-        if self.mem.capacity() > WRITE_CHUNK as usize * 8 {
-            // A big catch-up batch: do not keep its memory for ever.
+        if self.mem.capacity() > KEEP_MEMORY {
+            // A big batch: do not keep its memory for ever.
             self.mem = Vec::new();
+            self.account.give_back_all();
         }
         self.mem_start = 0;
         self.changes.clear();
+        if self.changes.capacity() > 4096 {
+            self.changes = Vec::new();
+        }
         self.staged_bytes = 0;
         Ok(())
     }
@@ -327,5 +393,37 @@ mod tests {
         f.write_all_at(&[0], HEADER + 10).expect("corrupt");
         let mut log = StagingLog::open(&path).expect("open");
         assert_eq!(log.recover().expect("recover"), None);
+    }
+
+    #[test]
+    fn a_batch_past_the_budget_stays_on_disk_and_reads_back_intact() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("v.staging");
+        let budget = crate::budget::MemoryBudget::new(1 << 20);
+        let mut log = StagingLog::open_with(&path, budget.account()).expect("open");
+        assert_eq!(log.recover().expect("recover"), None);
+        let block = 256 << 10;
+        for i in 0..16 {
+            log.stage_write((i * block) as u64, &vec![i as u8; block])
+                .expect("stage");
+            assert!(budget.usage().used_bytes <= 1 << 20);
+        }
+        assert!(budget.usage().refusals > 0, "4 MiB staged against 1 MiB");
+        let batch = log.commit(1, 5).expect("commit");
+        for (i, change) in batch.changes.iter().enumerate() {
+            let StagedChange::Write { log_pos, len, .. } = *change else {
+                panic!("unexpected {change:?}")
+            };
+            assert_eq!(log.read(log_pos, len).expect("read"), vec![i as u8; block]);
+        }
+        log.reset().expect("reset");
+        assert_eq!(
+            budget.usage().used_bytes,
+            0,
+            "a big batch's memory is given back"
+        );
+        drop(log);
+        let mut log = StagingLog::open_with(&path, budget.account()).expect("open");
+        assert_eq!(log.recover().expect("recover"), None, "reset emptied it");
     }
 }

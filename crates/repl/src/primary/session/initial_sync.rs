@@ -219,6 +219,12 @@ impl Session<'_> {
         data: Option<Vec<u8>>,
         runs: Vec<Run>,
     ) -> Result<u64, SessionError> {
+        if data.is_some() {
+            // Until the stream pulls it, the segment's data counts against
+            // the agent's replication memory budget (crate::budget).
+            crate::budget::hold(&self.stream_account, seg.len, || self.check()).await?;
+            self.unsent_held += seg.len;
+        }
         if let (Some(whole), [(offset, length, false)]) = (&data, runs.as_slice())
             && (*offset, *length) == (seg.offset, seg.len)
             && whole.len() as u64 == seg.len
