@@ -34,23 +34,22 @@ use crate::version::ProtocolVersion;
 
 mod initial_sync;
 
-/// Largest data frame of the journal stream. Small on purpose: each
-/// stream's gRPC codec keeps a buffer as large as the largest message it
-/// carried until the stream ends, on both sides, outside the replication
-/// memory budget. After one 1 MiB write to each of 1,000 volumes the
-/// primary settled at 1.1 GiB RSS with 1 MiB frames, 2.07× its idle RSS
-/// with 128 KiB and 1.38× with 64 KiB (benches/scale, issue 15: target
-/// 2×). h2 splits messages into 16 KiB frames anyway.
-const PIECE: u64 = 64 << 10;
+/// Largest data frame of the journal stream. Each stream's gRPC codec
+/// keeps a buffer as large as the largest message it carried until the
+/// stream ends, outside the replication memory budget: after one 1 MiB
+/// write to each of 1,000 volumes the agents settled at 1.1 GiB RSS.
+/// 64 KiB messages settled at 1.38× idle there, but made the stalled-peer
+/// memory test's primary peak at ~265 MiB instead of ~120 (cause not
+/// found yet); see benches/RESULTS.md "Scale" and issue 15's note.
+const PIECE: u64 = 1 << 20;
 /// Initial sync compares blake3 per block of this size.
 const HASH_BLOCK: u64 = 64 << 10;
 /// A commit or barrier not acknowledged within this long ends the session.
 const ACK_TIMEOUT: Duration = Duration::from_secs(30);
 /// Sync mode: a barrier (durability and bitmap clearing) this often.
 const BARRIER_EVERY: Duration = Duration::from_secs(1);
-/// A frame batch leaves once it holds this much data or this many frames
-/// (one gRPC message: as small as [`PIECE`], for the same reason).
-const OUTBOX_BYTES: u64 = 64 << 10;
+/// A frame batch leaves once it holds this much data or this many frames.
+const OUTBOX_BYTES: u64 = 1 << 20;
 const OUTBOX_FRAMES: usize = 1024;
 /// Journal bytes shipped between checks for acknowledgements.
 const JOURNAL_TAKE: u64 = 4 << 20;
