@@ -37,7 +37,8 @@ smoke() {
   local name=$1; shift
   local out
   out=$(mktemp)
-  if /usr/bin/python3 "$@" --quick --bin-dir target/debug >"$out" 2>&1; then
+  # A hang fails the smoke (the scale smoke once deadlocked) instead of CI.
+  if timeout 900 /usr/bin/python3 "$@" --quick --bin-dir target/debug >"$out" 2>&1; then
     grep -v '^[ {}]' "$out" || true
     echo "$name bench smoke: 1 passed" | tee -a "$log"
   else

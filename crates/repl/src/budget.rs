@@ -348,24 +348,25 @@ pub(crate) async fn hold<E>(
 }
 
 /// The stream of frames `rx` receives, giving each frame's held bytes back
-/// to `account` when the transport pulls the *next* frame: HTTP/2 (hyper)
-/// asks for the next frame only once the stream's send buffer is below
-/// its limit (400 KiB), so a pulled frame's data counts until it has
-/// mostly left for the socket. A frame never followed (a stalled peer)
-/// is given back with the account itself when the stream ends (its
-/// `Drop`); an idle stream's last frame is a commit or barrier, which
-/// holds nothing.
+/// to `account` when the transport pulls it. The budget counts frames
+/// queued for the stream; once pulled, a frame's data sits in HTTP/2's
+/// send buffer, which hyper keeps below 400 KiB per stream before it pulls
+/// again (outside the budget, like the codec's buffer).
+///
+/// Giving back only on the *next* pull deadlocked: a session waiting in
+/// [`hold`] for room never sends its next frame, so its last frame's bytes
+/// were never returned, and two such sessions held the whole budget for
+/// good (seen in the scale smoke: resync stuck at 32 of 32 MiB held).
 pub(crate) fn release_on_pull<T: Send + 'static>(
     rx: tokio::sync::mpsc::Receiver<(T, u64)>,
     account: StreamAccount,
 ) -> impl tokio_stream::Stream<Item = T> + Send + 'static {
     use tokio_stream::StreamExt;
-    let mut previous = 0;
     tokio_stream::wrappers::ReceiverStream::new(rx).map(move |(frame, held)| {
         account
             .lock()
             .expect("stream account poisoned")
-            .give_back(std::mem::replace(&mut previous, held));
+            .give_back(held);
         frame
     })
 }
