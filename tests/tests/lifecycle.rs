@@ -256,6 +256,14 @@ fn emberctl_contract_and_bad_arguments() {
     let status = agent.ctl_json(&["status"]);
     assert!(status["backend_id"].as_str().expect("id").len() >= 16);
     assert!(["io_uring", "blocking"].contains(&status["io_engine"].as_str().expect("engine")));
+    // The agent-wide replication memory budget and the NBD listener's TLS.
+    assert!(
+        status["replication_memory"]["budget_bytes"]
+            .as_u64()
+            .is_some_and(|b| b >= 16 << 20),
+        "{status}"
+    );
+    assert_eq!(status["nbd_tls"], false, "{status}");
     let resized = agent.ctl_json(&["volume", "resize", "c1", "--size", "2G"]);
     assert_eq!(resized["size_bytes"], 2u64 << 30);
     for (args, want) in [

@@ -304,6 +304,7 @@ impl EmberControl for ControlService {
             peer_address: self.peer_address.clone().unwrap_or_default(),
             snapshot_method: self.store.snapshot_method().as_str().into(),
             nbd_tls: matches!(self.nbd, NbdAddress::Tcp { tls: true, .. }),
+            replication_memory: Some(memory_pb(ember_repl::memory_budget().usage(), 0)),
             replication_targets: self
                 .replication
                 .targets()

@@ -92,7 +92,11 @@ impl Out {
                 "capacity_total_bytes": c.capacity_total_bytes, "capacity_free_bytes": c.capacity_free_bytes,
                 "features": c.features, "io_engine": c.io_engine, "nbd_address": c.nbd_address,
                 "volume_count": c.volume_count, "site": c.site, "peer_address": c.peer_address,
-                "snapshot_method": c.snapshot_method,
+                "snapshot_method": c.snapshot_method, "nbd_tls": c.nbd_tls,
+                "replication_memory": c.replication_memory.as_ref().map(|m| json!({
+                    "budget_bytes": m.budget_bytes, "used_bytes": m.used_bytes,
+                    "peak_bytes": m.peak_bytes, "holders": m.holders, "refusals": m.refusals,
+                })),
                 "replication_targets": c.replication_targets.iter().map(|t| json!({
                     "site": t.site, "backend_id": t.backend_id, "state": t.state,
                     "rtt_us": t.rtt_us, "throughput_bytes_per_sec": t.throughput_bytes_per_sec,
