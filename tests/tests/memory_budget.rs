@@ -23,11 +23,15 @@ const WRITERS: usize = 5;
 /// buffers and the write path's change copies of the writers in flight
 /// (5 writers × 1 MiB requests, each buffered and copied: ~10 MiB), what
 /// each stalled stream holds below the budget's count (HTTP/2's send
-/// buffer, ≤ 400 KiB, and the gRPC codec's buffer, ~1 MiB: ~28 MiB for
-/// 20 streams), and allocator slack. Measured: peak 93–134 MiB from an
-/// idle 28 MiB (budget + 1…42 MiB). Mutations: the journal ignoring the
-/// budget peaked at 191 MiB; the resync reads not holding budget, 318 MiB;
-/// the budget granting everything reported 103 MiB used.
+/// buffer, ≤ 400 KiB, the gRPC codec's buffer, one 64 KiB message, and
+/// the pieces of the write being split: ~1 MiB; ~30 MiB for 20 streams),
+/// and allocator slack. Measured with 64 KiB stream messages: peak
+/// 127–134 MiB from an idle 28 MiB (budget + 35…42 MiB; with 1 MiB
+/// messages it was 93–134). Mutations: the journal ignoring the budget
+/// peaked at 191 MiB; the resync reads not holding budget, 318 MiB; the
+/// budget granting everything reported 103 MiB used; large writes split
+/// with `Vec::split_off` (each 64 KiB piece keeping the capacity it was
+/// cut from, ~8.5 MiB per 1 MiB write) 193–195 MiB.
 const ALLOWANCE: u64 = 64 * MIB;
 
 /// Settled RSS may exceed twice the idle RSS by this much: the issue's

@@ -350,8 +350,12 @@ pub(crate) async fn hold<E>(
 /// The stream of frames `rx` receives, giving each frame's held bytes back
 /// to `account` when the transport pulls it. The budget counts frames
 /// queued for the stream; once pulled, a frame's data sits in HTTP/2's
-/// send buffer, which hyper keeps below 400 KiB per stream before it pulls
-/// again (outside the budget, like the codec's buffer).
+/// send buffer, outside the budget like the codec's buffer. hyper pulls
+/// the next frame only while that buffer is below its limit, 1 MiB per
+/// stream on the client (the primary; tonic 0.14 does not expose the
+/// setting) and 400 KiB on the server, or below the peer's unused flow
+/// control window if that is smaller: so a stream to a peer that stays
+/// connected but stops reading holds up to ~1 MiB + one message there.
 ///
 /// Giving back only on the *next* pull deadlocked: a session waiting in
 /// [`hold`] for room never sends its next frame, so its last frame's bytes
