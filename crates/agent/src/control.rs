@@ -692,7 +692,7 @@ impl EmberControl for ControlService {
         &self,
         request: Request<pb::ListPointsRequest>,
     ) -> Result<Response<pb::ListPointsResponse>, Status> {
-        crate::points::list(self, request)
+        crate::points::list(self, request).await
     }
 
     #[tracing::instrument(skip_all, fields(volume_id = %request.get_ref().volume))]

@@ -61,14 +61,17 @@ pub(crate) async fn create(
     }))
 }
 
-/// `ListPoints`.
-pub(crate) fn list(
+/// `ListPoints`, on either site (a primary asks its secondary).
+pub(crate) async fn list(
     svc: &ControlService,
     request: Request<pb::ListPointsRequest>,
 ) -> Result<Response<pb::ListPointsResponse>, Status> {
     let req = request.into_inner();
     check_volume(&req.volume)?;
-    let r = svc.replication.list_points(&req.volume)?;
+    let r = svc
+        .replication
+        .list_points_on_either_site(&req.volume)
+        .await?;
     Ok(Response::new(pb::ListPointsResponse {
         points: r.points.into_iter().map(point_pb).collect(),
         points_every_seconds: r.every_secs,

@@ -58,7 +58,8 @@ pub(crate) enum ReplicaCmd {
         #[arg(long)]
         keep_for: Option<String>,
     },
-    /// Recovery points of a secondary held here, oldest first.
+    /// Recovery points of a replica, oldest first (either site: on the
+    /// primary's, the agent asks the secondary).
     Points { volume: String },
     /// Recovery points: take one.
     #[command(subcommand)]

@@ -193,6 +193,18 @@ impl EmberPeer for PeerService {
         ))
     }
 
+    async fn list_points(
+        &self,
+        request: Request<pb::PeerListPointsRequest>,
+    ) -> Result<Response<pb::PeerListPointsResponse>, Status> {
+        let req = request.into_inner();
+        ember_volume::parse_volume(&req.volume)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(
+            self.replication()?.list_points_for_peer(&req)?,
+        ))
+    }
+
     async fn resize_replica(
         &self,
         request: Request<pb::ResizeReplicaRequest>,

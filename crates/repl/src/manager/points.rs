@@ -103,6 +103,55 @@ fn check_target(force: bool, target: &PointTarget) -> Result<()> {
     }
 }
 
+/// The wire spelling of a point kind, back to the `'static` one the
+/// listing carries; a kind this build does not know (a newer peer) is
+/// listed as `unknown` rather than failing the whole listing.
+fn kind_from_wire(kind: &str) -> &'static str {
+    match kind {
+        "scheduled" => "scheduled",
+        "manual" => "manual",
+        _ => "unknown",
+    }
+}
+
+fn report_to_peer(r: PointsReport) -> pb::PeerListPointsResponse {
+    pb::PeerListPointsResponse {
+        points: r
+            .points
+            .into_iter()
+            .map(|p| pb::PeerRecoveryPoint {
+                name: p.name,
+                at_unix_ns: p.at_unix_ns,
+                kind: p.kind.to_owned(),
+                group: p.group,
+                pinned_bytes: p.pinned_bytes,
+            })
+            .collect(),
+        points_every_seconds: r.every_secs,
+        keep_points: r.keep,
+        keep_for_seconds: r.keep_for_secs,
+    }
+}
+
+fn report_from_peer(r: pb::PeerListPointsResponse) -> PointsReport {
+    PointsReport {
+        points: r
+            .points
+            .into_iter()
+            .map(|p| PointListing {
+                kind: kind_from_wire(&p.kind),
+                name: p.name,
+                at_unix_ns: p.at_unix_ns,
+                group: p.group,
+                pinned_bytes: p.pinned_bytes,
+            })
+            .collect(),
+        every_secs: r.points_every_seconds,
+        keep: r.keep_points,
+        keep_for_secs: r.keep_for_seconds,
+    }
+}
+
 impl Replication {
     /// Marks `ranges` in the change set the volume will replicate to
     /// `peer` with once it is primary here (creating it, clean, if
@@ -291,7 +340,9 @@ impl Replication {
         })
     }
 
-    /// `replica points VOL`: the points of a secondary held here.
+    /// `replica points VOL` answered from this site's own state: the
+    /// points of a secondary held here (the metrics use this; it never
+    /// leaves the agent).
     ///
     /// # Errors
     /// `FailedPrecondition` on the primary's site (naming the site to
@@ -304,6 +355,79 @@ impl Replication {
             )));
         }
         self.secondaries.list_points(volume)
+    }
+
+    /// `replica points VOL` on either site: a secondary held here answers
+    /// from its own state; a primary asks its secondary over the peer
+    /// link (`ListPoints`), as `point create` does, and returns the same
+    /// listing.
+    ///
+    /// # Errors
+    /// As [`Self::list_points`] on the secondary's site; on the primary's,
+    /// `UNAVAILABLE` when the secondary cannot be reached,
+    /// `FAILED_PRECONDITION` for a peer too old to list points, and the
+    /// secondary's own refusal (prefixed with its site).
+    pub async fn list_points_on_either_site(
+        &self,
+        volume: &str,
+    ) -> std::result::Result<PointsReport, Status> {
+        let Some(link) = self.link(volume) else {
+            return self.secondaries.list_points(volume);
+        };
+        let peer = link.config().peer;
+        let too_old = || {
+            Status::failed_precondition(format!(
+                "peer {peer} is too old to list recovery points for its primary: ask on site {peer}, or upgrade it"
+            ))
+        };
+        let (mut client, _, version) = self
+            .ctx
+            .registry
+            .call_client(&peer)
+            .await
+            .map_err(|e| Status::unavailable(format!("{peer}: {e}")))?;
+        if version < ProtocolVersion::POINTS {
+            return Err(too_old());
+        }
+        let r = client
+            .list_points(pb::PeerListPointsRequest {
+                volume: volume.to_owned(),
+                primary_backend_id: self.ctx.identity.backend_id.clone(),
+            })
+            .await
+            .map_err(|s| match s.code() {
+                tonic::Code::Unimplemented => too_old(),
+                code => Status::new(code, format!("{peer}: {}", s.message())),
+            })?
+            .into_inner();
+        Ok(report_from_peer(r))
+    }
+
+    /// `ListPoints` from a peer: the points of secondary `volume` held
+    /// here, for its primary only.
+    ///
+    /// # Errors
+    /// `NOT_FOUND` (not a secondary here), `FAILED_PRECONDITION` when the
+    /// caller is not this secondary's primary.
+    pub(crate) fn list_points_for_peer(
+        &self,
+        req: &pb::PeerListPointsRequest,
+    ) -> std::result::Result<pb::PeerListPointsResponse, Status> {
+        let report = self.secondaries.list_points(&req.volume)?;
+        let rec = self
+            .secondaries
+            .get(&req.volume)
+            .ok_or_else(|| {
+                Status::not_found(format!("volume {} is not a secondary here", req.volume))
+            })?
+            .record();
+        if rec.primary_backend_id != req.primary_backend_id {
+            return Err(Status::failed_precondition(format!(
+                "volume {} is a secondary of {} here, not of the caller",
+                req.volume, rec.primary_site
+            )));
+        }
+        Ok(report_to_peer(report))
     }
 
     /// `replica enable|set … --points-every --keep --keep-for`: changes
@@ -355,5 +479,44 @@ impl Replication {
         // The schedule travels in OpenReplica: a new session carries it.
         self.restart(volume);
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listing_survives_the_peer_wire_unchanged() {
+        let report = PointsReport {
+            points: vec![
+                PointListing {
+                    name: "auto-1".into(),
+                    at_unix_ns: 1_796_379_753_000_000_000,
+                    kind: "scheduled",
+                    group: "pg".into(),
+                    pinned_bytes: 65_536,
+                },
+                PointListing {
+                    name: "before-upgrade".into(),
+                    at_unix_ns: 1_796_379_760_000_000_001,
+                    kind: "manual",
+                    group: String::new(),
+                    pinned_bytes: 0,
+                },
+            ],
+            every_secs: 300,
+            keep: 24,
+            keep_for_secs: 86_400,
+        };
+        assert_eq!(report_from_peer(report_to_peer(report.clone())), report);
+    }
+
+    #[test]
+    fn an_unknown_kind_from_a_newer_peer_is_listed_as_unknown() {
+        assert_eq!(kind_from_wire("scheduled"), "scheduled");
+        assert_eq!(kind_from_wire("manual"), "manual");
+        assert_eq!(kind_from_wire("drill"), "unknown");
+        assert_eq!(kind_from_wire(""), "unknown");
     }
 }

@@ -80,10 +80,14 @@ fn take_point(links: &[Arc<ReplicaLink>], last_point: i64) -> Result<i64, String
             .map_err(|e| format!("checkpoint of {}: {e}", link.config().volume))?;
         checkpoints.push(cp.id);
     }
-    let point = now_unix_ns().max(last_point + 1);
     let group_size = links.len() as u32;
+    let point;
     {
         let mut journals: Vec<_> = links.iter().map(|l| l.journal()).collect();
+        // Read the clock with every journal held: a write journalled between
+        // the clock read and the markers would land inside the point with a
+        // time after it.
+        point = now_unix_ns().max(last_point + 1);
         for (journal, checkpoint) in journals.iter_mut().zip(checkpoints) {
             journal.record(
                 Op::Marker(Marker {
