@@ -8,7 +8,9 @@ no points, `points` takes a point every --every seconds (default 10 s) on
 the secondary. Rounds alternate which volume goes first.
 
   throughput  sequential 1 MiB writes (fio, ioengine=nbd, QD8) of --size,
-              timed until the secondary holds everything (lag 0).
+              timed until the secondary holds everything (lag 0) and has
+              applied it to its image (batches acknowledged during a
+              point's clone are applied after it).
               Ratio = points time / plain time (target <= 1.05x).
   latency     4 KiB QD1 random writes for --runtime seconds (fio): p50 and
               p99. Ratio = points / plain (target <= 1.05x).
@@ -91,6 +93,19 @@ class Lab:
             time.sleep(0.02)
         raise RuntimeError(f"{vol} not in sync: {s}")
 
+    def wait_applied(self, vol, at_ns, timeout=3600):
+        """Until the secondary's image (not only its staging log) holds the
+        primary's writes up to `at_ns`: batches acknowledged while a
+        point's clone ran are applied after it, and the clock stops only
+        when they are, so both volumes are timed to the same work."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            s = self.ctl("site-b", "replica", "status", vol)
+            if s["last_consistent_at_unix_ns"] >= at_ns:
+                return s
+            time.sleep(0.01)
+        raise RuntimeError(f"{vol}: the secondary did not apply up to {at_ns}: {s}")
+
     def log(self, site):
         with open(os.path.join(self.dir, f"{site}.log"), errors="replace") as f:
             return f.read()
@@ -109,7 +124,8 @@ def throughput(lab, vol, size):
     t0 = time.time()
     run("fio", "--name=s", "--ioengine=nbd", f"--uri={lab.uri(vol)}", "--rw=write",
         "--bs=1m", "--iodepth=8", f"--size={size}", "--refill_buffers")
-    lab.wait_in_sync(vol)
+    s = lab.wait_in_sync(vol)
+    lab.wait_applied(vol, s["last_consistent_at_unix_ns"])
     return size / (time.time() - t0)
 
 
@@ -123,8 +139,9 @@ def latency(lab, vol, runtime):
 
 def point_stats(lab):
     """(points taken, their durations in ms, how long each held the
-    stream in ms) from site-b's log."""
-    ms, held = [], []
+    stream in ms, each clone's time in ms, bytes the stream acknowledged
+    and deferred during each clone) from site-b's log."""
+    ms, held, clone, deferred = [], [], [], []
     for line in lab.log("site-b").splitlines():
         if "recovery point taken" not in line:
             continue
@@ -135,7 +152,13 @@ def point_stats(lab):
         h = re.search(r'\bstream_held_us"?[=:]\s*(\d+)', line)
         if h:
             held.append(int(h.group(1)) / 1000)
-    return len(ms), ms, held
+        c = re.search(r'\bclone_us"?[=:]\s*(\d+)', line)
+        if c:
+            clone.append(int(c.group(1)) / 1000)
+        d = re.search(r'\bdeferred_bytes"?[=:]\s*(\d+)', line)
+        if d:
+            deferred.append(int(d.group(1)))
+    return len(ms), ms, held, clone, deferred
 
 
 def main():
@@ -161,6 +184,7 @@ def main():
         if shutil.which(tool) is None:
             sys.exit(f"missing tool: {tool}")
     size = size_arg(a.size)
+    load_before = os.getloadavg()
     tmp = tempfile.mkdtemp(prefix="ember-points-bench-", dir=a.dir)
     fs = Xfs(tmp, max(8 << 30, 4 * size), a.cowextsize)
     lab = None
@@ -181,7 +205,7 @@ def main():
                 tput[mode].append(throughput(lab, vols[mode], size))
             for mode in order:
                 lat[mode].append(latency(lab, vols[mode], a.runtime))
-        taken, ms, held = point_stats(lab)
+        taken, ms, held, clone, deferred = point_stats(lab)
         listed = len(lab.ctl("site-b", "replica", "points", "pts"))
         t = {m: statistics.median(v) for m, v in tput.items()}
         p50 = {m: statistics.median(x[0] for x in v) for m, v in lat.items()}
@@ -198,10 +222,16 @@ def main():
             "point_ms_max": max(ms) if ms else None,
             "stream_held_ms_median": statistics.median(held) if held else None,
             "stream_held_ms_max": max(held) if held else None,
+            "clone_ms_median": statistics.median(clone) if clone else None,
+            "clone_ms_max": max(clone) if clone else None,
+            "deferred_MiB_max": round(max(deferred) / (1 << 20), 1) if deferred else None,
+            "load_before": load_before, "load_after": os.getloadavg(),
         }
         print(f"points every {a.every} s ({taken} taken, clone+record median "
               f"{res['point_ms_median']} ms, max {res['point_ms_max']} ms; stream held median "
-              f"{res['stream_held_ms_median']} ms, max {res['stream_held_ms_max']} ms):")
+              f"{res['stream_held_ms_median']} ms, max {res['stream_held_ms_max']} ms; clone median "
+              f"{res['clone_ms_median']} ms, max {res['clone_ms_max']} ms, the stream going on "
+              f"meanwhile: up to {res['deferred_MiB_max']} MiB acknowledged and deferred):")
         print(f"throughput {size >> 20} MiB seq 1M QD8 to lag 0: plain {t['plain'] / 1e6:.0f} MB/s, "
               f"points {t['points'] / 1e6:.0f} MB/s; time ratio points/plain "
               f"{res['throughput_time_ratio']:.3f}x (target <= 1.05x)")

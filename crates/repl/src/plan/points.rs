@@ -395,5 +395,61 @@ pub(crate) fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
 }
 
+/// The name a manual point gets when the operator names none: `manual-`
+/// and the time it represents, then `-2`, `-3`, … when that is taken (two
+/// points asked for before another batch commits represent the same time).
+/// `taken` says whether a name is in use.
+pub(crate) fn default_manual_name(at_rfc3339: &str, taken: impl Fn(&str) -> bool) -> String {
+    let base = format!("manual-{at_rfc3339}");
+    if !taken(&base) {
+        return base;
+    }
+    (2u64..)
+        .map(|n| format!("{base}-{n}"))
+        .find(|n| !taken(n))
+        .expect("an unused suffix exists")
+}
+
+/// Staged bytes of committed batches the secondary may hold, acknowledged
+/// but not yet applied, while a point's clone runs: past this the stream
+/// waits for the clone (it bounds the staging log on disk).
+pub(crate) const MAX_DEFERRED_BYTES: u64 = 512 << 20;
+
+/// What the secondary does with a batch it just made durable in its
+/// staging log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CommitAction {
+    /// Apply it now (and every batch deferred before it, first), then
+    /// acknowledge it.
+    Apply,
+    /// Acknowledge it now and apply it once the running clone is done:
+    /// it is durable in the staging log, which a crash replays.
+    Defer,
+}
+
+/// Decides [`CommitAction`] for a committed batch of `batch_bytes`:
+/// deferred only while a point's clone of the volume is running, never for
+/// a consistency-group batch (its members apply together at the group
+/// point) and never past [`MAX_DEFERRED_BYTES`] already deferred.
+pub(crate) fn commit_action(
+    group: bool,
+    clone_running: bool,
+    deferred_bytes: u64,
+    batch_bytes: u64,
+) -> CommitAction {
+    if !group && clone_running && deferred_bytes.saturating_add(batch_bytes) <= MAX_DEFERRED_BYTES {
+        CommitAction::Defer
+    } else {
+        CommitAction::Apply
+    }
+}
+
+/// The length to cut a file being deleted down to next, `chunk` bytes at a
+/// time from its end: expiry frees a clone's extents in steps, so a clone
+/// that starts meanwhile waits for one step, not for the whole file.
+pub(crate) fn reap_step(len: u64, chunk: u64) -> u64 {
+    len.saturating_sub(chunk.max(1))
+}
+
 #[cfg(test)]
 mod tests;

@@ -1,4 +1,18 @@
 //! Applying a replication stream to a secondary volume.
+//!
+//! A committed batch is normally applied as soon as it is durable in the
+//! staging log, and acknowledged after. While a recovery point's clone of
+//! the volume runs (`points.rs`: it starts right after a batch is applied
+//! and runs in a task, holding the volume's clone gate), the stream does
+//! not wait for it: batches keep being staged, made durable and
+//! acknowledged, and are *deferred* — applied in order once the clone is
+//! done, by the next commit or a drain the clone's task starts. The
+//! acknowledgement then means "durable on the secondary" (a crash replays
+//! the staging log), which is what the primary's lag and RPO count; the
+//! image itself, its `consistent_at` and any point taken stay at the last
+//! applied batch. Anything that needs the image current — a direct
+//! (sync-mode) write, a group batch, a new stream, a promotion, a rollback
+//! to a point — applies the deferred batches first ([`settle`]).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -13,6 +27,7 @@ use tonic::{Status, Streaming};
 use super::staging::{CommittedBatch, StagedChange};
 use super::{SecondaryVolume, group};
 use crate::frame;
+use crate::plan::points::{CommitAction, commit_action};
 
 type AckTx = mpsc::Sender<Result<pb::ReplAck, Status>>;
 
@@ -58,8 +73,67 @@ async fn write_out(
         .map_err(|e| storage_status("applying staged writes", &e))
 }
 
+/// Applies a committed batch to the volume once no point's clone of it is
+/// running (holding the clone gate so none starts meanwhile), makes it
+/// durable and records the new consistent point. The caller holds the
+/// `apply_lock` and empties the staging log when nothing follows.
+async fn apply_one(sv: &SecondaryVolume, batch: CommittedBatch) -> Result<(), Status> {
+    let _gate = sv.points.wait_clone().await;
+    apply_batch(sv, batch).await
+}
+
+/// Applies every deferred batch, oldest first (the caller holds the
+/// `apply_lock`). A failure leaves the rest deferred, in the log.
+pub(crate) async fn settle(sv: &SecondaryVolume) -> Result<(), Status> {
+    loop {
+        let front = sv
+            .staging
+            .lock()
+            .expect("staging lock poisoned")
+            .deferred_front();
+        let Some(batch) = front else { return Ok(()) };
+        apply_one(sv, batch).await?;
+        sv.staging
+            .lock()
+            .expect("staging lock poisoned")
+            .pop_deferred();
+    }
+}
+
+/// Applies the deferred batches once a point's clone is done, one batch
+/// per turn of the `apply_lock` (the stream's frames go on in between), in
+/// case no commit comes to do it. Stops at the first failure (logged):
+/// the batch stays deferred, and the next commit or stream retries it and
+/// reports a failure to the primary.
+pub(crate) fn spawn_drain(sv: Arc<SecondaryVolume>) {
+    tokio::spawn(async move {
+        loop {
+            let _frame = sv.apply_lock.lock().await;
+            let front = sv
+                .staging
+                .lock()
+                .expect("staging lock poisoned")
+                .deferred_front();
+            let Some(batch) = front else { return };
+            let seq = batch.seq;
+            if let Err(e) = apply_one(&sv, batch).await {
+                tracing::warn!(volume = %sv.record().volume, seq, error = %e, "applying a deferred batch failed; it stays in the staging log");
+                return;
+            }
+            let mut staging = sv.staging.lock().expect("staging lock poisoned");
+            staging.pop_deferred();
+            if !staging.has_deferred()
+                && !staging.has_open()
+                && let Err(e) = staging.reset()
+            {
+                tracing::warn!(error = %e, "emptying the staging log");
+            }
+        }
+    });
+}
+
 /// Applies a committed batch to the volume and makes it durable, then
-/// records the new consistent point and empties the staging log.
+/// records the new consistent point. The caller holds the clone gate.
 async fn apply_batch(sv: &SecondaryVolume, batch: CommittedBatch) -> Result<(), Status> {
     // The recovery points' change set must cover the batch before the
     // record calls it applied. Before that, a crash replays the batch from
@@ -131,11 +205,11 @@ async fn apply_batch(sv: &SecondaryVolume, batch: CommittedBatch) -> Result<(), 
         r.divergent.clear();
     })?;
     sv.applied_bytes.fetch_add(bytes, Ordering::Relaxed);
-    sv.reset_staging()
+    Ok(())
 }
 
-/// Start-up: replays a committed batch a crash left behind (idempotent),
-/// unless it was already applied.
+/// Start-up: replays the committed batches a crash left behind (each
+/// idempotent) that were not yet applied, in order, then empties the log.
 pub(super) async fn recover(sv: &Arc<SecondaryVolume>) -> Result<(), Status> {
     let found = sv
         .staging
@@ -143,27 +217,35 @@ pub(super) async fn recover(sv: &Arc<SecondaryVolume>) -> Result<(), Status> {
         .expect("staging lock poisoned")
         .recover()
         .map_err(|e| Status::internal(format!("reading the staging log: {e}")))?;
-    let Some(batch) = found else { return Ok(()) };
+    if found.is_empty() {
+        return Ok(());
+    }
     let record = sv.record();
     let name = record.volume.clone();
-    if !record.group.is_empty() {
-        let committed = sv.groups.get(&record.group).committed();
-        if batch.consistent_at_unix_ns > committed {
-            // Sealed, but not every member held the point: drop it (the
-            // primary resends it from its change set).
-            tracing::info!(volume = %name, group = %record.group, point = batch.consistent_at_unix_ns, committed, "dropping a staged group batch its group never committed");
-            return sv.reset_staging();
-        }
-    }
     // The batch last applied names the record's consistent point; a log
-    // whose reset was not yet durable still holds it. Frame sequence
-    // numbers restart with every stream, so they cannot tell.
-    if batch.consistent_at_unix_ns == record.consistent_at_unix_ns {
-        tracing::info!(volume = %name, seq = batch.seq, "staged batch already applied");
-        return sv.reset_staging();
+    // whose reset was not yet durable still holds it, and a log that held
+    // deferred batches holds those applied before the crash. Frame
+    // sequence numbers restart with every stream, so they cannot tell.
+    let ats: Vec<i64> = found.iter().map(|b| b.consistent_at_unix_ns).collect();
+    let from = super::staging::replay_from(&ats, record.consistent_at_unix_ns);
+    let committed = (!record.group.is_empty()).then(|| sv.groups.get(&record.group).committed());
+    for batch in found.into_iter().skip(from) {
+        if let Some(committed) = committed
+            && batch.consistent_at_unix_ns > committed
+        {
+            // Sealed, but not every member held the point: drop it (the
+            // primary resends it from its change set). A group batch is
+            // never deferred, so it is the log's last.
+            tracing::info!(volume = %name, group = %record.group, point = batch.consistent_at_unix_ns, committed, "dropping a staged group batch its group never committed");
+            break;
+        }
+        tracing::info!(volume = %name, seq = batch.seq, changes = batch.changes.len(), "replaying a committed batch after a crash");
+        apply_batch(sv, batch).await?;
     }
-    tracing::info!(volume = %name, seq = batch.seq, changes = batch.changes.len(), "replaying a committed batch after a crash");
-    apply_batch(sv, batch).await
+    if from == ats.len() {
+        tracing::info!(volume = %name, "staged batches already applied");
+    }
+    sv.reset_staging()
 }
 
 /// Per-stream state.
@@ -212,6 +294,8 @@ impl Stream {
                 .stage_write(w.offset, &w.data)
                 .map_err(|e| Status::internal(format!("staging a write: {e}")));
         }
+        settle(&self.sv).await?;
+        let _gate = self.sv.points.wait_clone().await;
         if w.unordered {
             self.mark_unordered()?;
         }
@@ -245,6 +329,8 @@ impl Stream {
                 .stage_zero(z.offset, z.length)
                 .map_err(|e| Status::internal(format!("staging zeros: {e}")));
         }
+        settle(&self.sv).await?;
+        let _gate = self.sv.points.wait_clone().await;
         if z.unordered {
             self.mark_unordered()?;
         }
@@ -267,14 +353,37 @@ impl Stream {
         .await
         .map_err(|e| Status::internal(format!("commit task: {e}")))?
         .map_err(|e| Status::internal(format!("syncing the staging log: {e}")))?;
-        if c.group_size > 0 {
+        let group = c.group_size > 0;
+        let action = commit_action(
+            group,
+            self.sv.points.clone_running(),
+            self.sv
+                .staging
+                .lock()
+                .expect("staging lock poisoned")
+                .deferred_bytes(),
+            batch.bytes,
+        );
+        if action == CommitAction::Defer {
+            // Durable in the staging log: acknowledged now, applied once
+            // the point's clone is done (see the module doc).
+            self.sv
+                .staging
+                .lock()
+                .expect("staging lock poisoned")
+                .defer(batch);
+            return self.ack(c.seq).await;
+        }
+        settle(&self.sv).await?;
+        if group {
             self.await_group(c.consistent_at_unix_ns, c.group_size)
                 .await?;
         }
-        apply_batch(&self.sv, batch).await?;
+        apply_one(&self.sv, batch).await?;
+        self.sv.reset_staging()?;
         self.ack(c.seq).await?;
-        // A batch boundary: a scheduled recovery point may be due (taken
-        // after the ack, still before the next frame is applied).
+        // A batch boundary: a scheduled recovery point may be due (its
+        // clone starts now and runs while the next frames are staged).
         super::points::after_commit(&self.sv).await;
         Ok(())
     }
@@ -305,6 +414,7 @@ impl Stream {
     }
 
     async fn barrier(&self, b: pb::Barrier) -> Result<(), Status> {
+        settle(&self.sv).await?;
         self.sv
             .volume
             .device()
@@ -359,16 +469,19 @@ pub(crate) async fn run_stream(
     // so before waiting for that stream's frame in hand.
     sv.leave_group();
     // A stream that died mid-batch left staged records behind; this stream
-    // starts a fresh batch (after the older stream's frame in hand is done).
+    // starts a fresh batch (after the older stream's frame in hand is done)
+    // on the image holding every batch acknowledged so far.
     let guard = sv.apply_lock.lock().await;
+    let settled = settle(&sv).await;
     let reset = sv.staging.lock().expect("staging lock poisoned").reset();
     drop(guard);
-    if let Err(e) = reset {
-        let _ = acks
-            .send(Err(Status::internal(format!(
-                "emptying the staging log: {e}"
-            ))))
-            .await;
+    let failed = match (settled, reset) {
+        (Err(status), _) => Some(status),
+        (Ok(()), Err(e)) => Some(Status::internal(format!("emptying the staging log: {e}"))),
+        (Ok(()), Ok(())) => None,
+    };
+    if let Some(status) = failed {
+        let _ = acks.send(Err(status)).await;
         return;
     }
     let stream = Stream { sv, session, acks };

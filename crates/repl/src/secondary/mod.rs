@@ -520,6 +520,9 @@ impl SecondarySet {
             .ok_or_else(|| Status::not_found(format!("no secondary named {volume}")))?;
         sv.session.fetch_add(1, Ordering::SeqCst);
         let _guard = sv.apply_lock.lock().await;
+        // Batches acknowledged while a point's clone ran are part of the
+        // image the primary counts on: applied before the role changes.
+        apply::settle(&sv).await?;
         let staging_path = {
             let mut staging = sv.staging.lock().expect("staging lock poisoned");
             staging

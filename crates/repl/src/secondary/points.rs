@@ -22,16 +22,26 @@
 //! persisted when the set grew) *before* a batch touches the volume, so a
 //! crash can only make a change set larger than the truth, never smaller.
 //!
-//! A point is taken while the stream's `apply_lock` is held, i.e. between
-//! two frames: committed batches are applied whole under that lock, so the
-//! image is the crash-consistent image of the record's `consistent_at`.
-//! The clone is one `FICLONE` (time proportional to extents, not bytes).
+//! A point is taken right after a committed batch is applied: the clone
+//! starts under the stream's `apply_lock` and holds the volume's *clone
+//! gate* until it is done, and no batch is applied to the volume without
+//! that gate, so the image is the crash-consistent image of the record's
+//! `consistent_at`. The stream itself does not wait for the clone: batches
+//! committed meanwhile are staged, made durable and acknowledged, and
+//! applied once the clone is done (`apply.rs`). The clone is one `FICLONE`
+//! (time proportional to extents, not bytes) or a few `FICLONERANGE`s.
+//!
+//! Deleting a point's image (expiry, the space cap, a stale head start)
+//! frees extents in the same reference-count btree a clone updates, so it
+//! never runs beside a clone in the data dir: files are cut down from the
+//! end in steps ([`REAP_CHUNK`]), each step only while no clone runs, and a
+//! clone waits at most for the step in progress.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -60,6 +70,9 @@ const IMAGE_EXT: &str = "img";
 /// extents) that held the stream 0.4–3.4 s per point in the benchmark,
 /// while a streaming writer changes one or a few runs.
 const MAX_INCREMENTAL_RUNS: usize = 64;
+/// A deleted point's image is cut down by this much per step (see the
+/// module doc): one step's extent frees is what a clone may wait for.
+const REAP_CHUNK: u64 = 16 << 20;
 /// How long a manual point waits for the secondary to be consistent (a
 /// reconnect's resync done) and, asked on the primary, to apply the batch
 /// holding the primary's writes up to the request.
@@ -176,6 +189,27 @@ struct State {
     pending: Option<Blocks>,
 }
 
+/// Clones and deletions of point images in the data dir (see the module
+/// doc): deletions step aside for clones.
+#[derive(Debug, Default)]
+struct ReapGate {
+    /// Clones running (or waiting for a deletion step to end).
+    clones: usize,
+    /// A deletion step is running.
+    reaping: bool,
+}
+
+/// A clone in the data dir is running: deletions wait (see [`ReapGate`]).
+struct Cloning<'a>(&'a PointsCtx);
+
+impl Drop for Cloning<'_> {
+    fn drop(&mut self) {
+        let mut g = self.0.reap_gate.lock().expect("reap gate poisoned");
+        g.clones -= 1;
+        self.0.reap_cv.notify_all();
+    }
+}
+
 /// Shared by every secondary volume's points: the data dir's reflink
 /// support, the event bus, the space cap and the set of volumes it covers.
 #[derive(Debug)]
@@ -189,22 +223,95 @@ pub(crate) struct PointsCtx {
     /// hold a point between publishing its image and recording it, so a
     /// `kill -9` can land in that window.
     delay_record: Option<Duration>,
+    /// Fault injection for crash tests (`EMBER_FAULT_DELAY_EXPIRY=MS`):
+    /// pause after each step of deleting an expired point's image.
+    delay_expiry: Option<Duration>,
+    /// Fault injection for tests (`EMBER_FAULT_DELAY_CLONE=MS`): a point's
+    /// clone of the volume takes this much longer (holding the clone
+    /// gate), as a fragmented volume's clone does.
+    delay_clone: Option<Duration>,
+    reap_gate: Mutex<ReapGate>,
+    reap_cv: Condvar,
 }
 
 impl PointsCtx {
     pub(crate) fn new(root: PathBuf, reflink: bool, cap_bytes: u64) -> Self {
-        let delay_record = std::env::var("EMBER_FAULT_DELAY_POINT")
-            .ok()
-            .and_then(|ms| ms.parse().ok())
-            .map(Duration::from_millis);
+        let delay = |var: &str| {
+            std::env::var(var)
+                .ok()
+                .and_then(|ms| ms.parse().ok())
+                .map(Duration::from_millis)
+        };
         Self {
             root,
             reflink,
             events: EventBus::default(),
             cap_bytes: AtomicU64::new(cap_bytes),
             all: Mutex::new(HashMap::new()),
-            delay_record,
+            delay_record: delay("EMBER_FAULT_DELAY_POINT"),
+            delay_expiry: delay("EMBER_FAULT_DELAY_EXPIRY"),
+            delay_clone: delay("EMBER_FAULT_DELAY_CLONE"),
+            reap_gate: Mutex::new(ReapGate::default()),
+            reap_cv: Condvar::new(),
         }
+    }
+
+    /// Marks a clone running until the guard drops; waits for a deletion
+    /// step in progress (none starts meanwhile). Blocking.
+    fn cloning(&self) -> Cloning<'_> {
+        let mut g = self.reap_gate.lock().expect("reap gate poisoned");
+        g.clones += 1;
+        while g.reaping {
+            g = self.reap_cv.wait(g).expect("reap gate poisoned");
+        }
+        Cloning(self)
+    }
+
+    /// Deletes point images off the caller's path, stepping aside for
+    /// clones (see the module doc). A crash midway leaves unlisted images
+    /// that the next start removes.
+    fn reap(self: &Arc<Self>, files: Vec<PathBuf>) {
+        if files.is_empty() {
+            return;
+        }
+        let ctx = self.clone();
+        tokio::task::spawn_blocking(move || {
+            for f in files {
+                ctx.reap_file(&f);
+            }
+        });
+    }
+
+    /// Cuts `path` down from its end, one [`REAP_CHUNK`] per step while no
+    /// clone runs, then unlinks it. Blocking.
+    fn reap_file(&self, path: &Path) {
+        if let Ok(file) = OpenOptions::new().write(true).open(path) {
+            while let Ok(len) = file.metadata().map(|m| m.len())
+                && len > 0
+            {
+                {
+                    let mut g = self.reap_gate.lock().expect("reap gate poisoned");
+                    while g.clones > 0 || g.reaping {
+                        g = self.reap_cv.wait(g).expect("reap gate poisoned");
+                    }
+                    g.reaping = true;
+                }
+                let cut = file.set_len(plan::reap_step(len, REAP_CHUNK));
+                {
+                    let mut g = self.reap_gate.lock().expect("reap gate poisoned");
+                    g.reaping = false;
+                    self.reap_cv.notify_all();
+                }
+                if let Err(e) = cut {
+                    tracing::warn!(file = %path.display(), error = %e, "cannot cut down an expired recovery point's image; unlinking it whole");
+                    break;
+                }
+                if let Some(d) = self.delay_expiry {
+                    std::thread::sleep(d);
+                }
+            }
+        }
+        let _ = std::fs::remove_file(path);
     }
 
     fn publish(&self, kind: EventKind, volume: &str, message: String) {
@@ -231,6 +338,10 @@ pub(crate) struct VolumePoints {
     /// One point at a time per volume: held from the clone until the
     /// point is recorded (and the next point's head start is made).
     serial: Arc<tokio::sync::Mutex<()>>,
+    /// Held by a point's clone of the volume while it runs, and by every
+    /// change applied to the volume (`apply.rs`): a clone sees no batch
+    /// half-applied, and the stream defers batches while it runs.
+    clone_gate: Arc<tokio::sync::Mutex<()>>,
     ctx: Arc<PointsCtx>,
 }
 
@@ -304,6 +415,7 @@ impl VolumePoints {
             }),
             io: Mutex::new(()),
             serial: Arc::new(tokio::sync::Mutex::new(())),
+            clone_gate: Arc::new(tokio::sync::Mutex::new(())),
             ctx: ctx.clone(),
         });
         if changed {
@@ -319,6 +431,17 @@ impl VolumePoints {
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().expect("points lock poisoned")
+    }
+
+    /// Whether a point's clone of the volume is running now.
+    pub(crate) fn clone_running(&self) -> bool {
+        self.clone_gate.try_lock().is_err()
+    }
+
+    /// Waits until no point's clone of the volume runs and keeps one from
+    /// starting while the guard lives (hold it while changing the image).
+    pub(crate) async fn wait_clone(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.clone_gate.lock().await
     }
 
     fn persist_index(&self, index: &Index) -> std::io::Result<()> {
@@ -450,9 +573,10 @@ impl VolumePoints {
         }
     }
 
-    /// The part of taking a point that needs the stream stopped: the
-    /// caller holds the volume's `apply_lock`, so the clone is the
-    /// consistent image of the last committed batch. Clones into
+    /// The part of taking a point that needs the image still: the caller
+    /// holds the volume's clone gate (taken right after a batch was
+    /// applied, under the `apply_lock`), so the clone is the consistent
+    /// image of the last applied batch. Clones into
     /// `.tmp-NAME.img` and returns that path (and whether the clone was
     /// incremental); nothing is synced or recorded
     /// yet ([`Self::record`] does that, off the stream's path). From here
@@ -467,6 +591,7 @@ impl VolumePoints {
         }
         let tmp = self.dir.join(format!("{TMP_PREFIX}{}", image_name(name)));
         let _ = std::fs::remove_file(&tmp);
+        let _cloning = self.ctx.cloning();
         let incremental = self.take_incremental(&tmp, size_bytes);
         if !incremental {
             ember_volume::cow::reflink_file_unsynced(&self.data_path, &tmp).map_err(|e| {
@@ -475,6 +600,9 @@ impl VolumePoints {
                     self.volume
                 ))
             })?;
+        }
+        if let Some(d) = self.ctx.delay_clone {
+            std::thread::sleep(d);
         }
         self.state().pending = Some(Blocks::default());
         Ok((tmp, incremental))
@@ -620,21 +748,30 @@ impl VolumePoints {
             .dir
             .join(format!("{TMP_PREFIX}next-{}", image_name(name)));
         let _ = std::fs::remove_file(&tmp);
-        if ember_volume::cow::reflink_file(&self.image(name), &tmp).is_err()
-            || std::fs::rename(&tmp, self.next_path(name)).is_err()
-        {
+        let made = {
+            let _cloning = self.ctx.cloning();
+            ember_volume::cow::reflink_file(&self.image(name), &tmp)
+        };
+        if made.is_err() || std::fs::rename(&tmp, self.next_path(name)).is_err() {
             let _ = std::fs::remove_file(&tmp);
             return;
         }
         let keep = self.next_path(name);
+        let mut stale = Vec::new();
         if let Ok(entries) = std::fs::read_dir(&self.dir) {
             for e in entries.flatten() {
                 let f = e.file_name().to_string_lossy().into_owned();
                 if f.starts_with(".next-") && e.path() != keep {
-                    let _ = std::fs::remove_file(e.path());
+                    // Renamed to a temporary first, so a crash while it is
+                    // cut down leaves a name the next start removes.
+                    let doomed = self.dir.join(format!("{TMP_PREFIX}{f}"));
+                    if std::fs::rename(e.path(), &doomed).is_ok() {
+                        stale.push(doomed);
+                    }
                 }
             }
         }
+        self.ctx.reap(stale);
     }
 
     /// Forgets the points named (folding their change sets into the
@@ -665,14 +802,10 @@ impl VolumePoints {
             return gone;
         }
         let files: Vec<PathBuf> = gone.iter().map(|n| self.image(n)).collect();
-        // Detached: unlinking a clone frees its unshared extents, which can
-        // take a while; nothing waits for it (a crash leaves an unlisted
-        // image that the next start removes).
-        tokio::task::spawn_blocking(move || {
-            for f in files {
-                let _ = std::fs::remove_file(f);
-            }
-        });
+        // Detached: deleting a clone frees its unshared extents, which can
+        // take a while, and steps aside for clones; nothing waits for it (a
+        // crash leaves an unlisted image that the next start removes).
+        self.ctx.reap(files);
         for name in &gone {
             tracing::info!(volume = %self.volume, point = %name, why, "recovery point expired");
             self.ctx.publish(
@@ -783,47 +916,71 @@ fn image_name(point: &str) -> String {
     format!("{point}.{IMAGE_EXT}")
 }
 
-/// A point cloned under the apply lock whose record (fsyncs, rename,
-/// `points.json`, retention, space cap) runs in this task.
+/// A point being taken: its clone and then its record (fsyncs, rename,
+/// `points.json`, retention, space cap) run in this task.
 pub(crate) type Recording = tokio::task::JoinHandle<Result<PointMeta, Status>>;
 
-/// Takes a point of `sv` now. The caller holds its `apply_lock`, which
-/// this holds only for the clone itself (one `FICLONE`, or a few
-/// `FICLONERANGE`s): every fsync, the rename, the record, the retention
-/// and the space cap run in the returned task while the stream goes on.
-/// Waits first for the previous point of the volume to be recorded.
+/// Takes a point of `sv` now. The caller holds its `apply_lock` (so no
+/// batch is half-applied) and `serial` (the previous point of the volume
+/// is recorded); this takes the clone gate and returns at once: the clone
+/// runs in the returned task, and batches committed meanwhile are
+/// acknowledged and deferred (`apply.rs`) until it ends and the gate is
+/// given back. Everything after the clone runs in the task too.
 /// Publishes `point-created` or `point-failed`.
 async fn take_now(
-    sv: &SecondaryVolume,
+    sv: &Arc<SecondaryVolume>,
     name: String,
     kind: PointKind,
+    serial: tokio::sync::OwnedMutexGuard<()>,
 ) -> Result<Recording, Status> {
-    let serial = sv.points.serial.clone().lock_owned().await;
-    let rec = sv.record();
     let points = sv.points.clone();
+    let ctx = points.ctx.clone();
+    let rec = sv.record();
+    let volume = rec.volume.clone();
+    if points.state().index.points.iter().any(|p| p.name == name) {
+        let status = Status::already_exists(format!(
+            "volume {volume} already has a recovery point named {name}"
+        ));
+        point_failed(&ctx, &volume, &status);
+        return Err(status);
+    }
+    let started = std::time::Instant::now();
+    // Free: batches are applied under the `apply_lock` the caller holds,
+    // and the previous clone ended before its record, which `serial`
+    // waited for.
+    let gate = points.clone_gate.clone().lock_owned().await;
+    let held = started.elapsed();
     let size = ember_nbd::Export::size(sv.volume.as_ref());
     let at = rec.consistent_at_unix_ns;
     let group = rec.group.clone();
-    let started = std::time::Instant::now();
-    let cloned = {
-        let (points, name) = (points.clone(), name.clone());
-        tokio::task::spawn_blocking(move || points.clone_now(&name, size))
-            .await
-            .map_err(|e| io_err("recovery point task", e))
-            .and_then(|r| r)
-    };
-    let held = started.elapsed();
-    let ctx = points.ctx.clone();
-    let volume = rec.volume;
-    let (tmp, incremental) = match cloned {
-        Ok(made) => made,
-        Err(status) => {
-            point_failed(&ctx, &volume, &status);
-            return Err(status);
-        }
-    };
+    let sv = sv.clone();
     Ok(tokio::spawn(async move {
         let _serial = serial;
+        let cloned = {
+            let (points, name) = (points.clone(), name.clone());
+            tokio::task::spawn_blocking(move || points.clone_now(&name, size))
+                .await
+                .map_err(|e| io_err("recovery point task", e))
+                .and_then(|r| r)
+        };
+        // What the stream staged and acknowledged meanwhile, for the log.
+        let deferred_bytes = sv
+            .staging
+            .lock()
+            .expect("staging lock poisoned")
+            .deferred_bytes();
+        drop(gate);
+        let clone_time = started.elapsed();
+        // The batches acknowledged during the clone: applied by the next
+        // commit, or by this drain if none comes.
+        super::apply::spawn_drain(sv);
+        let (tmp, incremental) = match cloned {
+            Ok(made) => made,
+            Err(status) => {
+                point_failed(&ctx, &volume, &status);
+                return Err(status);
+            }
+        };
         let vp = points.clone();
         let taken = tokio::task::spawn_blocking(move || {
             let p = vp.record(&tmp, &name, at, kind, &group, size)?;
@@ -837,7 +994,7 @@ async fn take_now(
         .and_then(|r| r);
         match &taken {
             Ok(p) => {
-                tracing::info!(volume = %volume, point = %p.name, at = %rfc3339(at), kind = kind.as_str(), ms = started.elapsed().as_millis() as u64, stream_held_us = held.as_micros() as u64, incremental, "recovery point taken");
+                tracing::info!(volume = %volume, point = %p.name, at = %rfc3339(at), kind = kind.as_str(), ms = started.elapsed().as_millis() as u64, stream_held_us = held.as_micros() as u64, clone_us = clone_time.as_micros() as u64, deferred_bytes, incremental, "recovery point taken");
                 ctx.publish(
                     EventKind::PointCreated,
                     &volume,
@@ -902,8 +1059,10 @@ fn enforce_cap(ctx: &PointsCtx) {
 
 /// The apply path committed a batch (or a barrier moved the consistent
 /// point): takes a scheduled point if one is due. The caller holds the
-/// `apply_lock`. Never fails the stream: a failed point is an event.
-pub(super) async fn after_commit(sv: &SecondaryVolume) {
+/// `apply_lock`. Never waits for anything slow and never fails the stream:
+/// a failed point is an event; while the previous point is still being
+/// recorded, the next commit tries again.
+pub(super) async fn after_commit(sv: &Arc<SecondaryVolume>) {
     let rec = sv.record();
     if !rec.consistent || rec.detached {
         return;
@@ -923,6 +1082,9 @@ pub(super) async fn after_commit(sv: &SecondaryVolume) {
     if !plan::due(&schedule, last, at) {
         return;
     }
+    let Ok(serial) = sv.points.serial.clone().try_lock_owned() else {
+        return;
+    };
     sv.points.state().last_try_at = Some(at);
     if !sv.points.ctx.reflink {
         tracing::warn!(volume = %rec.volume, "scheduled recovery point refused: {NO_REFLINK}");
@@ -934,7 +1096,13 @@ pub(super) async fn after_commit(sv: &SecondaryVolume) {
         return;
     }
     // The record finishes on its own; a failure is an event.
-    let _ = take_now(sv, format!("auto-{}", rfc3339(at)), PointKind::Scheduled).await;
+    let _ = take_now(
+        sv,
+        format!("auto-{}", rfc3339(at)),
+        PointKind::Scheduled,
+        serial,
+    )
+    .await;
 }
 
 impl SecondarySet {
@@ -1020,6 +1188,10 @@ impl SecondarySet {
             return Err(Status::failed_precondition(NO_REFLINK));
         }
         let deadline = tokio::time::Instant::now() + CATCH_UP_TIMEOUT;
+        // The previous point of the volume recorded first (taken before the
+        // `apply_lock`, which the stream needs meanwhile), so a default
+        // name sees it.
+        let mut serial = Some(sv.points.serial.clone().lock_owned().await);
         loop {
             let guard = sv.apply_lock.lock().await;
             let rec = sv.record();
@@ -1034,9 +1206,14 @@ impl SecondarySet {
                 )));
             }
             if rec.consistent && rec.consistent_at_unix_ns >= not_before_unix_ns {
-                let name = name
-                    .unwrap_or_else(|| format!("manual-{}", rfc3339(rec.consistent_at_unix_ns)));
-                let recording = take_now(&sv, name, PointKind::Manual).await?;
+                let name = name.unwrap_or_else(|| {
+                    let st = sv.points.state();
+                    plan::default_manual_name(&rfc3339(rec.consistent_at_unix_ns), |n| {
+                        st.index.points.iter().any(|p| p.name == n)
+                    })
+                });
+                let serial = serial.take().expect("taken once: the loop returns");
+                let recording = take_now(&sv, name, PointKind::Manual, serial).await?;
                 drop(guard);
                 let p = recording
                     .await
@@ -1108,9 +1285,14 @@ impl SecondarySet {
     ) -> Result<(PointInfo, Vec<(u64, u64)>), Status> {
         let sv = self.points_of(volume)?;
         sv.session.fetch_add(1, Ordering::SeqCst);
-        let _guard = sv.apply_lock.lock().await;
-        // A point still being recorded would land after the rollback.
+        // A point still being recorded would land after the rollback (and
+        // `serial` comes before the `apply_lock`, as in `create_point`).
         let _serial = sv.points.serial.lock().await;
+        let _guard = sv.apply_lock.lock().await;
+        // Batches acknowledged but deferred belong to the newest image:
+        // applied (and noted in the change sets) before the rollback
+        // computes what differs from the point.
+        super::apply::settle(&sv).await?;
         sv.reset_staging()?;
         let points = sv.points.list();
         let i = plan::select(&points, sel, now_unix_ns()).map_err(|e| select_status(volume, e))?;

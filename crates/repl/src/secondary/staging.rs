@@ -18,7 +18,15 @@
 //! ([`crate::budget`]): when the budget refuses, the rest of the batch goes
 //! to the file only and is read back to apply it; the log on disk, and so
 //! what a crash or a commit sees, is the same either way.
+//!
+//! While a recovery point's clone of the volume runs, committed batches
+//! are *deferred*: acknowledged once durable here, and applied in order
+//! once the clone is done (`apply.rs`). The log then holds several
+//! committed batches, all replayed at start-up after the one the
+//! secondary's record names as applied ([`replay_from`]); emptying the log
+//! keeps deferred batches ([`StagingLog::reset`]).
 
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -57,6 +65,23 @@ pub(crate) struct CommittedBatch {
     pub(crate) seq: u64,
     pub(crate) consistent_at_unix_ns: i64,
     pub(crate) changes: Vec<StagedChange>,
+    /// Bytes it changes (data and zeroed ranges).
+    pub(crate) bytes: u64,
+    /// Log position just past its commit record.
+    pub(crate) end: u64,
+}
+
+/// Which of the committed batches a log holds (their consistent-at times,
+/// in log order) a restart must apply, given the time the secondary's
+/// record names as applied: those after the batch with that time, or all
+/// when none has it (the record names a batch of an earlier, emptied log).
+/// Each applied batch updates the record before the next is applied, so
+/// the batches before the named one are applied too.
+pub(crate) fn replay_from(batch_ats: &[i64], record_at: i64) -> usize {
+    batch_ats
+        .iter()
+        .rposition(|&at| at == record_at)
+        .map_or(0, |i| i + 1)
 }
 
 /// The staging log of one secondary volume.
@@ -76,6 +101,11 @@ pub(crate) struct StagingLog {
     staged_bytes: u64,
     /// The budget bytes `mem`'s capacity holds.
     account: Account,
+    /// Committed batches acknowledged but not yet applied (oldest first),
+    /// while a recovery point's clone runs.
+    deferred: VecDeque<CommittedBatch>,
+    /// Their bytes.
+    deferred_bytes: u64,
 }
 
 fn header(kind: u32, a: u64, b: u64, data: &[u8]) -> [u8; HEADER as usize] {
@@ -116,6 +146,8 @@ impl StagingLog {
             changes: Vec::new(),
             staged_bytes: 0,
             account,
+            deferred: VecDeque::new(),
+            deferred_bytes: 0,
         })
     }
 
@@ -124,13 +156,15 @@ impl StagingLog {
         &self.path
     }
 
-    /// Scans the log: returns the committed batch if the log holds one
-    /// whose every record is intact, and forgets any uncommitted tail.
-    pub(crate) fn recover(&mut self) -> std::io::Result<Option<CommittedBatch>> {
+    /// Scans the log: returns the committed batches it holds (in order)
+    /// whose every record, and every record before them, is intact, and
+    /// forgets any uncommitted tail.
+    pub(crate) fn recover(&mut self) -> std::io::Result<Vec<CommittedBatch>> {
         let len = self.file.metadata()?.len();
         let mut pos = 0;
         let mut changes = Vec::new();
-        let mut found = None;
+        let mut bytes = 0;
+        let mut found = Vec::new();
         while pos + HEADER <= len {
             let mut h = [0u8; HEADER as usize];
             self.file.read_exact_at(&mut h, pos)?;
@@ -150,25 +184,30 @@ impl StagingLog {
                 break;
             }
             match kind {
-                KIND_WRITE => changes.push(StagedChange::Write {
-                    offset: a,
-                    len: b,
-                    log_pos: pos + HEADER,
-                }),
-                KIND_ZERO => changes.push(StagedChange::Zero { offset: a, len: b }),
-                KIND_COMMIT => {
-                    found = Some(CommittedBatch {
-                        seq: a,
-                        consistent_at_unix_ns: b as i64,
-                        changes: std::mem::take(&mut changes),
+                KIND_WRITE => {
+                    changes.push(StagedChange::Write {
+                        offset: a,
+                        len: b,
+                        log_pos: pos + HEADER,
                     });
-                    break;
+                    bytes += b;
                 }
+                KIND_ZERO => {
+                    changes.push(StagedChange::Zero { offset: a, len: b });
+                    bytes += b;
+                }
+                KIND_COMMIT => found.push(CommittedBatch {
+                    seq: a,
+                    consistent_at_unix_ns: b as i64,
+                    changes: std::mem::take(&mut changes),
+                    bytes: std::mem::take(&mut bytes),
+                    end: pos + HEADER,
+                }),
                 _ => break,
             }
             pos += HEADER + data_len;
         }
-        if found.is_none() {
+        if found.is_empty() {
             self.reset()?;
         }
         Ok(found)
@@ -276,12 +315,47 @@ impl StagingLog {
         self.append(&[&h])?;
         self.write_out()?;
         self.file.sync_data()?;
-        self.staged_bytes = 0;
         Ok(CommittedBatch {
             seq,
             consistent_at_unix_ns,
             changes: std::mem::take(&mut self.changes),
+            bytes: std::mem::take(&mut self.staged_bytes),
+            end: self.end,
         })
+    }
+
+    /// Keeps a committed batch to apply later (after the batches deferred
+    /// before it). It stays in the log until applied.
+    pub(crate) fn defer(&mut self, batch: CommittedBatch) {
+        self.deferred_bytes += batch.bytes;
+        self.deferred.push_back(batch);
+    }
+
+    /// The oldest deferred batch, if any.
+    pub(crate) fn deferred_front(&self) -> Option<CommittedBatch> {
+        self.deferred.front().cloned()
+    }
+
+    /// The oldest deferred batch was applied.
+    pub(crate) fn pop_deferred(&mut self) {
+        if let Some(b) = self.deferred.pop_front() {
+            self.deferred_bytes -= b.bytes;
+        }
+    }
+
+    /// Whether any batch is deferred.
+    pub(crate) fn has_deferred(&self) -> bool {
+        !self.deferred.is_empty()
+    }
+
+    /// Bytes of the deferred batches.
+    pub(crate) fn deferred_bytes(&self) -> u64 {
+        self.deferred_bytes
+    }
+
+    /// Whether an open (uncommitted) batch has records.
+    pub(crate) fn has_open(&self) -> bool {
+        !self.changes.is_empty()
     }
 
     /// Reads a staged write's data back (from memory while it is there).
@@ -297,8 +371,21 @@ impl StagingLog {
 
     /// Empties the log (after a batch is applied, or to drop an
     /// uncommitted one). Not synced: a stale committed batch left behind is
-    /// recognised by its sequence number and skipped.
+    /// recognised by the secondary's record and skipped. Deferred batches
+    /// (acknowledged, not yet applied) are kept: only what follows the
+    /// newest of them is dropped.
     pub(crate) fn reset(&mut self) -> std::io::Result<()> {
+        if let Some(keep) = self.deferred.back().map(|b| b.end) {
+            // Every committed record is in the file (`commit` wrote it out).
+            self.file.set_len(keep)?;
+            self.end = keep;
+            self.written = keep;
+            self.mem.clear();
+            self.mem_start = keep;
+            self.changes.clear();
+            self.staged_bytes = 0;
+            return Ok(());
+        }
         self.file.set_len(0)?;
         self.file.flush()?;
         self.end = 0;
@@ -328,13 +415,13 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("v.staging");
         let mut log = StagingLog::open(&path).expect("open");
-        assert_eq!(log.recover().expect("recover"), None);
+        assert_eq!(log.recover().expect("recover"), vec![]);
         log.stage_write(4096, &[7u8; 4096]).expect("stage");
         log.stage_zero(0, 4096).expect("stage");
         // Uncommitted: a restart drops it.
         drop(log);
         let mut log = StagingLog::open(&path).expect("open");
-        assert_eq!(log.recover().expect("recover"), None);
+        assert_eq!(log.recover().expect("recover"), vec![]);
         assert_eq!(std::fs::metadata(&path).expect("stat").len(), 0);
 
         log.stage_write(8192, &[9u8; 4096]).expect("stage");
@@ -343,7 +430,11 @@ mod tests {
         assert_eq!(batch.changes.len(), 2);
         drop(log);
         let mut log = StagingLog::open(&path).expect("open");
-        let found = log.recover().expect("recover").expect("committed batch");
+        let found = log
+            .recover()
+            .expect("recover")
+            .pop()
+            .expect("committed batch");
         assert_eq!(found, batch);
         match found.changes[0] {
             StagedChange::Write { log_pos, len, .. } => {
@@ -370,7 +461,11 @@ mod tests {
         }
         drop(log);
         let mut log = StagingLog::open(&path).expect("open");
-        let found = log.recover().expect("recover").expect("committed batch");
+        let found = log
+            .recover()
+            .expect("recover")
+            .pop()
+            .expect("committed batch");
         assert_eq!(found.changes.len(), count);
         let StagedChange::Write { log_pos, len, .. } = found.changes[count - 1] else {
             panic!("a write")
@@ -392,7 +487,68 @@ mod tests {
             .expect("open raw");
         f.write_all_at(&[0], HEADER + 10).expect("corrupt");
         let mut log = StagingLog::open(&path).expect("open");
-        assert_eq!(log.recover().expect("recover"), None);
+        assert_eq!(log.recover().expect("recover"), vec![]);
+    }
+
+    #[test]
+    fn deferred_batches_survive_a_reset_and_a_restart_replays_them_in_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("v.staging");
+        let mut log = StagingLog::open(&path).expect("open");
+        assert_eq!(log.recover().expect("recover"), vec![]);
+        log.stage_write(0, &[1u8; 4096]).expect("stage");
+        let a = log.commit(1, 100).expect("commit");
+        assert_eq!(a.bytes, 4096);
+        log.defer(a.clone());
+        log.stage_write(4096, &[2u8; 8192]).expect("stage");
+        log.stage_zero(0, 4096).expect("stage");
+        let b = log.commit(2, 200).expect("commit");
+        assert_eq!(b.bytes, 12288);
+        log.defer(b.clone());
+        assert_eq!(log.deferred_bytes(), 16384);
+        // An open batch, then a stream breaks: reset drops only the open
+        // batch; the deferred ones stay, readable.
+        log.stage_write(8192, &[3u8; 4096]).expect("stage");
+        assert!(log.has_open());
+        log.reset().expect("reset");
+        assert!(!log.has_open());
+        assert_eq!(std::fs::metadata(&path).expect("stat").len(), b.end);
+        assert_eq!(log.deferred_front(), Some(a.clone()));
+        let StagedChange::Write { log_pos, len, .. } = b.changes[0] else {
+            panic!("a write")
+        };
+        assert_eq!(log.read(log_pos, len).expect("read"), vec![2u8; 8192]);
+        // Staging goes on after the kept batches.
+        log.stage_write(0, &[4u8; 4096]).expect("stage");
+        let c = log.commit(3, 300).expect("commit");
+        drop(log);
+        let mut log = StagingLog::open(&path).expect("open");
+        let found = log.recover().expect("recover");
+        assert_eq!(found, vec![a.clone(), b.clone(), c.clone()]);
+        let ats: Vec<i64> = found.iter().map(|b| b.consistent_at_unix_ns).collect();
+        assert_eq!(replay_from(&ats, 200), 2, "a and b applied: replay c");
+        // Applied in order: once nothing is deferred, reset empties it all.
+        log.defer(found[0].clone());
+        log.pop_deferred();
+        assert_eq!(log.deferred_bytes(), 0);
+        log.reset().expect("reset");
+        assert_eq!(std::fs::metadata(&path).expect("stat").len(), 0);
+    }
+
+    #[test]
+    fn a_restart_replays_the_batches_after_the_one_the_record_names() {
+        // (batch times in the log, the record's time, first to replay)
+        let rows: &[(&[i64], i64, usize)] = &[
+            (&[], 5, 0),
+            (&[10], 10, 1),
+            (&[10], 5, 0),
+            (&[10, 20, 30], 20, 2),
+            (&[10, 20, 30], 30, 3),
+            (&[10, 20, 30], 99, 0),
+        ];
+        for (ats, record, want) in rows {
+            assert_eq!(replay_from(ats, *record), *want, "{ats:?} record {record}");
+        }
     }
 
     #[test]
@@ -401,7 +557,7 @@ mod tests {
         let path = dir.path().join("v.staging");
         let budget = crate::budget::MemoryBudget::new(1 << 20);
         let mut log = StagingLog::open_with(&path, budget.account()).expect("open");
-        assert_eq!(log.recover().expect("recover"), None);
+        assert_eq!(log.recover().expect("recover"), vec![]);
         let block = 256 << 10;
         for i in 0..16 {
             log.stage_write((i * block) as u64, &vec![i as u8; block])
@@ -424,6 +580,6 @@ mod tests {
         );
         drop(log);
         let mut log = StagingLog::open_with(&path, budget.account()).expect("open");
-        assert_eq!(log.recover().expect("recover"), None, "reset emptied it");
+        assert_eq!(log.recover().expect("recover"), vec![], "reset emptied it");
     }
 }

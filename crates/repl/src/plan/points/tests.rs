@@ -381,3 +381,62 @@ fn the_write_ahead_record_covers_what_was_applied_with_room_ahead() {
         assert_eq!(have.covers(&want), ok, "{have:?} covers {want:?}");
     }
 }
+
+#[test]
+fn default_manual_names_are_unique_and_plain_when_free() {
+    // (names taken, expected)
+    let rows: &[(&[&str], &str)] = &[
+        (&[], "manual-T"),
+        (&["manual-X"], "manual-T"),
+        (&["manual-T"], "manual-T-2"),
+        (&["manual-T", "manual-T-2"], "manual-T-3"),
+        (&["manual-T", "manual-T-3"], "manual-T-2"),
+    ];
+    for (taken, want) in rows {
+        assert_eq!(
+            default_manual_name("T", |n| taken.contains(&n)),
+            *want,
+            "taken {taken:?}"
+        );
+    }
+}
+
+#[test]
+fn a_batch_is_deferred_only_behind_a_running_clone_within_the_bound() {
+    const M: u64 = MAX_DEFERRED_BYTES;
+    // (group, clone running, deferred bytes, batch bytes, expected)
+    let rows = [
+        (false, false, 0, 1 << 20, CommitAction::Apply),
+        (false, true, 0, 1 << 20, CommitAction::Defer),
+        (false, true, M - (1 << 20), 1 << 20, CommitAction::Defer),
+        (
+            false,
+            true,
+            M - (1 << 20),
+            (1 << 20) + 1,
+            CommitAction::Apply,
+        ),
+        (false, true, M, 0, CommitAction::Defer),
+        (false, true, u64::MAX, 1, CommitAction::Apply),
+        (true, true, 0, 1, CommitAction::Apply),
+        (true, false, 0, 1, CommitAction::Apply),
+        // A backlog without a clone (it just finished): apply it all now.
+        (false, false, 1 << 20, 1, CommitAction::Apply),
+    ];
+    for (group, running, deferred, batch, want) in rows {
+        assert_eq!(
+            commit_action(group, running, deferred, batch),
+            want,
+            "group {group} running {running} deferred {deferred} batch {batch}"
+        );
+    }
+}
+
+#[test]
+fn reaping_cuts_a_file_down_in_chunks() {
+    // (len, chunk, next len)
+    let rows = [(0, 8, 0), (5, 8, 0), (8, 8, 0), (20, 8, 12), (20, 0, 19)];
+    for (len, chunk, want) in rows {
+        assert_eq!(reap_step(len, chunk), want, "len {len} chunk {chunk}");
+    }
+}
