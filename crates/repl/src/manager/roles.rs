@@ -270,6 +270,9 @@ impl Replication {
         volume: &str,
         record: impl FnOnce(Vec<(u64, u64)>) -> SecondaryRecord,
     ) -> Result<u64> {
+        // Re-homing the other targets to the new primary is not built yet:
+        // refusing keeps them replicating from this site meanwhile.
+        self.check_single_target(volume, "demote")?;
         let running = self
             .running
             .lock()
@@ -486,6 +489,8 @@ impl Replication {
                     cfg.generation,
                 ));
             }
+            self.fence_if_multi_target(&link, &req.volume, &req.primary_site, theirs)
+                .map_err(to_status)?;
             if cfg.peer != req.primary_site {
                 return Err(Status::failed_precondition(format!(
                     "volume {} is primary here and replicates to {}, not {}",
