@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 mod drills;
 mod groups;
 mod points;
+mod rehome;
 mod roles;
 mod targets;
 

@@ -181,6 +181,15 @@ impl Replication {
         )))
     }
 
+    /// The config of `volume`'s target at `peer` (first or further).
+    pub(super) fn target_config(&self, volume: &str, peer: &str) -> Option<ReplicaConfig> {
+        let first = self.link(volume)?;
+        std::iter::once(first)
+            .chain(self.extra_links(volume))
+            .map(|l| l.config())
+            .find(|c| c.peer == peer)
+    }
+
     /// `enable` of a volume whose first target (`first`) is another peer:
     /// updates that further target in place, or adds it.
     pub(super) fn enable_another(
@@ -211,14 +220,19 @@ impl Replication {
                 req.volume, first.peer
             )));
         }
-        let config = ReplicaConfig::new(
-            &req.volume,
-            &req.peer,
-            req.mode,
-            req.rpo_seconds,
-            req.rpo_policy,
-            req.on_peer_loss,
-        );
+        // The volume's generation is one for all its targets: a target
+        // added after a failover fences with the same number.
+        let config = ReplicaConfig {
+            generation: first.generation,
+            ..ReplicaConfig::new(
+                &req.volume,
+                &req.peer,
+                req.mode,
+                req.rpo_seconds,
+                req.rpo_policy,
+                req.on_peer_loss,
+            )
+        };
         ember_volume::fsutil::write_json_atomic(
             &self.extra_config_path(&req.volume, &req.peer),
             &config,

@@ -21,8 +21,8 @@
 //! image torn by a half-finished resync) the plan says `FullCopy` with the
 //! reason: a blake3 comparison of the whole volume, never a silent guess.
 
-// Executed by the re-homing code of issue 14 part 2; until that lands only
-// the table tests call it.
+// `manager/rehome.rs` executes planned switchovers with it; the forced and
+// reconcile situations are only in the table tests so far.
 #![cfg_attr(not(test), allow(dead_code))]
 
 use super::points::Blocks;

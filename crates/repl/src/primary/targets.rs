@@ -93,24 +93,27 @@ mod tests {
     #[tokio::test]
     async fn join_completes_only_when_every_wait_has() {
         assert!(join(Vec::new()).is_none());
-        let (tx1, rx1) = tokio::sync::oneshot::channel();
-        let (tx2, rx2) = tokio::sync::oneshot::channel();
-        let done = Arc::new(AtomicBool::new(false));
-        let all = join(vec![wait_for(rx1), wait_for(rx2)]).expect("two waits");
-        let flag = done.clone();
-        let task = tokio::spawn(async move {
-            all.await;
-            flag.store(true, Ordering::SeqCst);
-        });
-        // The second target acks first: the writer still waits.
-        tx2.send(()).expect("send");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(
-            !done.load(Ordering::SeqCst),
-            "acked before every sync target"
-        );
-        tx1.send(()).expect("send");
-        task.await.expect("join");
-        assert!(done.load(Ordering::SeqCst));
+        // Either target may ack first: the writer waits for the other.
+        for second_first in [true, false] {
+            let (tx1, rx1) = tokio::sync::oneshot::channel();
+            let (tx2, rx2) = tokio::sync::oneshot::channel();
+            let done = Arc::new(AtomicBool::new(false));
+            let all = join(vec![wait_for(rx1), wait_for(rx2)]).expect("two waits");
+            let flag = done.clone();
+            let task = tokio::spawn(async move {
+                all.await;
+                flag.store(true, Ordering::SeqCst);
+            });
+            let (early, late) = if second_first { (tx2, tx1) } else { (tx1, tx2) };
+            early.send(()).expect("send");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert!(
+                !done.load(Ordering::SeqCst),
+                "acked before every sync target"
+            );
+            late.send(()).expect("send");
+            task.await.expect("join");
+            assert!(done.load(Ordering::SeqCst));
+        }
     }
 }
