@@ -129,3 +129,84 @@ def test_a_type_naming_a_zone_without_a_device_fails_at_create(lab3, ctx):
     # Refused before anything was made.
     listed = drv._primary.raw("ListVolumes", pb.ListVolumesRequest()).volumes
     assert vol.name not in [v.name for v in listed]
+
+
+def status(client, name):
+    return client.raw("GetReplicationStatus",
+                      pb.GetReplicationStatusRequest(volume=name)).status
+
+
+def wait_in_sync(client, name, timeout=30):
+    import time
+    deadline = time.monotonic() + timeout
+    while True:
+        s = status(client, name)
+        if s.targets and all(t.state == "in-sync" and t.lag_bytes == 0 for t in s.targets):
+            return s
+        assert time.monotonic() < deadline, f"{name} not in sync: {s}"
+        time.sleep(0.1)
+
+
+def test_failover_to_any_target_keeps_the_others_then_x_to_y_then_back(own_lab3, ctx):
+    """failover_host(site-b) promotes the volumes with a replica there and
+    the far site follows site-b without a copy; a volume of a far-only type
+    has no replica on site-b and goes to error; a second failover (site-b
+    to site-c) works; failback to default brings site-a back as primary."""
+    import subprocess
+    from conftest import require
+    require("qemu-io")
+    lab = own_lab3
+    drv = make_driver(lab, devices=devices(lab))
+    both = volume(ctx, vtype=volume_type(ctx, replication_enabled="<is> True"))
+    both.replication_status = drv.create_volume(both)["replication_status"]
+    far = volume(ctx, vtype=volume_type(ctx, replication_enabled="<is> True",
+                                        **{"ember:replication_target_az": "far"}))
+    far.replication_status = drv.create_volume(far)["replication_status"]
+
+    def io(uri, *cmds, ro=False):
+        out = subprocess.run(["qemu-io", "-f", "raw", *(["-r"] if ro else []),
+                              *sum((["-c", c] for c in cmds), []), uri],
+                             capture_output=True, text=True)
+        assert out.returncode == 0 and "Pattern verification failed" not in out.stdout, \
+            out.stdout + out.stderr
+        return out
+
+    def uri(client, name):
+        return client.raw("GetVolume", pb.GetVolumeRequest(name=name)).volume.nbd_uri
+
+    a, b, c = drv._primary, drv._clients["site-b"], drv._clients["site-c"]
+    io(uri(a, both.name), "write -P 0x11 0 1M")
+    wait_in_sync(a, both.name)
+
+    active, updates, _ = drv.failover_host(ctx, [both, far], "site-b")
+    assert active == "site-b"
+    by_id = {u["volume_id"]: u["updates"] for u in updates}
+    assert by_id[both.id] == {"replication_status": fields.ReplicationStatus.FAILED_OVER}
+    assert by_id[far.id] == {"status": "error"}  # no replica on site-b
+    both.replication_status = fields.ReplicationStatus.FAILED_OVER
+    s = status(b, both.name)
+    assert s.role == "primary"
+    # site-c now follows site-b (and site-a too, as the old primary).
+    assert "site-c" in {t.peer_site for t in s.targets}, s
+    io(uri(b, both.name), "read -P 0x11 0 1M", "write -P 0x22 1M 1M")
+    s = wait_in_sync(b, both.name)
+    resent = {t.peer_site: t.resync_bytes_sent for t in s.targets}
+    io(uri(c, both.name), "read -P 0x22 1M 1M", ro=True)  # site-c's secondary
+
+    # A second failover, site-b to site-c: no failback needed first.
+    active, updates, _ = drv.failover_host(ctx, [both], "site-c")
+    assert active == "site-c"
+    assert updates[0]["updates"] == {"replication_status": fields.ReplicationStatus.FAILED_OVER}
+    assert status(c, both.name).role == "primary"
+    io(uri(c, both.name), "read -P 0x22 1M 1M", "write -P 0x33 2M 1M")
+    wait_in_sync(c, both.name)
+
+    # Back to site-a.
+    active, updates, _ = drv.failover_host(ctx, [both], "default")
+    assert active == "default"
+    assert updates[0]["updates"] == {"replication_status": fields.ReplicationStatus.ENABLED}
+    s = status(a, both.name)
+    assert s.role == "primary"
+    io(uri(a, both.name), "read -P 0x11 0 1M", "read -P 0x22 1M 1M", "read -P 0x33 2M 1M")
+    # Re-homing never copied the volume again (1 GiB): at most what changed.
+    assert all(v <= 4 << 20 for v in resent.values()), resent
