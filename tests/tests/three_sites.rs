@@ -261,10 +261,13 @@ fn sync_and_async_targets_converge_and_a_lost_target_degrades_alone() {
         "replica", "enable", "vol", "--peer", "site-c", "--mode", "async", "--rpo", "30s",
     ]);
     assert_eq!(peers(&again), ["site-b", "site-c"], "{again}");
-    // Growing is refused while several targets exist (only the first
-    // target's secondary would grow), with the way out.
-    let e = ctl_err(&sites.a, &["volume", "resize", "vol", "--size", "128M"]);
-    assert!(e.contains("several targets"), "{e}");
+    // Growing grows every target's secondary first, then the primary.
+    let grown = sites.a.ctl_json(&["volume", "resize", "vol", "--size", "128M"]);
+    assert_eq!(grown["size_bytes"], 128 * MIB, "{grown}");
+    for (agent, site) in [(&sites.b, "site-b"), (&sites.c, "site-c")] {
+        let v = agent.ctl_json(&["volume", "show", "vol"]);
+        assert_eq!(v["size_bytes"], 128 * MIB, "{site} did not grow: {v}");
+    }
 
     let s = sites.wait_all_caught_up();
     assert_eq!(target(&s, "site-b")["mode"], "sync", "{s}");

@@ -912,28 +912,34 @@ impl Replication {
         let Some(link) = self.link(volume) else {
             return Ok(());
         };
-        self.check_single_target(volume, "resize")?;
         if size_bytes <= ember_nbd::Export::size(link.volume.as_ref()) {
             // Same size or a shrink: the store answers (no-op or refusal).
             return Ok(());
         }
-        let cfg = link.config();
-        let (mut client, _, version) = self.ctx.registry.call_client(&cfg.peer).await?;
-        if version < ProtocolVersion::RESIZE {
-            return Err(ReplError::FailedPrecondition(format!(
-                "peer {} was paired at protocol version {version}; re-pair it to resize replicated volumes",
-                cfg.peer
-            )));
+        // Every target grows first (several targets: each in turn; one
+        // that cannot leaves the primary at its size, and re-running the
+        // resize finishes the rest — growing is idempotent).
+        let mut links = vec![link];
+        links.extend(self.extra_links(volume));
+        for link in links {
+            let cfg = link.config();
+            let (mut client, _, version) = self.ctx.registry.call_client(&cfg.peer).await?;
+            if version < ProtocolVersion::RESIZE {
+                return Err(ReplError::FailedPrecondition(format!(
+                    "peer {} was paired at protocol version {version}; re-pair it to resize replicated volumes",
+                    cfg.peer
+                )));
+            }
+            client
+                .resize_replica(pb::ResizeReplicaRequest {
+                    volume: volume.to_owned(),
+                    size_bytes,
+                    primary_backend_id: self.ctx.identity.backend_id.clone(),
+                    generation: cfg.generation,
+                })
+                .await
+                .map_err(roles::refused(&cfg.peer, "ResizeReplica"))?;
         }
-        client
-            .resize_replica(pb::ResizeReplicaRequest {
-                volume: volume.to_owned(),
-                size_bytes,
-                primary_backend_id: self.ctx.identity.backend_id.clone(),
-                generation: cfg.generation,
-            })
-            .await
-            .map_err(roles::refused(&cfg.peer, "ResizeReplica"))?;
         Ok(())
     }
 

@@ -84,7 +84,7 @@ impl Replication {
     }
 
     /// The further targets' links of `volume`.
-    fn extra_links(&self, volume: &str) -> Vec<Arc<ReplicaLink>> {
+    pub(super) fn extra_links(&self, volume: &str) -> Vec<Arc<ReplicaLink>> {
         self.extra
             .lock()
             .expect("extra lock poisoned")
