@@ -217,8 +217,14 @@ class EmberDriver(ManageMixin, ReplicationMixin, driver.VolumeDriver):
             "consistent_group_snapshot_enabled": False,
             "consistent_group_replication_enabled": bool(self._targets),
             "replication_enabled": bool(self._targets),
+            # Every volume of a replicated type goes to every target (a
+            # type's ember:replication_target_az may narrow it to fewer).
             "replication_targets": list(self._targets),
             "replication_count": len(self._targets),
+            # For types: capabilities:replication_target_azs='<in> az3'
+            # places them only on backends with a target in that zone.
+            "replication_target_azs": replication.target_zones(
+                self._targets.values()),
             "replication_type": [],
             "backend_state": "down",
         }
@@ -265,31 +271,49 @@ class EmberDriver(ManageMixin, ReplicationMixin, driver.VolumeDriver):
 
     # ---- volumes ----------------------------------------------------------
 
-    def _replicate(self, volume, name=None):
-        """Enables replication of `volume` (agent name `name`, default
-        agent_volume_name) when its type asks for it; returns the model
-        update."""
-        name = name or agent_volume_name(volume)
+    def _check_replication(self, volume):
+        """Refuses, before anything is made, a volume whose type asks for
+        replication this backend cannot give (no target, or a target zone
+        no replication_device serves)."""
         specs = volume.volume_type.extra_specs if volume.volume_type else {}
-        target = self._default_target()
-        spec = replication.volume_spec(specs, target)
-        if not spec.enabled:
-            return {"replication_status": fields.ReplicationStatus.DISABLED}
-        if target is None:
+        if not replication.volume_spec(specs, self._default_target()).enabled:
+            return
+        if not self._targets:
             raise exception.InvalidInput(
                 reason="the volume type enables replication but this backend "
                        "has no replication_device")
+        replication.select_targets(self._targets.values(), specs)
+
+    def _replicate(self, volume, name=None):
+        """Enables replication of `volume` (agent name `name`, default
+        agent_volume_name) to every target its type selects, when its type
+        asks for replication; returns the model update."""
+        name = name or agent_volume_name(volume)
+        specs = volume.volume_type.extra_specs if volume.volume_type else {}
+        spec = replication.volume_spec(specs, self._default_target())
+        if not spec.enabled:
+            return {"replication_status": fields.ReplicationStatus.DISABLED}
+        if not self._targets:
+            raise exception.InvalidInput(
+                reason="the volume type enables replication but this backend "
+                       "has no replication_device")
+        # Checked before anything is enabled: a type naming a zone no
+        # target serves fails the create with nothing half-made.
+        targets = replication.select_targets(self._targets.values(), specs)
         if self._active_backend_id:
             raise exception.InvalidInput(
                 reason="the backend is failed over; new replicated volumes "
                        "wait for failback")
-        self._agent.call("EnableReplication", pb.EnableReplicationRequest(
-            volume=name, peer_site=target.backend_id,
-            mode=(pb.REPLICATION_MODE_SYNC if spec.mode == "sync"
-                  else pb.REPLICATION_MODE_ASYNC),
-            rpo_seconds=spec.rpo_seconds,
-            rpo_policy=getattr(pb, f"RPO_POLICY_{spec.rpo_policy.upper()}")),
-            f"enable replication of {name} to {target.backend_id}")
+        for target in targets:
+            # Per target: the type's explicit mode/RPO, else the entry's.
+            spec = replication.volume_spec(specs, target)
+            self._agent.call("EnableReplication", pb.EnableReplicationRequest(
+                volume=name, peer_site=target.backend_id,
+                mode=(pb.REPLICATION_MODE_SYNC if spec.mode == "sync"
+                      else pb.REPLICATION_MODE_ASYNC),
+                rpo_seconds=spec.rpo_seconds,
+                rpo_policy=getattr(pb, f"RPO_POLICY_{spec.rpo_policy.upper()}")),
+                f"enable replication of {name} to {target.backend_id}")
         return {"replication_status": fields.ReplicationStatus.ENABLED}
 
     def _finish_create(self, volume, created_size_bytes):
@@ -302,12 +326,14 @@ class EmberDriver(ManageMixin, ReplicationMixin, driver.VolumeDriver):
         return update
 
     def create_volume(self, volume):
+        self._check_replication(volume)
         r = self._agent.call("CreateVolume", pb.CreateVolumeRequest(
             name=volume.name, size_bytes=_bytes(volume.size)),
             f"create {volume.name}")
         return self._finish_create(volume, r.volume.size_bytes)
 
     def create_volume_from_snapshot(self, volume, snapshot):
+        self._check_replication(volume)
         source, snap = agent_volume_name(snapshot.volume), agent_snapshot_name(snapshot)
         r = self._agent.call("CreateVolume", pb.CreateVolumeRequest(
             name=volume.name, size_bytes=_bytes(snapshot.volume_size),
@@ -316,6 +342,7 @@ class EmberDriver(ManageMixin, ReplicationMixin, driver.VolumeDriver):
         return self._finish_create(volume, r.volume.size_bytes)
 
     def create_cloned_volume(self, volume, src_vref):
+        self._check_replication(volume)
         source = agent_volume_name(src_vref)
         r = self._agent.call("CreateVolume", pb.CreateVolumeRequest(
             name=volume.name, size_bytes=_bytes(src_vref.size),

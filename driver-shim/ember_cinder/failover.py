@@ -103,19 +103,36 @@ class ReplicationMixin:
                 reason="no replication target is reachable")
         return best
 
+    def _holds_replica(self, client, name):
+        """Whether `client`'s site holds a copy of `name` it can promote (a
+        secondary, or already the primary after an interrupted failover).
+        A volume whose type narrowed its targets to other zones has none
+        there."""
+        try:
+            s = client.raw("GetReplicationStatus",
+                           pb.GetReplicationStatusRequest(volume=name)).status
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.NOT_FOUND:
+                return False
+            # Unreachable or failing: let the promotion try and report
+            # failover-error, rather than call the volume unreplicated.
+            return True
+        return s.role in ("secondary", "primary")
+
     def failover_host(self, context, volumes, secondary_id=None, groups=None):
         if secondary_id == "default":
             return self._failback(volumes, groups)
-        if self._active_backend_id:
-            raise exception.InvalidReplicationTarget(
-                reason=f"already failed over to {self._active_backend_id}; "
-                       "fail back first")
         if secondary_id is None:
             secondary_id = self._choose_target(volumes)
+        if secondary_id == self._active_backend_id:
+            raise exception.InvalidReplicationTarget(
+                reason=f"already failed over to {secondary_id}")
         if secondary_id not in self._targets:
             raise exception.InvalidReplicationTarget(
                 reason=f"{secondary_id} is not a replication_device backend_id "
                        f"(configured: {', '.join(self._targets) or 'none'})")
+        # Failed over already (X), now to Y: the agents re-home, so Y's
+        # copy is promoted the same way and X becomes one of its targets.
         client = self._clients[secondary_id]
         # Groups first, so their members land on one point; a member's own
         # promotion below then finds it primary already.
@@ -123,9 +140,11 @@ class ReplicationMixin:
                                              fields.ReplicationStatus.FAILED_OVER)
         volume_updates = []
         for v in volumes:
-            if v.replication_status not in (fields.ReplicationStatus.ENABLED,
-                                            fields.ReplicationStatus.FAILED_OVER):
-                # Not replicated: it stays behind, unusable until failback.
+            if (v.replication_status not in (fields.ReplicationStatus.ENABLED,
+                                             fields.ReplicationStatus.FAILED_OVER)
+                    or not self._holds_replica(client, agent_volume_name(v))):
+                # Not replicated, or not to this target (its type picked
+                # other zones): it stays behind, unusable until failback.
                 volume_updates.append({"volume_id": v.id, "updates": {"status": "error"}})
                 continue
             try:

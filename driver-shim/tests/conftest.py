@@ -51,10 +51,11 @@ def require(tool):
         pytest.fail(f"{tool} is not installed (scripts/test-all.sh installs it)")
 
 
-def _lab():
+def _lab(sites=2):
     d = tempfile.mkdtemp(prefix="ember-shim-")
     ctl = str(bin_dir() / "emberctl")
-    subprocess.run([ctl, "lab", "up", "--dir", d, "--detach", "--size", "16M"],
+    subprocess.run([ctl, "lab", "up", "--dir", d, "--detach", "--size", "16M",
+                    "--sites", str(sites)],
                    check=True, capture_output=True)
     sites = json.loads(pathlib.Path(d, "lab.json").read_text())["sites"]
     yield {"dir": d, "ctl": ctl, **sites}
@@ -67,6 +68,18 @@ def _lab():
 def lab():
     """Two paired sites: {'site-a': {'api', 'nbd', 'pid'}, 'site-b': {...}}."""
     yield from _lab()
+
+
+@pytest.fixture(scope="session")
+def lab3():
+    """Three sites, every two paired: site-a, site-b (metro), site-c (far)."""
+    yield from _lab(sites=3)
+
+
+@pytest.fixture
+def own_lab3():
+    """A three-site lab of its own, for a test that fails a site over."""
+    yield from _lab(sites=3)
 
 
 @pytest.fixture

@@ -171,3 +171,130 @@ fn foreground_lab_stops_both_sites_promptly_on_ctrl_c() {
         );
     }
 }
+
+/// `lab up --sites 3` (issue 14): site-a replicates the demo volume sync to
+/// site-b and async to site-c; lab.json names site-c and its NBD URI, both
+/// targets reach in-sync and hold site-a's bytes, and the live line shows
+/// both targets.
+#[test]
+fn three_site_lab_replicates_sync_to_site_b_and_async_to_site_c() {
+    if !require_tool("qemu-io") {
+        return;
+    }
+    let dir = tempdir();
+    let lab_dir = dir.path().join("lab");
+    let lab_dir_s = lab_dir.to_str().expect("utf8");
+    let ctl = bin("emberctl");
+    let ctl = ctl.to_str().expect("utf8");
+    run_ok(
+        ctl,
+        &[
+            "lab", "up", "--dir", lab_dir_s, "--detach", "--size", "32M", "--sites", "3",
+        ],
+    );
+    let lab: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(lab_dir.join("lab.json")).expect("lab.json"))
+            .expect("json");
+    let sites = lab["sites"].as_object().expect("sites");
+    assert_eq!(sites.len(), 3, "{lab}");
+    let targets = &lab["volume"]["replication"]["targets"];
+    assert_eq!(targets[0]["peer"], "site-b", "{lab}");
+    assert_eq!(targets[0]["mode"], "sync", "{lab}");
+    assert_eq!(targets[1]["peer"], "site-c", "{lab}");
+    assert_eq!(targets[1]["mode"], "async", "{lab}");
+    // Every site is paired with both others (re-homing needs b <-> c too).
+    for site in ["site-a", "site-b", "site-c"] {
+        let api = sites[site]["api"].as_str().expect("api");
+        let peers: serde_json::Value =
+            serde_json::from_slice(&run_ok(ctl, &["--api", api, "peer", "list", "--json"]).stdout)
+                .expect("json");
+        let peers = peers.as_array().expect("peers");
+        assert_eq!(peers.len(), 2, "{site}: {peers:?}");
+        assert!(
+            peers.iter().all(|p| p["state"] == "connected"),
+            "{site}: {peers:?}"
+        );
+    }
+    let uri = lab["volume"]["nbd_uri"]["site-a"].as_str().expect("uri");
+    run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x3c 0 4M",
+            "-c",
+            "write -P 0xc3 8M 1M",
+            uri,
+        ],
+    );
+    let api_a = sites["site-a"]["api"].as_str().expect("api");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let s: serde_json::Value = serde_json::from_slice(
+            &run_ok(
+                ctl,
+                &["--api", api_a, "replica", "status", "demo", "--json"],
+            )
+            .stdout,
+        )
+        .expect("json");
+        let t = s["targets"].as_array().expect("targets");
+        assert_eq!(t.len(), 2, "{s}");
+        if t.iter()
+            .all(|t| t["state"] == "in-sync" && t["lag_bytes"] == 0)
+        {
+            assert_eq!(t[0]["mode"], "sync", "{s}");
+            assert_eq!(t[1]["mode"], "async", "{s}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the demo's targets never caught up: {s}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    for site in ["site-b", "site-c"] {
+        let secondary = lab["volume"]["nbd_uri"][site].as_str().expect("uri");
+        run_ok(
+            "qemu-img",
+            &["compare", "-f", "raw", "-F", "raw", uri, secondary],
+        );
+    }
+    run_ok(ctl, &["lab", "down", "--dir", lab_dir_s]);
+    assert!(!lab_dir.join("lab.json").exists());
+
+    // Again in the same directory, in the foreground (what running
+    // `scripts/lab.sh` a second time does): the sites re-pair at their new
+    // ports, and the piped live line names both targets.
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::CommandExt;
+    let mut child = std::process::Command::new(bin("emberctl"))
+        .args([
+            "lab", "up", "--dir", lab_dir_s, "--size", "32M", "--sites", "3",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .process_group(0)
+        .spawn()
+        .expect("emberctl lab up");
+    let pgid = child.id() as i32;
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut live = String::new();
+    for line in lines.by_ref() {
+        let line = line.expect("line");
+        if line.starts_with("demo:") {
+            live = line;
+            break;
+        }
+    }
+    // SAFETY: signalling the process group we created.
+    unsafe { libc::kill(-pgid, libc::SIGINT) };
+    let _rest: Vec<String> = lines.map(|l| l.expect("line")).collect();
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "lab up --sites 3 exited {status}");
+    assert!(
+        live.contains("site-b sync") && live.contains("site-c async"),
+        "the live line does not show both targets: {live:?}"
+    );
+}

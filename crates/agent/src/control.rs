@@ -150,6 +150,20 @@ pub(crate) fn replication_pb(s: ember_repl::ReplicaStatus) -> pb::ReplicationSta
             s.memory_held_bytes,
         )),
         journal_overflows: s.journal_overflows,
+        targets: s
+            .targets
+            .into_iter()
+            .map(|t| pb::ReplicaTargetStatus {
+                peer_site: t.peer,
+                mode: t.mode.into(),
+                state: t.state.into(),
+                lag_seconds: t.lag_seconds,
+                lag_bytes: t.lag_bytes,
+                last_consistent_at_unix_ns: t.last_consistent_at_unix_ns,
+                resync_remaining_bytes: t.resync_remaining_bytes,
+                resync_bytes_sent: t.resync_bytes_sent,
+            })
+            .collect(),
     }
 }
 
@@ -481,7 +495,11 @@ impl EmberControl for ControlService {
         let req = request.into_inner();
         let disabled = self
             .replication
-            .disable(&req.volume, req.delete_secondary)
+            .disable_target(
+                &req.volume,
+                (!req.peer_site.is_empty()).then_some(req.peer_site.as_str()),
+                req.delete_secondary,
+            )
             .await
             .map_err(repl_status)?;
         Ok(Response::new(pb::DisableReplicationResponse { disabled }))

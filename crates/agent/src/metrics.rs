@@ -83,7 +83,8 @@ pub(crate) fn render(
     let resync_sent = Family::<Labels, Counter>::default();
     let generation = Family::<Labels, Gauge>::default();
     let state = Family::<Labels, Gauge>::default();
-    for s in replication.list() {
+    // One series per target: a volume with several targets has one per peer.
+    for s in replication.list_targets() {
         let l: Labels = vec![("volume", s.volume.clone()), ("peer", s.peer.clone())];
         lag_seconds.get_or_create(&l).set(s.lag_seconds);
         lag_bytes.get_or_create(&l).set(s.lag_bytes as i64);
@@ -203,11 +204,7 @@ fn replication_memory(registry: &mut Registry, replication: &ember_repl::Replica
         refusals,
     );
     let overflows = Family::<Labels, Counter>::default();
-    for s in replication
-        .list()
-        .into_iter()
-        .filter(|s| s.role == "primary")
-    {
+    for s in replication.list_targets() {
         overflows
             .get_or_create(&vec![("volume", s.volume), ("peer", s.peer)])
             .inc_by(s.journal_overflows);

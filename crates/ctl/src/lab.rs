@@ -1,8 +1,10 @@
-//! `emberctl lab`: a two-site lab on this machine. Starts one `emberd` per
-//! site (found next to `emberctl`), each with its own data dir and a
-//! certificate from a lab CA (`DIR/pki`, made with `emberctl pki`), pairs
-//! them both ways over mutual TLS on loopback, creates a demo volume on
-//! site-a replicated asynchronously to site-b, and prints where to point
+//! `emberctl lab`: a two- or three-site lab on this machine. Starts one
+//! `emberd` per site (found next to `emberctl`), each with its own data dir
+//! and a certificate from a lab CA (`DIR/pki`, made with `emberctl pki`),
+//! pairs every two sites both ways over mutual TLS on loopback, creates a
+//! demo volume on site-a replicated asynchronously to site-b (two sites) or
+//! synchronously to site-b and asynchronously to site-c (`--sites 3`: the
+//! metro + far layout of issue 14), and prints where to point
 //! NBD clients plus a live view of lag and throughput (on a terminal,
 //! `emberctl top`'s view of site-a under the banner; piped, one line a
 //! second). With `--detach` it
@@ -22,7 +24,20 @@ use crate::client;
 use crate::output::{Out, outln};
 
 const DEMO_VOLUME: &str = "demo";
-const SITES: [&str; 2] = ["site-a", "site-b"];
+const SITES: [&str; 3] = ["site-a", "site-b", "site-c"];
+/// The demo volume's RPO at its async target.
+const DEMO_RPO_SECONDS: u64 = 30;
+
+/// The demo volume's targets for a lab of `sites` sites: `(site, sync)`.
+/// Two sites keep the original lab (async to site-b); three are the metro +
+/// far layout: sync to the near site-b, async to the far site-c.
+fn demo_targets(sites: usize) -> &'static [(&'static str, bool)] {
+    if sites >= 3 {
+        &[("site-b", true), ("site-c", false)]
+    } else {
+        &[("site-b", false)]
+    }
+}
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum LabCmd {
@@ -37,6 +52,10 @@ pub(crate) enum LabCmd {
         /// Demo volume size.
         #[arg(long, default_value = "1G")]
         size: String,
+        /// Number of sites: 2 (site-a async to site-b) or 3 (site-a sync to
+        /// site-b and async to site-c).
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(2..=3))]
+        sites: u8,
     },
     /// Stop a detached lab.
     Down {
@@ -173,12 +192,23 @@ fn stop_all(sites: &mut [Site]) {
 
 pub(crate) async fn run(cmd: LabCmd, out: Out) -> anyhow::Result<()> {
     match cmd {
-        LabCmd::Up { dir, detach, size } => up(&dir, detach, &size, out).await,
+        LabCmd::Up {
+            dir,
+            detach,
+            size,
+            sites,
+        } => up(&dir, detach, &size, usize::from(sites), out).await,
         LabCmd::Down { dir } => down(&dir).await,
     }
 }
 
-async fn up(dir: &Path, detach: bool, size: &str, out: Out) -> anyhow::Result<()> {
+async fn up(
+    dir: &Path,
+    detach: bool,
+    size: &str,
+    site_count: usize,
+    out: Out,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     let dir = std::fs::canonicalize(dir)?;
     if dir.join("lab.json").exists() {
@@ -189,16 +219,20 @@ async fn up(dir: &Path, detach: bool, size: &str, out: Out) -> anyhow::Result<()
         );
     }
     let size_bytes = ember_common::parse_size(size).map_err(anyhow::Error::msg)?;
+    let names = &SITES[..site_count];
     let pki = dir.join("pki");
     if !pki.join("ca.key").exists() {
         crate::pki::init(&pki)?;
-        for name in SITES {
+    }
+    for name in names {
+        // A lab directory reused with more sites needs their certificates.
+        if !pki.join(format!("{name}.crt")).exists() {
             crate::pki::issue(&pki, name, Vec::new())?;
         }
     }
     let mut sites = Vec::new();
     let mut ports = Vec::new();
-    for name in SITES {
+    for &name in names {
         match start_site(&dir, name, &mut ports) {
             Ok(site) => sites.push(site),
             Err(e) => {
@@ -220,16 +254,27 @@ async fn up(dir: &Path, detach: bool, size: &str, out: Out) -> anyhow::Result<()
         .into_inner()
         .volume
         .context("no volume")?;
-    let secondary_uri = client::connect(&sites[1].api)
-        .await?
-        .get_volume(pb::GetVolumeRequest {
-            name: DEMO_VOLUME.into(),
-        })
-        .await?
-        .into_inner()
-        .volume
-        .context("no secondary volume")?
-        .nbd_uri;
+    let mut nbd_uris = serde_json::Map::new();
+    nbd_uris.insert("site-a".into(), volume.nbd_uri.clone().into());
+    for site in &sites[1..] {
+        let uri = client::connect(&site.api)
+            .await?
+            .get_volume(pb::GetVolumeRequest {
+                name: DEMO_VOLUME.into(),
+            })
+            .await?
+            .into_inner()
+            .volume
+            .with_context(|| format!("no secondary volume on {}", site.name))?
+            .nbd_uri;
+        nbd_uris.insert(site.name.into(), uri.into());
+    }
+    let targets = demo_targets(sites.len());
+    let mode = |sync: bool| if sync { "sync" } else { "async" };
+    let rpo = |sync: bool| if sync { 0 } else { DEMO_RPO_SECONDS };
+    // `secondary`/`mode`/`rpo_seconds` name the first target, as in the
+    // two-site lab; `targets` lists them all.
+    let (first, first_sync) = targets[0];
     let site_json: serde_json::Map<String, serde_json::Value> = sites
         .iter()
         .map(|s| {
@@ -244,8 +289,16 @@ async fn up(dir: &Path, detach: bool, size: &str, out: Out) -> anyhow::Result<()
         "pki": pki.display().to_string(),
         "volume": {
             "name": volume.name,
-            "nbd_uri": { "site-a": volume.nbd_uri, "site-b": secondary_uri },
-            "replication": { "primary": "site-a", "secondary": "site-b", "mode": "async", "rpo_seconds": 30 },
+            "nbd_uri": nbd_uris,
+            "replication": {
+                "primary": "site-a",
+                "secondary": first,
+                "mode": mode(first_sync),
+                "rpo_seconds": rpo(first_sync),
+                "targets": targets.iter().map(|&(peer, sync)| json!({
+                    "peer": peer, "mode": mode(sync), "rpo_seconds": rpo(sync),
+                })).collect::<Vec<_>>(),
+            },
         },
     });
     std::fs::write(dir.join("lab.json"), serde_json::to_vec_pretty(&lab)?)?;
@@ -263,19 +316,30 @@ async fn up(dir: &Path, detach: bool, size: &str, out: Out) -> anyhow::Result<()
         ));
     }
     banner.push(format!(
-        "  site-a and site-b are paired over mutual TLS (certificates in {})",
+        "  {} are paired over mutual TLS (certificates in {})",
+        names.join(", "),
         pki.display()
     ));
     banner.push(format!(
         "  demo volume (primary, write here): {}",
         volume.nbd_uri
     ));
-    banner.push(format!(
-        "  its secondary on site-b (read-only, async, RPO 30 s): {secondary_uri}"
-    ));
+    for &(peer, sync) in targets {
+        let how = if sync {
+            "sync: no acknowledged write lost".to_owned()
+        } else {
+            format!("async, RPO {DEMO_RPO_SECONDS} s")
+        };
+        banner.push(format!(
+            "  its secondary on {peer} (read-only, {how}): {}",
+            nbd_uris[peer].as_str().unwrap_or_default()
+        ));
+    }
     banner.push(format!(
         "Try:  qemu-io -f raw -c 'write -P 0x5a 0 64M' {}    then    qemu-img compare -f raw -F raw {} {}",
-        volume.nbd_uri, volume.nbd_uri, secondary_uri
+        volume.nbd_uri,
+        volume.nbd_uri,
+        nbd_uris[first].as_str().unwrap_or_default()
     ));
     // Printed in both modes: on a terminal the view below takes the
     // alternate screen, and this stays in the scrollback once it is gone.
@@ -321,17 +385,35 @@ async fn pair_and_create(sites: &mut [Site], size_bytes: u64) -> anyhow::Result<
     for site in sites.iter_mut() {
         wait_ready(site).await?;
     }
-    for (from, to) in [(0, 1), (1, 0)] {
+    // Every two sites both ways: a target promoted later keeps the others
+    // as its own targets (re-homing) only if it can reach them.
+    let pairs: Vec<(usize, usize)> = (0..sites.len())
+        .flat_map(|a| (0..sites.len()).map(move |b| (a, b)))
+        .filter(|(a, b)| a != b)
+        .collect();
+    for (from, to) in pairs {
         let mut api = client::connect(&sites[from].api).await?;
-        api.add_peer(pb::AddPeerRequest {
+        let request = pb::AddPeerRequest {
             site: sites[to].name.into(),
             address: sites[to].peer.clone(),
             measure_bytes: 4 << 20,
             max_rate_bytes_per_sec: 0,
             resync_rate_bytes_per_sec: 0,
-        })
-        .await
-        .map_err(|s| {
+        };
+        let added = match api.add_peer(request.clone()).await {
+            // A lab started again in the same directory: its agents kept
+            // the pairing of the last run, at that run's (now other) port.
+            // The lab owns both ends, so it re-pairs at the new address.
+            Err(s) if s.code() == tonic::Code::AlreadyExists => {
+                api.remove_peer(pb::RemovePeerRequest {
+                    site: request.site.clone(),
+                })
+                .await?;
+                api.add_peer(request).await
+            }
+            other => other,
+        };
+        added.map_err(|s| {
             anyhow::anyhow!(
                 "pairing {} with {} failed: {}",
                 sites[from].name,
@@ -349,18 +431,29 @@ async fn pair_and_create(sites: &mut [Site], size_bytes: u64) -> anyhow::Result<
     })
     .await
     .map_err(|s| anyhow::anyhow!("creating the demo volume failed: {}", s.message()))?;
-    api.enable_replication(pb::EnableReplicationRequest {
-        volume: DEMO_VOLUME.into(),
-        peer_site: sites[1].name.into(),
-        mode: pb::ReplicationMode::Async as i32,
-        rpo_seconds: 30,
-        on_peer_loss: pb::PeerLossPolicy::Degrade as i32,
-        rpo_policy: pb::RpoPolicy::Alert as i32,
-        // Everything else (recovery point schedules…) at the agent's defaults.
-        ..Default::default()
-    })
-    .await
-    .map_err(|s| anyhow::anyhow!("replicating the demo volume failed: {}", s.message()))?;
+    for &(peer, sync) in demo_targets(sites.len()) {
+        api.enable_replication(pb::EnableReplicationRequest {
+            volume: DEMO_VOLUME.into(),
+            peer_site: peer.into(),
+            mode: if sync {
+                pb::ReplicationMode::Sync
+            } else {
+                pb::ReplicationMode::Async
+            } as i32,
+            rpo_seconds: if sync { 0 } else { DEMO_RPO_SECONDS },
+            on_peer_loss: pb::PeerLossPolicy::Degrade as i32,
+            rpo_policy: pb::RpoPolicy::Alert as i32,
+            // Everything else (recovery point schedules…) at the agent's defaults.
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| {
+            anyhow::anyhow!(
+                "replicating the demo volume to {peer} failed: {}",
+                s.message()
+            )
+        })?;
+    }
     // The secondary exists once the first session opened; wait for it and
     // for the (empty) initial sync.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -372,9 +465,10 @@ async fn pair_and_create(sites: &mut [Site], size_bytes: u64) -> anyhow::Result<
             .await
             .ok()
             .and_then(|r| r.into_inner().status)
-            .map(|s| (s.state, s.last_error))
+            .map(|s| (s.state, s.last_error, s.targets.len()))
             .unwrap_or_default();
-        if state.0 == "in-sync" {
+        // The top-level state is the worst target's: in-sync means all are.
+        if state.0 == "in-sync" && state.2 == demo_targets(sites.len()).len() {
             return Ok(());
         }
         if Instant::now() > deadline {
@@ -404,13 +498,19 @@ async fn live_line(
     };
     let v = r.into_inner().volume.unwrap_or_default();
     let link = match api.list_peers(pb::ListPeersRequest {}).await {
-        Ok(p) => p
-            .into_inner()
-            .peers
-            .first()
-            .map_or("no peer".to_owned(), |p| {
-                format!("{} {} rtt {} µs", p.site, p.state, p.rtt_us)
-            }),
+        Ok(p) => {
+            let peers: Vec<String> = p
+                .into_inner()
+                .peers
+                .iter()
+                .map(|p| format!("{} {} rtt {} µs", p.site, p.state, p.rtt_us))
+                .collect();
+            if peers.is_empty() {
+                "no peer".to_owned()
+            } else {
+                peers.join(", ")
+            }
+        }
         Err(e) => e.message().to_owned(),
     };
     let repl = api
@@ -426,10 +526,24 @@ async fn live_line(
         repl.bytes_shipped.saturating_sub(b) as f64 / now.duration_since(t).as_secs_f64()
     });
     *last_shipped = Some((now, repl.bytes_shipped));
+    // One segment per target when there are several (the three-site lab):
+    // the top-level fields are only the worst target's.
+    let state = if repl.targets.len() > 1 {
+        repl.targets
+            .iter()
+            .map(|t| {
+                format!(
+                    "{} {} {} lag {:.2}s",
+                    t.peer_site, t.mode, t.state, t.lag_seconds
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    } else {
+        format!("{:<12} lag {:>6.2}s", repl.state, repl.lag_seconds)
+    };
     outln!(
-        "demo: {:<12} lag {:>6.2}s {:>9}  shipping {:>9}/s  resync left {:>9}  allocated {:>9}  clients {}  |  {}",
-        repl.state,
-        repl.lag_seconds,
+        "demo: {state} {:>9}  shipping {:>9}/s  resync left {:>9}  allocated {:>9}  clients {}  |  {}",
         ember_common::format_size(repl.lag_bytes),
         ember_common::format_size(rate as u64),
         ember_common::format_size(repl.resync_remaining_bytes),

@@ -70,6 +70,9 @@ pub(crate) enum ReplicaCmd {
         /// Delete the secondary instead of keeping it.
         #[arg(long)]
         delete_secondary: bool,
+        /// Only the target at this site (default: every target).
+        #[arg(long)]
+        peer: Option<String>,
     },
     /// Role, state, lag and resync progress.
     Status {
@@ -147,6 +150,14 @@ pub(crate) fn status_json(s: &pb::ReplicationStatus) -> Value {
         "recovery_point_unix_ns": s.recovery_point_unix_ns,
         "group": s.group,
         "journal_overflows": s.journal_overflows,
+        "targets": s.targets.iter().map(|t| json!({
+            "peer": t.peer_site, "mode": t.mode, "state": t.state,
+            "lag_seconds": t.lag_seconds, "lag_bytes": t.lag_bytes,
+            "last_consistent_at": rfc3339(t.last_consistent_at_unix_ns),
+            "last_consistent_at_unix_ns": t.last_consistent_at_unix_ns,
+            "resync_remaining_bytes": t.resync_remaining_bytes,
+            "resync_bytes_sent": t.resync_bytes_sent,
+        })).collect::<Vec<_>>(),
         "replication_memory": s.replication_memory.as_ref().map(|m| json!({
             "budget_bytes": m.budget_bytes, "used_bytes": m.used_bytes,
             "peak_bytes": m.peak_bytes, "holders": m.holders,
@@ -230,6 +241,21 @@ fn detail(s: &pb::ReplicationStatus) {
             },
             s.rpo_breaches
         );
+    }
+    if s.targets.len() > 1 {
+        // Several targets: the lines above are the worst one's.
+        for t in &s.targets {
+            outln!(
+                "target {} ({}): {}, lag {:.1}s / {}, consistent {}, resync sent {}",
+                t.peer_site,
+                t.mode,
+                t.state,
+                t.lag_seconds,
+                format_size(t.lag_bytes),
+                since(t.last_consistent_at_unix_ns),
+                format_size(t.resync_bytes_sent)
+            );
+        }
     }
     outln!("generation {}", s.generation);
     if s.recovery_point_unix_ns > 0 {
@@ -328,11 +354,13 @@ pub(crate) async fn run(
         ReplicaCmd::Disable {
             volume,
             delete_secondary,
+            peer,
         } => {
             let disabled = api
                 .disable_replication(pb::DisableReplicationRequest {
                     volume: volume.clone(),
                     delete_secondary,
+                    peer_site: peer.unwrap_or_default(),
                 })
                 .await?
                 .into_inner()

@@ -16,7 +16,9 @@ use tokio_util::sync::CancellationToken;
 mod drills;
 mod groups;
 mod points;
+mod rehome;
 mod roles;
+mod targets;
 
 pub use drills::DrillRequest;
 pub use groups::{GroupMember, GroupPromoteReport, GroupStatus};
@@ -123,6 +125,31 @@ pub struct ReplicaStatus {
     pub memory_held_bytes: u64,
     /// Primary: journal overflows to change-set catch-up since start.
     pub journal_overflows: u64,
+    /// Primary: every target, the first one first (the top-level fields
+    /// are the worst target's). Empty on a secondary.
+    pub targets: Vec<TargetStatus>,
+}
+
+/// One target of a primary volume, for `replica status`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TargetStatus {
+    /// The target's site.
+    pub peer: String,
+    /// `sync` / `async`.
+    pub mode: &'static str,
+    /// syncing / in-sync / lagging / degraded / disconnected / paused /
+    /// fenced / split-brain.
+    pub state: &'static str,
+    /// Age of the oldest write not yet on this target.
+    pub lag_seconds: f64,
+    /// Bytes written since then.
+    pub lag_bytes: u64,
+    /// This target's last consistent point (unix ns, 0 = none yet).
+    pub last_consistent_at_unix_ns: i64,
+    /// Bytes the running resync to this target still has to examine.
+    pub resync_remaining_bytes: u64,
+    /// Bytes resent to this target by resyncs so far.
+    pub resync_bytes_sent: u64,
 }
 
 /// What this agent offers for replication to one paired peer: the input
@@ -195,6 +222,10 @@ pub struct Replication {
     ctx: Arc<Ctx>,
     secondaries: Arc<SecondarySet>,
     running: Mutex<HashMap<String, Running>>,
+    /// Targets after the first of a volume (issue 14), by volume. The first
+    /// target stays in `running`, so promotion, groups, points and verify
+    /// keep working on it unchanged; the volume's hook fans out to all.
+    extra: Mutex<HashMap<String, Vec<Running>>>,
     buckets: Mutex<HashMap<String, Arc<LinkBuckets>>>,
     journal_bytes: u64,
     audit: AuditLog,
@@ -246,6 +277,7 @@ impl Replication {
             }),
             secondaries,
             running: Mutex::new(HashMap::new()),
+            extra: Mutex::new(HashMap::new()),
             buckets: Mutex::new(HashMap::new()),
             journal_bytes: DEFAULT_JOURNAL_BYTES,
             audit: AuditLog::new(&data_dir.join("replicas")),
@@ -254,11 +286,19 @@ impl Replication {
             drills,
         };
         std::fs::create_dir_all(&this.groups_dir).map_err(|e| internal("create groups dir", e))?;
+        let mut paths = Vec::new();
         for entry in std::fs::read_dir(&dir).map_err(|e| internal("read replicas dir", e))? {
             let path = entry.map_err(|e| internal("read replicas dir", e))?.path();
             if path.extension().and_then(|e| e.to_str()) != Some("json") {
                 continue;
             }
+            paths.push(path);
+        }
+        // First targets (`VOL.json`, the only kind before issue 14) before
+        // further ones (`VOL@PEER.json`), so every volume has its first
+        // target running when the others join its hook.
+        paths.sort_by_key(|p| targets::is_extra_path(p));
+        for path in paths {
             let config: ReplicaConfig = ember_volume::fsutil::read_json(&path)
                 .map_err(|e| internal("read replica config", e))?;
             if this.store.export(&config.volume).is_none() {
@@ -274,7 +314,7 @@ impl Replication {
                 let _ = std::fs::remove_file(&path);
                 continue;
             }
-            this.start(config, true)?;
+            this.load_target(config, &path)?;
         }
         for entry in
             std::fs::read_dir(&this.groups_dir).map_err(|e| internal("read groups dir", e))?
@@ -322,6 +362,17 @@ impl Replication {
     /// with every block dirty (a new replica); otherwise clean (a promotion:
     /// both sides hold the same image, or the peer reports what differs).
     fn start(&self, config: ReplicaConfig, all_dirty: bool) -> Result<Arc<ReplicaLink>> {
+        self.start_target(config, all_dirty, true)
+    }
+
+    /// [`Self::start`] for the first target (`lead`, in `running`) or a
+    /// further one (in `extra`).
+    fn start_target(
+        &self,
+        config: ReplicaConfig,
+        all_dirty: bool,
+        lead: bool,
+    ) -> Result<Arc<ReplicaLink>> {
         let volume = self
             .store
             .export(&config.volume)
@@ -337,14 +388,18 @@ impl Replication {
             .map_err(|e| internal("create the replica's change set", e))?;
         let name = config.volume.clone();
         let peer = config.peer.clone();
-        let link = ReplicaLink::new(
-            volume.clone(),
-            config,
-            self.config_path(&name),
-            self.journal_bytes,
-        );
-        volume.set_replication(Some(link.clone()));
-        self.group_link_started(&link);
+        let path = if lead {
+            self.config_path(&name)
+        } else {
+            self.extra_config_path(&name, &peer)
+        };
+        let link = ReplicaLink::new(volume.clone(), config, path, self.journal_bytes);
+        // The hook first: the session finds every write from now on in
+        // its journal (or, before it, in the change set).
+        self.install_hook(&volume, &name, Some(&link));
+        if lead {
+            self.group_link_started(&link);
+        }
         let stop = CancellationToken::new();
         tokio::spawn(rpo::watch(
             Arc::downgrade(&link),
@@ -359,14 +414,24 @@ impl Replication {
                 stop.clone(),
             ))
         });
-        self.running.lock().expect("running lock poisoned").insert(
-            name,
-            Running {
-                link: link.clone(),
-                stop,
-                task,
-            },
-        );
+        let running = Running {
+            link: link.clone(),
+            stop,
+            task,
+        };
+        if lead {
+            self.running
+                .lock()
+                .expect("running lock poisoned")
+                .insert(name, running);
+        } else {
+            self.extra
+                .lock()
+                .expect("extra lock poisoned")
+                .entry(name)
+                .or_default()
+                .push(running);
+        }
         Ok(link)
     }
 
@@ -411,6 +476,12 @@ impl Replication {
                 req.volume
             )));
         }
+        if req.peer == self.ctx.identity.site {
+            return Err(ReplError::InvalidArgument(format!(
+                "site {} is this site: volume {} cannot replicate to itself",
+                req.peer, req.volume
+            )));
+        }
         let Some((version, _)) = self.ctx.registry.peer(&req.peer).await else {
             return Err(ReplError::NotFound(format!(
                 "site {} is not paired; run emberctl peer add first",
@@ -426,10 +497,7 @@ impl Replication {
         if let Some(link) = self.link(&req.volume) {
             let mut cfg = link.config();
             if cfg.peer != req.peer {
-                return Err(ReplError::FailedPrecondition(format!(
-                    "volume {} already replicates to {}; disable that first",
-                    req.volume, cfg.peer
-                )));
+                return self.enable_another(req, &cfg);
             }
             if cfg.group.is_some() {
                 groups::check_member_rules(&req.volume, req.mode, req.rpo_policy)?;
@@ -460,13 +528,14 @@ impl Replication {
 
     /// Replication capabilities per paired peer (probes each peer).
     pub async fn targets(&self) -> Vec<TargetCapability> {
-        let links: Vec<Arc<ReplicaLink>> = self
+        let mut links: Vec<Arc<ReplicaLink>> = self
             .running
             .lock()
             .expect("running lock poisoned")
             .values()
             .map(|r| r.link.clone())
             .collect();
+        links.extend(self.all_extra_links());
         let mut out = Vec::new();
         for p in self.ctx.registry.list().await {
             let mine: Vec<&Arc<ReplicaLink>> =
@@ -498,12 +567,18 @@ impl Replication {
         out
     }
 
-    /// Disables replication of a volume; the secondary is kept read-only
-    /// (or deleted with `delete_secondary`). Returns whether it was on.
+    /// Disables replication of a volume to every target; the secondaries
+    /// are kept read-only (or deleted with `delete_secondary`). Returns
+    /// whether it was on.
     ///
     /// # Errors
     /// The peer refused to delete its copy; I/O.
     pub async fn disable(&self, volume: &str, delete_secondary: bool) -> Result<bool> {
+        self.disable_target(volume, None, delete_secondary).await
+    }
+
+    /// Disables the first target of a volume (the others stay in `extra`).
+    async fn disable_lead(&self, volume: &str, delete_secondary: bool) -> Result<bool> {
         let running = self
             .running
             .lock()
@@ -512,20 +587,37 @@ impl Replication {
         let Some(running) = running else {
             return Ok(false);
         };
+        self.teardown(volume, running, true, delete_secondary)
+            .await?;
+        Ok(true)
+    }
+
+    /// Stops a target removed from `running` or `extra`: its session, its
+    /// place in the volume's hook, its change set and config, and tells
+    /// its peer.
+    async fn teardown(
+        &self,
+        volume: &str,
+        running: Running,
+        lead: bool,
+        delete_secondary: bool,
+    ) -> Result<()> {
         running.stop.cancel();
         if let Some(task) = running.task {
             let _ = task.await;
         }
         let cfg = running.link.config();
-        self.group_member_gone(volume);
-        running.link.volume.set_replication(None);
+        if lead {
+            self.group_member_gone(volume);
+        }
+        self.install_hook(&running.link.volume, volume, None);
         // Waiters of held writes see their sender dropped and complete.
         running.link.journal().release_waiters();
         if let Some(t) = running.link.volume.tracker() {
             t.remove_consumer(&self.store_tracking_dir(volume), &consumer_name(&cfg.peer))
                 .map_err(|e| internal("remove the replica's change set", e))?;
         }
-        let _ = std::fs::remove_file(self.config_path(volume));
+        let _ = std::fs::remove_file(running.link.config_path());
         let close = async {
             let (mut client, _, _) = self.ctx.registry.stream_client(&cfg.peer).await?;
             client
@@ -548,7 +640,7 @@ impl Replication {
             }
         }
         tracing::info!(volume, peer = %cfg.peer, "replication disabled");
-        Ok(true)
+        Ok(())
     }
 
     /// Status of a replicated volume (primary or secondary side).
@@ -557,7 +649,7 @@ impl Replication {
     /// [`ReplError::NotFound`] when the volume is not replicated here.
     pub fn status(&self, volume: &str) -> Result<ReplicaStatus> {
         if let Some(link) = self.link(volume) {
-            return Ok(primary_status(&link));
+            return Ok(self.primary_status_all(volume, &link));
         }
         if let Some(s) = self.secondaries.status(volume) {
             let state = if s.detached {
@@ -596,6 +688,7 @@ impl Replication {
                 recovery_point_unix_ns: 0,
                 memory_held_bytes: 0,
                 journal_overflows: 0,
+                targets: Vec::new(),
             });
         }
         if self.store.export(volume).is_none() {
@@ -756,16 +849,19 @@ impl Replication {
 
     /// Restarts a volume's session (it resumes from the change set).
     fn restart(&self, volume: &str) {
-        let config = {
+        let old = {
             let mut running = self.running.lock().expect("running lock poisoned");
             let Some(r) = running.remove(volume) else {
                 return;
             };
             r.stop.cancel();
-            r.link.volume.set_replication(None);
             r.link.journal().release_waiters();
-            r.link.config()
+            r
         };
+        // Out of the lock: the hook reads `running`. Until the restart the
+        // other targets (if any) keep receiving writes.
+        self.install_hook(&old.link.volume, volume, None);
+        let config = old.link.config();
         if let Err(e) = self.start(config, false) {
             tracing::error!(volume, error = %e, "cannot restart replication");
         }
@@ -773,13 +869,20 @@ impl Replication {
 
     /// Stops every session (agent shutdown).
     pub async fn shutdown(&self) {
-        let running: Vec<Running> = self
+        let mut running: Vec<Running> = self
             .running
             .lock()
             .expect("running lock poisoned")
             .drain()
             .map(|(_, r)| r)
             .collect();
+        running.extend(
+            self.extra
+                .lock()
+                .expect("extra lock poisoned")
+                .drain()
+                .flat_map(|(_, r)| r),
+        );
         for r in running {
             r.stop.cancel();
             if let Some(task) = r.task {
@@ -813,23 +916,30 @@ impl Replication {
             // Same size or a shrink: the store answers (no-op or refusal).
             return Ok(());
         }
-        let cfg = link.config();
-        let (mut client, _, version) = self.ctx.registry.call_client(&cfg.peer).await?;
-        if version < ProtocolVersion::RESIZE {
-            return Err(ReplError::FailedPrecondition(format!(
-                "peer {} was paired at protocol version {version}; re-pair it to resize replicated volumes",
-                cfg.peer
-            )));
+        // Every target grows first (several targets: each in turn; one
+        // that cannot leaves the primary at its size, and re-running the
+        // resize finishes the rest — growing is idempotent).
+        let mut links = vec![link];
+        links.extend(self.extra_links(volume));
+        for link in links {
+            let cfg = link.config();
+            let (mut client, _, version) = self.ctx.registry.call_client(&cfg.peer).await?;
+            if version < ProtocolVersion::RESIZE {
+                return Err(ReplError::FailedPrecondition(format!(
+                    "peer {} was paired at protocol version {version}; re-pair it to resize replicated volumes",
+                    cfg.peer
+                )));
+            }
+            client
+                .resize_replica(pb::ResizeReplicaRequest {
+                    volume: volume.to_owned(),
+                    size_bytes,
+                    primary_backend_id: self.ctx.identity.backend_id.clone(),
+                    generation: cfg.generation,
+                })
+                .await
+                .map_err(roles::refused(&cfg.peer, "ResizeReplica"))?;
         }
-        client
-            .resize_replica(pb::ResizeReplicaRequest {
-                volume: volume.to_owned(),
-                size_bytes,
-                primary_backend_id: self.ctx.identity.backend_id.clone(),
-                generation: cfg.generation,
-            })
-            .await
-            .map_err(roles::refused(&cfg.peer, "ResizeReplica"))?;
         Ok(())
     }
 
@@ -848,7 +958,7 @@ impl Replication {
     }
 }
 
-fn primary_status(link: &ReplicaLink) -> ReplicaStatus {
+pub(super) fn primary_status(link: &ReplicaLink) -> ReplicaStatus {
     let cfg = link.config();
     let (lag_seconds, lag_bytes) = link.lag();
     let phase = link.phase();
@@ -903,5 +1013,6 @@ fn primary_status(link: &ReplicaLink) -> ReplicaStatus {
         recovery_point_unix_ns: cfg.recovery_point_unix_ns,
         memory_held_bytes: link.journal().held_bytes(),
         journal_overflows: s.overflows.load(Ordering::Relaxed),
+        targets: Vec::new(),
     }
 }

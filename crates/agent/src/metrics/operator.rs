@@ -126,7 +126,7 @@ pub(super) fn register(
     let failures = replication.events().points_failed();
     // Primaries: the point the secondary last confirmed (kept while the
     // link is down, which is when it ages).
-    for s in replication.list() {
+    for s in replication.list_targets() {
         if let Some(ts) = consistent_timestamp_seconds(s.last_consistent_at_unix_ns) {
             consistent
                 .get_or_create(&vec![

@@ -67,7 +67,7 @@ fn to_status(e: ReplError) -> Status {
 
 impl Replication {
     /// Records a role decision: audit log and event.
-    fn decide(&self, entry: &Entry<'_>) {
+    pub(super) fn decide(&self, entry: &Entry<'_>) {
         self.audit.record(entry);
         let kind = match entry.action {
             "promote" | "force-promote" => EventKind::Promoted,
@@ -181,6 +181,14 @@ impl Replication {
             generation,
             detail: "planned switchover: the old primary drained to lag 0".into(),
         });
+        self.rehome_others(
+            &rec.volume,
+            &rec.primary_site,
+            generation,
+            drained.drained_at_unix_ns,
+            &drained.others,
+        )
+        .await;
         Ok(PromoteReport {
             generation,
             forced: false,
@@ -270,6 +278,9 @@ impl Replication {
         volume: &str,
         record: impl FnOnce(Vec<(u64, u64)>) -> SecondaryRecord,
     ) -> Result<u64> {
+        // Re-homing the other targets to the new primary is not built yet:
+        // refusing keeps them replicating from this site meanwhile.
+        self.check_single_target(volume, "demote")?;
         let running = self
             .running
             .lock()
@@ -320,7 +331,7 @@ impl Replication {
     /// Waits until the secondary holds every write: streaming, nothing in
     /// the journal, an empty change set — twice, a poll apart, so a write
     /// that passed the refusal check just before it was raised is seen.
-    async fn drain(&self, link: &ReplicaLink, timeout: Duration) -> Result<()> {
+    pub(super) async fn drain(&self, link: &ReplicaLink, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         let tracker = link
             .volume
@@ -362,6 +373,7 @@ impl Replication {
                     on_peer_loss: String::new(),
                     drained_at_unix_ns: rec.consistent_at_unix_ns,
                     rpo_policy: rec.rpo_policy,
+                    others: Vec::new(),
                 });
             }
             return Err(Status::failed_precondition(format!(
@@ -372,13 +384,22 @@ impl Replication {
         let link = self.link(&req.volume).ok_or_else(|| {
             Status::not_found(format!("volume {} is not primary here", req.volume))
         })?;
-        let cfg = link.config();
-        if cfg.peer != req.new_primary_site {
+        // Any target may be promoted; its own settings are what the new
+        // primary takes over for its link back to this site.
+        let Some(cfg) = self.target_config(&req.volume, &req.new_primary_site) else {
             return Err(Status::failed_precondition(format!(
                 "volume {} replicates to {}, not to {}",
-                req.volume, cfg.peer, req.new_primary_site
+                req.volume,
+                link.config().peer,
+                req.new_primary_site
             )));
-        }
+        };
+        let cfg = ReplicaConfig {
+            generation: link.config().generation,
+            fenced: link.config().fenced,
+            split_brain: link.config().split_brain,
+            ..cfg
+        };
         if req.generation <= cfg.generation {
             return Err(fencing::stale_generation(
                 &req.volume,
@@ -398,12 +419,17 @@ impl Replication {
         };
         link.refuse_writes(true);
         tracing::info!(volume = %req.volume, to = %req.new_primary_site, "planned switchover: writes refused, draining");
-        if let Err(e) = self.drain(&link, timeout).await {
+        // Every target drains to the same image (the other targets too:
+        // the new primary re-homes them without a copy).
+        if let Err(e) = self.drain_all(&req.volume, &link, timeout).await {
             link.refuse_writes(false);
             tracing::warn!(volume = %req.volume, error = %e, "planned switchover abandoned; serving writes again");
             return Err(Status::unavailable(e.to_string()));
         }
         let drained_at = now_unix_ns();
+        let others = self
+            .release_for_rehome(&req.volume, &req.new_primary_site)
+            .await;
         let (volume, site, backend) = (
             req.volume.clone(),
             req.new_primary_site.clone(),
@@ -442,6 +468,7 @@ impl Replication {
             on_peer_loss: cfg.on_peer_loss.as_str().into(),
             drained_at_unix_ns: drained_at,
             rpo_policy: cfg.rpo_policy.as_str().into(),
+            others,
         })
     }
 
@@ -486,6 +513,8 @@ impl Replication {
                     cfg.generation,
                 ));
             }
+            self.fence_if_multi_target(&link, &req.volume, &req.primary_site, theirs)
+                .map_err(to_status)?;
             if cfg.peer != req.primary_site {
                 return Err(Status::failed_precondition(format!(
                     "volume {} is primary here and replicates to {}, not {}",

@@ -3,6 +3,8 @@
 //! `manager::points`) only carry decisions out, so every situation is a
 //! table row in a unit test before it is code.
 //!
-//! Only recovery-point decisions live here so far (`points`).
+//! Recovery-point decisions live in `points`; who resends what to whom
+//! after a promotion of one of several targets in `rehome`.
 
 pub(crate) mod points;
+pub(crate) mod rehome;

@@ -413,6 +413,11 @@ impl ReplicaLink {
         (age.as_secs_f64(), bytes)
     }
 
+    /// Where this target's config is persisted.
+    pub(crate) fn config_path(&self) -> &std::path::Path {
+        &self.config_path
+    }
+
     /// Persists the configuration (with the latest consistent point).
     pub(crate) fn persist(&self) -> Result<(), String> {
         let cfg = self.config();

@@ -6,3 +6,4 @@ pub(crate) mod journal;
 pub(crate) mod link;
 pub(crate) mod rpo;
 pub(crate) mod session;
+pub(crate) mod targets;

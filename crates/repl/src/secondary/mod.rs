@@ -332,8 +332,15 @@ impl SecondarySet {
                 ));
             }
             // A copy that yielded after split-brain follows whichever
-            // primary comes; any other follows only its own.
-            if !rec.yielded && rec.primary_backend_id != req.primary_backend_id {
+            // primary comes; any other follows only its own, or a primary
+            // at a strictly newer generation: the volume was promoted there
+            // and this copy is re-homed to it (issue 14). That primary
+            // decides what to resend (`plan::rehome`); the old one is
+            // fenced by the newer generation recorded below.
+            if !rec.yielded
+                && rec.primary_backend_id != req.primary_backend_id
+                && generation <= rec.generation
+            {
                 return Err(Status::failed_precondition(format!(
                     "volume {} is a secondary of {} (backend {}), not of {}",
                     req.volume, rec.primary_site, rec.primary_backend_id, req.primary_site

@@ -1,0 +1,427 @@
+//! Several targets per volume on its primary (issue 14): adding and
+//! removing targets, their persisted configs, the volume's fan-out hook,
+//! and the status that reports every target.
+//!
+//! The first target of a volume lives in `Replication::running` and is
+//! persisted as `VOL.json`, exactly as before several targets existed, so
+//! promotion, groups, points, verify and pause keep working on it and old
+//! configs load unchanged. Further targets live in `Replication::extra`
+//! and are persisted as `VOL@PEER.json`. Removing the first target while
+//! others remain makes the next one the first (its config is renamed).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ember_volume::Volume;
+
+use super::{
+    EnableRequest, ReplicaStatus, Replication, Running, TargetStatus, internal, primary_status,
+};
+use crate::error::{ReplError, Result};
+use crate::primary::link::{ReplicaConfig, ReplicaLink};
+use crate::primary::targets::Targets;
+
+/// Separates volume and peer in a further target's config name. Volume
+/// names never hold it (`[A-Za-z0-9._-]`).
+const SEP: char = '@';
+
+/// Whether `path` is a further target's config (`VOL@PEER.json`).
+pub(super) fn is_extra_path(path: &Path) -> bool {
+    path.file_stem()
+        .and_then(|s| s.to_str())
+        .is_some_and(|s| s.contains(SEP))
+}
+
+/// How bad a target's state is, for picking the worst target (higher is
+/// worse): the top-level status fields must alarm when any target does.
+fn severity(state: &str) -> u8 {
+    match state {
+        "split-brain" => 7,
+        "fenced" => 6,
+        "degraded" => 5,
+        "disconnected" => 4,
+        "paused" => 3,
+        "syncing" => 2,
+        "lagging" => 1,
+        _ => 0,
+    }
+}
+
+/// Index of the worst of `targets` (by state, then lag, then the first):
+/// the target whose status the top-level fields show. `None` when empty.
+pub(super) fn worst(targets: &[TargetStatus]) -> Option<usize> {
+    let mut best: Option<usize> = None;
+    for (i, t) in targets.iter().enumerate() {
+        let worse = best.is_none_or(|b| {
+            let cur = &targets[b];
+            (severity(t.state), t.lag_seconds, t.lag_bytes)
+                > (severity(cur.state), cur.lag_seconds, cur.lag_bytes)
+        });
+        if worse {
+            best = Some(i);
+        }
+    }
+    best
+}
+
+fn target_status(s: &ReplicaStatus) -> TargetStatus {
+    TargetStatus {
+        peer: s.peer.clone(),
+        mode: s.mode,
+        state: s.state,
+        lag_seconds: s.lag_seconds,
+        lag_bytes: s.lag_bytes,
+        last_consistent_at_unix_ns: s.last_consistent_at_unix_ns,
+        resync_remaining_bytes: s.resync_remaining_bytes,
+        resync_bytes_sent: s.resync_bytes_sent,
+    }
+}
+
+impl Replication {
+    /// `DATA/replicas/primary/VOL@PEER.json`.
+    pub(super) fn extra_config_path(&self, volume: &str, peer: &str) -> PathBuf {
+        self.dir.join(format!("{volume}{SEP}{peer}.json"))
+    }
+
+    /// The further targets' links of `volume`.
+    pub(super) fn extra_links(&self, volume: &str) -> Vec<Arc<ReplicaLink>> {
+        self.extra
+            .lock()
+            .expect("extra lock poisoned")
+            .get(volume)
+            .map(|v| v.iter().map(|r| r.link.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Installs the hook of `volume`'s running targets plus `adding` (a
+    /// target about to be registered): none, the one link, or a fan-out.
+    pub(super) fn install_hook(
+        &self,
+        volume: &Arc<Volume>,
+        name: &str,
+        adding: Option<&Arc<ReplicaLink>>,
+    ) {
+        let mut links: Vec<Arc<ReplicaLink>> = self.link(name).into_iter().collect();
+        links.extend(self.extra_links(name));
+        links.extend(adding.cloned());
+        volume.set_replication(Targets::hook(links));
+    }
+
+    /// Starts a target loaded from `path` at agent start. A further
+    /// target whose volume has no first target left (the agent stopped
+    /// between removing it and renaming the next) becomes the first.
+    pub(super) fn load_target(&self, config: ReplicaConfig, path: &Path) -> Result<()> {
+        let lead_running = self.link(&config.volume).is_some();
+        if !is_extra_path(path) || !lead_running {
+            if is_extra_path(path) {
+                std::fs::rename(path, self.config_path(&config.volume))
+                    .map_err(|e| internal("rename a replica config", e))?;
+            }
+            self.start(config, false).map(drop)
+        } else {
+            self.start_target(config, false, false).map(drop)
+        }
+    }
+
+    /// A volume with several targets refuses `what` (not yet done for
+    /// several: it would leave the other targets behind).
+    pub(crate) fn check_single_target(&self, volume: &str, what: &str) -> Result<()> {
+        let extra = self.extra_links(volume);
+        if extra.is_empty() {
+            return Ok(());
+        }
+        let peers: Vec<String> = extra.iter().map(|l| l.config().peer).collect();
+        Err(ReplError::FailedPrecondition(format!(
+            "cannot {what} volume {volume}: it replicates to several targets (also {}); \
+             disable the others first (replica disable {volume} --peer SITE)",
+            peers.join(", ")
+        )))
+    }
+
+    /// A target of `volume` (`peer`) was promoted past this primary (to
+    /// `generation`) while the volume has several targets. Following it
+    /// means re-homing the others, which is not built yet: this site stops
+    /// taking writes at once (fenced, persisted) and refuses, so the old
+    /// and the new primary never both serve writes; once an admin disables
+    /// the other targets, the peer's next attempt demotes this site.
+    ///
+    /// # Errors
+    /// [`ReplError::FailedPrecondition`] after fencing; persisting.
+    pub(super) fn fence_if_multi_target(
+        &self,
+        first: &ReplicaLink,
+        volume: &str,
+        peer: &str,
+        generation: u64,
+    ) -> Result<()> {
+        let extra = self.extra_links(volume);
+        if extra.is_empty() {
+            return Ok(());
+        }
+        let ours = first.config().peer == peer || extra.iter().any(|l| l.config().peer == peer);
+        if !ours {
+            return Ok(());
+        }
+        for link in std::iter::once(first).chain(extra.iter().map(|l| l.as_ref())) {
+            link.refuse_writes(true);
+        }
+        first
+            .update(|c| c.fenced = true)
+            .map_err(|e| internal("persist the fence", e))?;
+        tracing::warn!(
+            volume,
+            peer,
+            generation,
+            "a target was promoted past this primary of several targets; fenced, writes refused"
+        );
+        Err(ReplError::FailedPrecondition(format!(
+            "volume {volume} is fenced here: {peer} was promoted to generation {generation}, \
+             and this old primary replicates to several targets, whose re-homing is not built yet; \
+             disable the others here (replica disable {volume} --peer SITE) so it can follow {peer}"
+        )))
+    }
+
+    /// The config of `volume`'s target at `peer` (first or further).
+    pub(super) fn target_config(&self, volume: &str, peer: &str) -> Option<ReplicaConfig> {
+        let first = self.link(volume)?;
+        std::iter::once(first)
+            .chain(self.extra_links(volume))
+            .map(|l| l.config())
+            .find(|c| c.peer == peer)
+    }
+
+    /// `enable` of a volume whose first target (`first`) is another peer:
+    /// updates that further target in place, or adds it.
+    pub(super) fn enable_another(
+        &self,
+        req: EnableRequest,
+        first: &ReplicaConfig,
+    ) -> Result<(ReplicaStatus, bool)> {
+        if let Some(link) = self
+            .extra_links(&req.volume)
+            .into_iter()
+            .find(|l| l.config().peer == req.peer)
+        {
+            link.update(|c| {
+                c.mode = req.mode;
+                c.rpo_seconds = req.rpo_seconds;
+                c.rpo_policy = req.rpo_policy;
+                c.on_peer_loss = req.on_peer_loss;
+            })
+            .map_err(|e| internal("persist replica config", e))?;
+            return Ok((self.status(&req.volume)?, false));
+        }
+        if let Some(group) = &first.group {
+            // A group's points are taken on one stream per member; a second
+            // stream per member is not built yet.
+            return Err(ReplError::FailedPrecondition(format!(
+                "volume {} is a member of consistency group {group}, which replicates to {} only; \
+                 several targets for group members are not supported yet",
+                req.volume, first.peer
+            )));
+        }
+        // The volume's generation is one for all its targets: a target
+        // added after a failover fences with the same number.
+        let config = ReplicaConfig {
+            generation: first.generation,
+            ..ReplicaConfig::new(
+                &req.volume,
+                &req.peer,
+                req.mode,
+                req.rpo_seconds,
+                req.rpo_policy,
+                req.on_peer_loss,
+            )
+        };
+        ember_volume::fsutil::write_json_atomic(
+            &self.extra_config_path(&req.volume, &req.peer),
+            &config,
+        )
+        .map_err(|e| internal("persist replica config", e))?;
+        self.start_target(config, true, false)?;
+        tracing::info!(volume = %req.volume, peer = %req.peer, mode = req.mode.as_str(), "replication target added");
+        Ok((self.status(&req.volume)?, true))
+    }
+
+    /// Disables replication of `volume` to `peer` (`None`: every target).
+    /// Returns whether anything was disabled.
+    ///
+    /// # Errors
+    /// The peer refused to delete its copy; I/O.
+    pub async fn disable_target(
+        &self,
+        volume: &str,
+        peer: Option<&str>,
+        delete_secondary: bool,
+    ) -> Result<bool> {
+        let first = self.link(volume).map(|l| l.config().peer);
+        let take_extra = |p: Option<&str>| -> Vec<Running> {
+            let mut extra = self.extra.lock().expect("extra lock poisoned");
+            let Some(list) = extra.get_mut(volume) else {
+                return Vec::new();
+            };
+            let taken = match p {
+                None => std::mem::take(list),
+                Some(p) => match list.iter().position(|r| r.link.config().peer == p) {
+                    Some(i) => vec![list.remove(i)],
+                    None => Vec::new(),
+                },
+            };
+            if list.is_empty() {
+                extra.remove(volume);
+            }
+            taken
+        };
+        match peer {
+            Some(p) if first.as_deref() != Some(p) => {
+                let taken = take_extra(Some(p));
+                let any = !taken.is_empty();
+                for r in taken {
+                    self.teardown(volume, r, false, delete_secondary).await?;
+                }
+                Ok(any)
+            }
+            Some(_) => {
+                let on = self.disable_lead(volume, delete_secondary).await?;
+                self.next_first_target(volume).await?;
+                Ok(on)
+            }
+            None => {
+                for r in take_extra(None) {
+                    self.teardown(volume, r, false, delete_secondary).await?;
+                }
+                self.disable_lead(volume, delete_secondary).await
+            }
+        }
+    }
+
+    /// After the first target of `volume` was removed: the next further
+    /// target becomes the first (restarted from its change set, like a
+    /// `verify --resync` restart; its config renamed to `VOL.json`).
+    async fn next_first_target(&self, volume: &str) -> Result<()> {
+        let next = {
+            let mut extra = self.extra.lock().expect("extra lock poisoned");
+            let Some(list) = extra.get_mut(volume) else {
+                return Ok(());
+            };
+            let next = list.remove(0);
+            if list.is_empty() {
+                extra.remove(volume);
+            }
+            next
+        };
+        next.stop.cancel();
+        if let Some(task) = next.task {
+            let _ = task.await;
+        }
+        next.link.journal().release_waiters();
+        std::fs::rename(next.link.config_path(), self.config_path(volume))
+            .map_err(|e| internal("rename a replica config", e))?;
+        self.start(next.link.config(), false)?;
+        Ok(())
+    }
+
+    /// The status of a primary volume: every target, the worst one's
+    /// fields at the top.
+    pub(super) fn primary_status_all(&self, volume: &str, first: &ReplicaLink) -> ReplicaStatus {
+        let mut all = vec![primary_status(first)];
+        all.extend(self.extra_links(volume).iter().map(|l| primary_status(l)));
+        let targets: Vec<TargetStatus> = all.iter().map(target_status).collect();
+        let at = worst(&targets).unwrap_or(0);
+        let mut top = all.swap_remove(at);
+        top.targets = targets;
+        top
+    }
+
+    /// One status per target of every primary volume here (metrics: one
+    /// series per `volume` and `peer`), first targets first.
+    pub fn list_targets(&self) -> Vec<ReplicaStatus> {
+        let mut leads: Vec<Arc<ReplicaLink>> = self
+            .running
+            .lock()
+            .expect("running lock poisoned")
+            .values()
+            .map(|r| r.link.clone())
+            .collect();
+        leads.sort_by_key(|l| l.config().volume);
+        let mut out = Vec::new();
+        for lead in leads {
+            let volume = lead.config().volume;
+            out.push(primary_status(&lead));
+            out.extend(self.extra_links(&volume).iter().map(|l| primary_status(l)));
+        }
+        out
+    }
+
+    /// Every further target's link (for the per-peer capabilities).
+    pub(super) fn all_extra_links(&self) -> Vec<Arc<ReplicaLink>> {
+        self.extra
+            .lock()
+            .expect("extra lock poisoned")
+            .values()
+            .flatten()
+            .map(|r| r.link.clone())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(peer: &str, state: &'static str, lag_seconds: f64) -> TargetStatus {
+        TargetStatus {
+            peer: peer.into(),
+            mode: "async",
+            state,
+            lag_seconds,
+            lag_bytes: 0,
+            last_consistent_at_unix_ns: 0,
+            resync_remaining_bytes: 0,
+            resync_bytes_sent: 0,
+        }
+    }
+
+    #[test]
+    fn the_worst_target_is_shown_at_the_top() {
+        let rows: Vec<(&str, Vec<TargetStatus>, Option<usize>)> = vec![
+            ("none", vec![], None),
+            ("one", vec![t("b", "in-sync", 0.0)], Some(0)),
+            (
+                "both in sync: the first",
+                vec![t("b", "in-sync", 0.0), t("c", "in-sync", 0.0)],
+                Some(0),
+            ),
+            (
+                "a degraded sync target beats a lagging async one",
+                vec![t("b", "lagging", 9.0), t("c", "degraded", 0.0)],
+                Some(1),
+            ),
+            (
+                "disconnected beats syncing",
+                vec![t("b", "disconnected", 0.0), t("c", "syncing", 3.0)],
+                Some(0),
+            ),
+            (
+                "same state: the larger lag",
+                vec![t("b", "lagging", 1.5), t("c", "lagging", 4.0)],
+                Some(1),
+            ),
+            (
+                "split-brain beats everything",
+                vec![t("b", "fenced", 0.0), t("c", "split-brain", 0.0)],
+                Some(1),
+            ),
+        ];
+        for (name, targets, want) in rows {
+            assert_eq!(worst(&targets), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn extra_configs_are_told_apart_by_their_name() {
+        assert!(!is_extra_path(Path::new("/d/vol.json")));
+        assert!(!is_extra_path(Path::new("/d/vol.v2.json")));
+        assert!(is_extra_path(Path::new("/d/vol@site-c.json")));
+    }
+}

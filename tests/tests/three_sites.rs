@@ -1,0 +1,559 @@
+//! Three real agents (issue 14): site-a replicates one volume sync to
+//! site-b and async to site-c, each link through its own fault proxy.
+//! Both targets converge byte for byte (`qemu-img compare` over NBD); a
+//! lost target degrades alone while writes continue, and catches up by
+//! its change set only; every target and its config survive a restart;
+//! a sync target holds every acknowledged write even with a second target.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ember_it::repl::{
+    check_acked_present, read_history, site_config, snapshot_export, stamped_writer, tail,
+};
+use ember_it::{Agent, FaultProxy, bin, free_port, require_tool, run_ok, tempdir};
+
+const MIB: u64 = 1 << 20;
+
+/// site-a, with site-b and site-c paired through one proxy each.
+struct ThreeSites {
+    dir: tempfile::TempDir,
+    a: Agent,
+    b: Agent,
+    c: Agent,
+    to_b: FaultProxy,
+    to_c: FaultProxy,
+    /// site-b → site-a (site-b pairs back, to replicate after a promotion).
+    _to_a: FaultProxy,
+}
+
+impl ThreeSites {
+    fn start() -> Self {
+        let dir = tempdir();
+        let pki = dir.path().join("pki");
+        let ctl = bin("emberctl");
+        let ctl = ctl.to_str().expect("utf8");
+        let p = pki.to_str().expect("utf8");
+        run_ok(ctl, &["pki", "init", "--dir", p]);
+        for site in ["site-a", "site-b", "site-c"] {
+            run_ok(ctl, &["pki", "issue", "--dir", p, site]);
+        }
+        let start = |site: &str| {
+            let port = free_port();
+            let cfg = site_config(dir.path(), &pki, site, port, "");
+            let agent = Agent::start_env(&dir.path().join(site), &["--config", &cfg], &[]);
+            let proxy = FaultProxy::start(format!("127.0.0.1:{port}").parse().expect("addr"));
+            (agent, proxy)
+        };
+        let (a, to_a) = start("site-a");
+        let (b, to_b) = start("site-b");
+        let (c, to_c) = start("site-c");
+        // Every site pairs with both others (a promoted site replicates to
+        // them), each site's listener behind its own proxy.
+        let listeners = [("site-a", &to_a), ("site-b", &to_b), ("site-c", &to_c)];
+        for (me, agent) in [("site-a", &a), ("site-b", &b), ("site-c", &c)] {
+            for (site, proxy) in listeners {
+                if site != me {
+                    let addr = proxy.addr.to_string();
+                    agent.ctl_json(&["peer", "add", site, "--address", &addr, "--measure", "1M"]);
+                }
+            }
+        }
+        Self {
+            dir,
+            a,
+            b,
+            c,
+            to_b,
+            to_c,
+            _to_a: to_a,
+        }
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let out = self.a.ctl(&["replica", "status", "vol", "--json"]);
+        assert!(
+            out.status.success(),
+            "replica status on site-a failed: {}\nsite-a log tail: {}",
+            String::from_utf8_lossy(&out.stderr),
+            tail(&self.a.log())
+        );
+        serde_json::from_slice(&out.stdout).expect("emberctl prints JSON")
+    }
+
+    /// Waits until `pred` holds for site-a's status of `vol`.
+    fn wait(&self, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let s = self.status();
+            if pred(&s) {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what} not reached: {s}\nsite-a log tail: {}",
+                tail(&self.a.log())
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until every target is in sync with nothing pending.
+    fn wait_all_caught_up(&self) -> serde_json::Value {
+        self.wait("every target caught up", |s| {
+            targets(s)
+                .iter()
+                .all(|t| t["state"] == "in-sync" && t["lag_bytes"] == 0)
+        })
+    }
+
+    fn assert_identical(&self, other: &Agent, what: &str) {
+        let out = Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(self.a.uri("vol"))
+            .arg(other.uri("vol"))
+            .output()
+            .expect("run qemu-img compare");
+        assert!(
+            out.status.success(),
+            "site-a and {what} differ: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// Waits until `pred` holds for `agent`'s status of `vol`; an error answer
+/// (mid role change the volume is briefly neither role) is polled again.
+fn wait_on(
+    agent: &Agent,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = agent.ctl(&["replica", "status", "vol", "--json"]);
+        let s: serde_json::Value = if out.status.success() {
+            serde_json::from_slice(&out.stdout).expect("emberctl prints JSON")
+        } else {
+            serde_json::Value::String(String::from_utf8_lossy(&out.stderr).into_owned())
+        };
+        if out.status.success() && pred(&s) {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} not reached: {s}\nlog tail: {}",
+            tail(&agent.log())
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits until `agent` is primary of `vol` with every target in sync.
+fn caught_up_on(agent: &Agent, what: &str) -> serde_json::Value {
+    wait_on(agent, what, |s| {
+        s["role"] == "primary"
+            && targets(s)
+                .iter()
+                .all(|t| t["state"] == "in-sync" && t["lag_bytes"] == 0)
+    })
+}
+
+fn identical(x: &Agent, y: &Agent, what: &str) {
+    let out = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(x.uri("vol"))
+        .arg(y.uri("vol"))
+        .output()
+        .expect("run qemu-img compare");
+    assert!(
+        out.status.success(),
+        "{what} differ: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn targets(s: &serde_json::Value) -> Vec<serde_json::Value> {
+    s["targets"]
+        .as_array()
+        .unwrap_or_else(|| panic!("status has no targets: {s}"))
+        .clone()
+}
+
+fn target(s: &serde_json::Value, peer: &str) -> serde_json::Value {
+    targets(s)
+        .into_iter()
+        .find(|t| t["peer"] == peer)
+        .unwrap_or_else(|| panic!("no target {peer} in {s}"))
+}
+
+fn peers(s: &serde_json::Value) -> Vec<String> {
+    targets(s)
+        .iter()
+        .map(|t| t["peer"].as_str().expect("peer").to_owned())
+        .collect()
+}
+
+fn sent(s: &serde_json::Value, peer: &str) -> u64 {
+    target(s, peer)["resync_bytes_sent"]
+        .as_u64()
+        .expect("resync_bytes_sent")
+}
+
+fn qemu_io(uri: &str, cmds: &[&str]) {
+    let mut args = vec!["-f", "raw"];
+    for c in cmds {
+        args.extend(["-c", c]);
+    }
+    args.push(uri);
+    run_ok("qemu-io", &args);
+}
+
+/// `cmds` scattered 1 MiB writes with pattern `seed + i`.
+fn scattered(seed: u64, count: u64) -> Vec<String> {
+    (0..count)
+        .map(|i| format!("write -P {} {}M 1M", (seed + i) % 250 + 1, 3 + i * 7))
+        .collect()
+}
+
+fn ctl_err(agent: &Agent, args: &[&str]) -> String {
+    let out = agent.ctl(args);
+    assert!(!out.status.success(), "emberctl {args:?} succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn sync_and_async_targets_converge_and_a_lost_target_degrades_alone() {
+    if !require_tool("qemu-img") || !require_tool("qemu-io") {
+        return;
+    }
+    let mut sites = ThreeSites::start();
+    let a_uri = sites.a.create_volume("vol", "64M");
+    qemu_io(&a_uri, &["write -P 0x5a 0 8M", "write -P 0x33 40M 2M"]);
+    sites.a.ctl_json(&[
+        "replica", "enable", "vol", "--peer", "site-b", "--mode", "sync",
+    ]);
+    let s = sites.a.ctl_json(&[
+        "replica", "enable", "vol", "--peer", "site-c", "--mode", "async", "--rpo", "30s",
+    ]);
+    assert_eq!(peers(&s), ["site-b", "site-c"], "{s}");
+
+    // Bad input: the volume's own site, an unpaired site; nothing changes.
+    let e = ctl_err(
+        &sites.a,
+        &[
+            "replica", "enable", "vol", "--peer", "site-a", "--mode", "async",
+        ],
+    );
+    assert!(e.contains("cannot replicate to itself"), "{e}");
+    let e = ctl_err(
+        &sites.a,
+        &[
+            "replica", "enable", "vol", "--peer", "site-z", "--mode", "async",
+        ],
+    );
+    assert!(e.contains("not paired"), "{e}");
+
+    // Enabling a target again updates it in place (idempotent).
+    let again = sites.a.ctl_json(&[
+        "replica", "enable", "vol", "--peer", "site-c", "--mode", "async", "--rpo", "30s",
+    ]);
+    assert_eq!(peers(&again), ["site-b", "site-c"], "{again}");
+    // Growing grows every target's secondary first, then the primary.
+    let grown = sites.a.ctl_json(&["volume", "resize", "vol", "--size", "128M"]);
+    assert_eq!(grown["size_bytes"], 128 * MIB, "{grown}");
+    for (agent, site) in [(&sites.b, "site-b"), (&sites.c, "site-c")] {
+        let v = agent.ctl_json(&["volume", "show", "vol"]);
+        assert_eq!(v["size_bytes"], 128 * MIB, "{site} did not grow: {v}");
+    }
+
+    let s = sites.wait_all_caught_up();
+    assert_eq!(target(&s, "site-b")["mode"], "sync", "{s}");
+    assert_eq!(target(&s, "site-c")["mode"], "async", "{s}");
+    for t in targets(&s) {
+        for key in [
+            "peer",
+            "mode",
+            "state",
+            "lag_seconds",
+            "lag_bytes",
+            "last_consistent_at",
+            "resync_remaining_bytes",
+        ] {
+            assert!(t.get(key).is_some(), "target lacks {key}: {t}");
+        }
+        assert!(t["last_consistent_at"].is_string(), "{t}");
+    }
+    sites.assert_identical(&sites.b, "site-b");
+    sites.assert_identical(&sites.c, "site-c");
+
+    // Streaming to both.
+    let cmds = scattered(0x10, 6);
+    qemu_io(&a_uri, &cmds.iter().map(String::as_str).collect::<Vec<_>>());
+    let before = sites.wait_all_caught_up();
+    sites.assert_identical(&sites.b, "site-b");
+    sites.assert_identical(&sites.c, "site-c");
+
+    // The async target dies: writes continue, only it degrades, the sync
+    // target stays in sync and identical.
+    sites.c.kill9();
+    let cmds = scattered(0x40, 8);
+    qemu_io(&a_uri, &cmds.iter().map(String::as_str).collect::<Vec<_>>());
+    let s = sites.wait("site-c disconnected", |s| {
+        target(s, "site-c")["state"] == "disconnected"
+    });
+    assert_eq!(s["state"], "disconnected", "the top shows the worst: {s}");
+    assert_eq!(s["peer"], "site-c", "{s}");
+    sites.wait("site-b in sync", |s| {
+        let b = target(s, "site-b");
+        b["state"] == "in-sync" && b["lag_bytes"] == 0
+    });
+    sites.assert_identical(&sites.b, "site-b");
+    sites.c.restart();
+    let after = sites.wait_all_caught_up();
+    let resent = sent(&after, "site-c") - sent(&before, "site-c");
+    assert!(
+        (8 * MIB..=9 * MIB).contains(&resent),
+        "site-c caught up with {resent} bytes for 8 MiB changed: {after}"
+    );
+    assert_eq!(
+        sent(&after, "site-b"),
+        sent(&before, "site-b"),
+        "site-b was resent data although it never left: {after}"
+    );
+    sites.assert_identical(&sites.c, "site-c");
+
+    // The sync target is cut: it degrades (the default peer-loss policy),
+    // writes continue, the async target keeps streaming; then it catches
+    // up by its change set.
+    sites.to_b.cut();
+    let s = sites.wait("site-b degraded", |s| {
+        target(s, "site-b")["state"] == "degraded"
+    });
+    assert_eq!(s["state"], "degraded", "{s}");
+    let started = Instant::now();
+    let cmds = scattered(0x80, 4);
+    qemu_io(&a_uri, &cmds.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "writes stalled with the sync target degraded"
+    );
+    sites.wait("site-c in sync", |s| {
+        let c = target(s, "site-c");
+        c["state"] == "in-sync" && c["lag_bytes"] == 0
+    });
+    sites.assert_identical(&sites.c, "site-c");
+    sites.to_b.restore();
+    let back = sites.wait_all_caught_up();
+    let resent = sent(&back, "site-b") - sent(&after, "site-b");
+    // A sync link that drops marks the activity-log extents its in-flight
+    // writes pinned (4 MiB each) for resend too: at most the changes plus
+    // that window (two extents here), never the 64 MiB volume.
+    assert!(
+        (4 * MIB..=(4 + 2 * 4) * MIB).contains(&resent),
+        "site-b caught up with {resent} bytes for 4 MiB changed: {back}"
+    );
+    sites.assert_identical(&sites.b, "site-b");
+
+    // Every target survives a restart of the primary.
+    sites.a.terminate();
+    sites.a.restart();
+    let s = sites.wait_all_caught_up();
+    assert_eq!(peers(&s), ["site-b", "site-c"], "{s}");
+
+    // Removing the first target keeps the other, across a restart too.
+    sites
+        .a
+        .ctl_json(&["replica", "disable", "vol", "--peer", "site-b"]);
+    let s = sites.status();
+    assert_eq!(peers(&s), ["site-c"], "{s}");
+    let sb = sites.b.ctl_json(&["replica", "status", "vol"]);
+    assert_eq!(sb["state"], "detached", "{sb}");
+    qemu_io(&a_uri, &["write -P 0x21 50M 1M"]);
+    sites.a.terminate();
+    sites.a.restart();
+    let s = sites.wait_all_caught_up();
+    assert_eq!(peers(&s), ["site-c"], "{s}");
+    sites.assert_identical(&sites.c, "site-c");
+    // Disable without --peer: every target.
+    let d = sites.a.ctl_json(&["replica", "disable", "vol"]);
+    assert_eq!(d["disabled"], true, "{d}");
+    let out = sites.a.ctl(&["replica", "status", "vol"]);
+    assert!(!out.status.success(), "still replicated");
+    drop(sites.dir);
+}
+
+#[test]
+fn a_sync_target_holds_every_acknowledged_write_beside_an_async_one() {
+    if !require_tool("nbdcopy") || !require_tool("qemu-img") {
+        return;
+    }
+    let mut sites = ThreeSites::start();
+    let a_uri = sites.a.create_volume("vol", "16M");
+    sites.a.ctl_json(&[
+        "replica", "enable", "vol", "--peer", "site-c", "--mode", "async",
+    ]);
+    sites.a.ctl_json(&[
+        "replica", "enable", "vol", "--peer", "site-b", "--mode", "sync",
+    ]);
+    sites.wait_all_caught_up();
+    // The async target is slow: it must not hold the writer back, and it
+    // must not make the sync target's acknowledgement any weaker.
+    sites.to_c.set_delay(Duration::from_millis(30));
+    let blocks = 16 * MIB / 4096;
+    let history = sites.dir.path().join("a.history");
+    let mut writer = stamped_writer(&a_uri, &history, blocks, 1_000_000, false);
+    std::thread::sleep(Duration::from_millis(2500));
+    sites.a.kill9();
+    let _ = writer.wait();
+    let hist = read_history(&history);
+    assert!(
+        hist.len() > 100,
+        "too few writes acknowledged: {}",
+        hist.len()
+    );
+    let image = snapshot_export(&sites.b.uri("vol"), &sites.dir.path().join("b.img"));
+    check_acked_present(&image, blocks, &hist)
+        .unwrap_or_else(|e| panic!("site-b: {e} ({} acknowledged writes)", hist.len()));
+
+    // The primary comes back with both targets and converges.
+    sites.to_c.set_delay(Duration::ZERO);
+    sites.a.restart();
+    let s = sites.wait_all_caught_up();
+    assert_eq!(peers(&s), ["site-c", "site-b"], "{s}");
+    sites.assert_identical(&sites.b, "site-b");
+    sites.assert_identical(&sites.c, "site-c");
+}
+
+#[test]
+fn a_target_promoted_past_a_primary_of_several_targets_fences_it() {
+    if !require_tool("qemu-io") {
+        return;
+    }
+    let sites = ThreeSites::start();
+    let a_uri = sites.a.create_volume("vol", "16M");
+    qemu_io(&a_uri, &["write -P 0x11 0 4M"]);
+    sites.a.ctl_json(&[
+        "replica", "enable", "vol", "--peer", "site-b", "--mode", "sync",
+    ]);
+    sites.a.ctl_json(&[
+        "replica", "enable", "vol", "--peer", "site-c", "--mode", "async",
+    ]);
+    sites.wait_all_caught_up();
+
+    // site-b is force-promoted (as if site-a were lost); site-a is not.
+    let p = sites.b.ctl_json(&["replica", "promote", "vol", "--force"]);
+    assert_eq!(p["generation"], 2, "{p}");
+    // site-b's session reaches site-a: the old primary cannot follow it
+    // (its other target would be left behind), so it stops taking writes.
+    let s = sites.wait("site-a fenced", |s| s["state"] == "fenced");
+    assert_eq!(s["peer"], "site-b", "{s}");
+    let out = ember_it::run(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x22 0 4k", &a_uri],
+    );
+    assert!(!out.status.success(), "a fenced old primary took a write");
+
+    // Without its other target it follows site-b: a secondary again.
+    sites
+        .a
+        .ctl_json(&["replica", "disable", "vol", "--peer", "site-c"]);
+    // Polled without asserting each answer: mid-demotion the volume is
+    // briefly neither primary nor secondary.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let s = loop {
+        let out = sites.a.ctl(&["replica", "status", "vol", "--json"]);
+        if out.status.success() {
+            let s: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+            if s["role"] == "secondary" {
+                break s;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "site-a did not follow site-b: {}",
+            tail(&sites.a.log())
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(s["peer"], "site-b", "{s}");
+}
+
+#[test]
+fn planned_switchovers_rehome_the_other_target_without_a_copy() {
+    if !require_tool("qemu-img") || !require_tool("qemu-io") {
+        return;
+    }
+    let sites = ThreeSites::start();
+    let a_uri = sites.a.create_volume("vol", "64M");
+    qemu_io(&a_uri, &["write -P 0x5a 0 8M", "write -P 0x33 40M 2M"]);
+    sites.a.ctl_json(&[
+        "replica", "enable", "vol", "--peer", "site-b", "--mode", "sync",
+    ]);
+    sites.a.ctl_json(&[
+        "replica", "enable", "vol", "--peer", "site-c", "--mode", "async", "--rpo", "30s",
+    ]);
+    sites.wait_all_caught_up();
+    // The async target lags when the switchover starts: the drain must
+    // wait for it too, or it would be re-homed missing writes.
+    sites.to_c.set_rate(4 * MIB);
+    let cmds = scattered(0x10, 6);
+    qemu_io(&a_uri, &cmds.iter().map(String::as_str).collect::<Vec<_>>());
+    let lagging = sites.status();
+    assert!(
+        target(&lagging, "site-c")["lag_bytes"].as_u64() > Some(0),
+        "site-c does not lag: the test would not show the drain: {lagging}"
+    );
+
+    // Planned promotion of the sync target: the old primary drains both
+    // targets, follows site-b, and site-c follows site-b too.
+    let p = sites.b.ctl_json(&["replica", "promote", "vol"]);
+    assert_eq!(p["generation"], 2, "{p}");
+    sites.to_c.set_rate(0);
+    let s = caught_up_on(&sites.b, "site-b primary of both");
+    assert_eq!(peers(&s), ["site-a", "site-c"], "{s}");
+    assert_eq!(target(&s, "site-a")["mode"], "sync", "{s}");
+    assert_eq!(target(&s, "site-c")["mode"], "async", "{s}");
+    for peer in ["site-a", "site-c"] {
+        assert_eq!(sent(&s, peer), 0, "re-homing {peer} copied data: {s}");
+    }
+    let sa = wait_on(&sites.a, "site-a follows site-b", |s| {
+        s["role"] == "secondary"
+    });
+    assert_eq!(sa["peer"], "site-b", "{sa}");
+    let sc = wait_on(&sites.c, "site-c follows site-b", |s| {
+        s["role"] == "secondary" && s["peer"] == "site-b"
+    });
+    assert_eq!(sc["generation"], 2, "{sc}");
+    // The new primary streams to both.
+    let b_uri = sites.b.uri("vol");
+    let cmds = scattered(0x60, 5);
+    qemu_io(&b_uri, &cmds.iter().map(String::as_str).collect::<Vec<_>>());
+    let s = caught_up_on(&sites.b, "site-b streams to both");
+    for peer in ["site-a", "site-c"] {
+        assert_eq!(sent(&s, peer), 0, "{peer} was resent data: {s}");
+    }
+    identical(&sites.b, &sites.a, "site-b and site-a");
+    identical(&sites.b, &sites.c, "site-b and site-c");
+
+    // A second planned switchover, to the async target, while the sync
+    // target stays attached: site-b and site-a both follow site-c.
+    let p = sites.c.ctl_json(&["replica", "promote", "vol"]);
+    assert_eq!(p["generation"], 3, "{p}");
+    let s = caught_up_on(&sites.c, "site-c primary of both");
+    let mut got = peers(&s);
+    got.sort();
+    assert_eq!(got, ["site-a", "site-b"], "{s}");
+    for peer in ["site-a", "site-b"] {
+        assert_eq!(sent(&s, peer), 0, "re-homing {peer} copied data: {s}");
+    }
+    let c_uri = sites.c.uri("vol");
+    qemu_io(&c_uri, &["write -P 0x77 20M 2M"]);
+    caught_up_on(&sites.c, "site-c streams to both");
+    identical(&sites.c, &sites.a, "site-c and site-a");
+    identical(&sites.c, &sites.b, "site-c and site-b");
+    let sa = wait_on(&sites.a, "site-a follows site-c", |s| s["peer"] == "site-c");
+    assert_eq!(sa["generation"], 3, "{sa}");
+}
