@@ -262,7 +262,9 @@ fn sync_and_async_targets_converge_and_a_lost_target_degrades_alone() {
     ]);
     assert_eq!(peers(&again), ["site-b", "site-c"], "{again}");
     // Growing grows every target's secondary first, then the primary.
-    let grown = sites.a.ctl_json(&["volume", "resize", "vol", "--size", "128M"]);
+    let grown = sites
+        .a
+        .ctl_json(&["volume", "resize", "vol", "--size", "128M"]);
     assert_eq!(grown["size_bytes"], 128 * MIB, "{grown}");
     for (agent, site) in [(&sites.b, "site-b"), (&sites.c, "site-c")] {
         let v = agent.ctl_json(&["volume", "show", "vol"]);
