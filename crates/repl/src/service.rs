@@ -236,6 +236,10 @@ impl EmberPeer for PeerService {
             .ok_or_else(|| Status::not_found(format!("no secondary named {}", req.volume)))?;
         let size = ember_nbd::Export::size(sv.volume.as_ref());
         hashes::validate(req.offset, req.chunk_bytes, req.chunks, size)?;
+        // The primary no longer counts acknowledged batches as pending: any
+        // deferred behind a point's clone must be in the image first, or
+        // verify would report them as mismatches.
+        sv.settle_deferred().await?;
         let list = hashes::chunk_hashes(&sv.volume, req.offset, req.chunk_bytes, req.chunks)
             .await
             .map_err(|e| Status::internal(format!("hashing: {e}")))?;

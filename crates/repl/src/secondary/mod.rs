@@ -153,6 +153,14 @@ pub(crate) struct SecondaryVolume {
 }
 
 impl SecondaryVolume {
+    /// Applies the batches acknowledged while a point's clone ran (waiting
+    /// for that clone), so a reader comparing with the primary — `verify`'s
+    /// hashes — sees every batch the primary counts as delivered.
+    pub(crate) async fn settle_deferred(&self) -> Result<(), Status> {
+        let _frame = self.apply_lock.lock().await;
+        apply::settle(self).await
+    }
+
     /// A stream of a group member started or ended: a group point it had
     /// not sealed can no longer complete.
     pub(crate) fn leave_group(&self) {
