@@ -54,6 +54,7 @@ smoke failback benches/rpo/failback.py
 smoke snap benches/snap/compare.py
 smoke points benches/points/overhead.py
 smoke scale benches/scale/scale.py
+smoke three_sites benches/three_sites/latency.py
 
 # The Cinder driver shim: a venv with the real cinder 29.0.0 and the shim
 # installed from source (its gRPC stubs generated from proto/ by the pinned
