@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use ember_it::points::{at, index, points};
 use ember_it::repl::{
     TwoSites, check_prefix, read_history, read_timed_history, snapshot_export, stamp_at,
     stamped_writer, wait_status,
@@ -107,18 +108,6 @@ fn refused(agent: &Agent, args: &[&str]) -> (String, String) {
         err["code"].as_str().unwrap_or_default().to_owned(),
         err["message"].as_str().unwrap_or_default().to_owned(),
     )
-}
-
-fn points(agent: &Agent, volume: &str) -> Vec<serde_json::Value> {
-    agent
-        .ctl_json(&["replica", "points", volume])
-        .as_array()
-        .expect("points is a JSON array")
-        .clone()
-}
-
-fn at(p: &serde_json::Value) -> i64 {
-    p["at_unix_ns"].as_i64().expect("at_unix_ns")
 }
 
 fn audit(agent: &Agent) -> String {
@@ -574,7 +563,7 @@ fn kill9_of_the_secondary_while_points_are_made_leaves_nothing_half_made() {
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
                 let (images, _) = point_files(&dir);
-                let listed = ember_volume_index(&dir);
+                let listed = index(&dir);
                 if images.iter().any(|i| !listed.contains(i)) {
                     break;
                 }
@@ -589,7 +578,7 @@ fn kill9_of_the_secondary_while_points_are_made_leaves_nothing_half_made() {
         }
         lab.sites.b.kill9();
         let (images, tmps) = point_files(&dir);
-        let listed_before: Vec<String> = ember_volume_index(&dir);
+        let listed_before: Vec<String> = index(&dir);
         if images.iter().any(|i| !listed_before.contains(i)) || !tmps.is_empty() {
             half_made_seen += 1;
         }
@@ -641,22 +630,6 @@ fn kill9_of_the_secondary_while_points_are_made_leaves_nothing_half_made() {
         half_made_seen >= 2,
         "the aimed kills must land on half-made points ({half_made_seen} of 4 did)"
     );
-}
-
-/// Point names recorded in a points dir's index (read as the agent left it).
-fn ember_volume_index(dir: &Path) -> Vec<String> {
-    let Ok(body) = std::fs::read(dir.join("points.json")) else {
-        return Vec::new();
-    };
-    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-    v["points"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|p| p["name"].as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 const GROUP: [&str; 2] = ["pg1", "pg2"];

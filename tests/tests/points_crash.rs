@@ -22,22 +22,11 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use ember_it::points::{at, index, points};
 use ember_it::repl::{TwoSites, check_prefix, read_history, stamp_at, stamped_writer};
 use ember_it::{LoopMount, require_tool};
 
 const VOLUME_BYTES: u64 = 64 << 20;
-
-fn points(agent: &ember_it::Agent, volume: &str) -> Vec<serde_json::Value> {
-    agent
-        .ctl_json(&["replica", "points", volume])
-        .as_array()
-        .expect("points is a JSON array")
-        .clone()
-}
-
-fn at(p: &serde_json::Value) -> i64 {
-    p["at_unix_ns"].as_i64().expect("at_unix_ns")
-}
 
 /// Files in a points dir: (images by point name with their lengths,
 /// temporaries). The next point's head start (`.next-*`) is neither.
@@ -57,22 +46,6 @@ fn point_files(dir: &Path) -> (Vec<(String, u64)>, Vec<String>) {
     images.sort();
     tmps.sort();
     (images, tmps)
-}
-
-/// Point names in the points dir's index, as the agent left it.
-fn index(dir: &Path) -> Vec<String> {
-    let Ok(body) = std::fs::read(dir.join("points.json")) else {
-        return Vec::new();
-    };
-    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-    v["points"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|p| p["name"].as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// Whether an expiry is under way: an image of a point that was listed

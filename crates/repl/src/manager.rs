@@ -528,13 +528,7 @@ impl Replication {
 
     /// Replication capabilities per paired peer (probes each peer).
     pub async fn targets(&self) -> Vec<TargetCapability> {
-        let mut links: Vec<Arc<ReplicaLink>> = self
-            .running
-            .lock()
-            .expect("running lock poisoned")
-            .values()
-            .map(|r| r.link.clone())
-            .collect();
+        let mut links = self.lead_links();
         links.extend(self.all_extra_links());
         let mut out = Vec::new();
         for p in self.ctx.registry.list().await {

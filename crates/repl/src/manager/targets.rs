@@ -333,16 +333,20 @@ impl Replication {
         top
     }
 
-    /// One status per target of every primary volume here (metrics: one
-    /// series per `volume` and `peer`), first targets first.
-    pub fn list_targets(&self) -> Vec<ReplicaStatus> {
-        let mut leads: Vec<Arc<ReplicaLink>> = self
-            .running
+    /// The first target's link of every primary volume here.
+    pub(super) fn lead_links(&self) -> Vec<Arc<ReplicaLink>> {
+        self.running
             .lock()
             .expect("running lock poisoned")
             .values()
             .map(|r| r.link.clone())
-            .collect();
+            .collect()
+    }
+
+    /// One status per target of every primary volume here (metrics: one
+    /// series per `volume` and `peer`), first targets first.
+    pub fn list_targets(&self) -> Vec<ReplicaStatus> {
+        let mut leads = self.lead_links();
         leads.sort_by_key(|l| l.config().volume);
         let mut out = Vec::new();
         for lead in leads {
