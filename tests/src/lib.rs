@@ -335,6 +335,18 @@ pub fn run_ok(cmd: &str, args: &[&str]) -> Output {
     out
 }
 
+/// Asserts that two raw images (NBD URIs or files) hold the same bytes, by
+/// `qemu-img compare`; `what` names them in the failure message.
+pub fn assert_same_image(x: &str, y: &str, what: &str) {
+    let out = run("qemu-img", &["compare", "-f", "raw", "-F", "raw", x, y]);
+    assert!(
+        out.status.success(),
+        "{what}: the images differ: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Deterministic pseudo-random bytes (xorshift), for content checks.
 pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed | 1;

@@ -169,17 +169,10 @@ impl TwoSites {
 
     /// `qemu-img compare` of the primary and secondary exports.
     pub fn assert_identical(&self, volume: &str) {
-        let out = Command::new("qemu-img")
-            .args(["compare", "-f", "raw", "-F", "raw"])
-            .arg(self.a.uri(volume))
-            .arg(self.b.uri(volume))
-            .output()
-            .expect("run qemu-img compare");
-        assert!(
-            out.status.success(),
-            "primary and secondary differ: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+        crate::assert_same_image(
+            &self.a.uri(volume),
+            &self.b.uri(volume),
+            "primary and secondary",
         );
     }
 }

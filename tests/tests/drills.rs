@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use ember_it::repl::{check_prefix, read_history, snapshot_export, stamped_writer, tail};
 use ember_it::{
-    Agent, LoopMount, bin, free_port, require_python_module, require_tool, run, run_ok, tempdir,
+    Agent, LoopMount, assert_same_image, bin, free_port, require_python_module, require_tool, run,
+    run_ok, tempdir,
 };
 
 /// The stamped writer's region: 16 MiB at the start of the volume.
@@ -305,21 +306,10 @@ fn drill_under_write_load_is_a_consistent_isolated_copy_and_stops_without_resync
             "a drill write reached {uri}"
         );
     }
-    let out = run(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            &sites.a.uri("db"),
-            &sites.b.uri("db"),
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "primary and replica differ after the drill"
+    assert_same_image(
+        &sites.a.uri("db"),
+        &sites.b.uri("db"),
+        "after the drill, primary and replica",
     );
     assert_eq!(u(&s, "resync_bytes_sent"), resync_before, "{s}");
 
@@ -636,21 +626,10 @@ fn kill9_while_a_drill_is_made_leaves_a_whole_drill_or_nothing() {
             .success()
     );
     sites.wait_caught_up("db");
-    let out = run(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            &sites.a.uri("db"),
-            &sites.b.uri("db"),
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "primary and replica differ after the crashes"
+    assert_same_image(
+        &sites.a.uri("db"),
+        &sites.b.uri("db"),
+        "after the crashes, primary and replica",
     );
     for name in drill_names(&sites.b) {
         sites.b.ctl_json(&["replica", "drill", "stop", &name]);
@@ -890,21 +869,10 @@ fn a_group_drill_starts_every_member_at_one_group_point() {
             &format!("one-{v}"),
         ]);
         assert_eq!(single["at_unix_ns"].as_i64(), Some(at), "{single}");
-        let out = run(
-            "qemu-img",
-            &[
-                "compare",
-                "-f",
-                "raw",
-                "-F",
-                "raw",
-                d["nbd_uri"].as_str().expect("uri"),
-                single["nbd_uri"].as_str().expect("uri"),
-            ],
-        );
-        assert!(
-            out.status.success(),
-            "group drill member {v} differs from its point"
+        assert_same_image(
+            d["nbd_uri"].as_str().expect("uri"),
+            single["nbd_uri"].as_str().expect("uri"),
+            &format!("group drill member {v} and its point"),
         );
     }
     let (code, msg) = ctl_err(&sites.b, &["group", "drill", "start", "pg", "--name", "gd"]);

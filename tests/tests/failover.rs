@@ -47,16 +47,6 @@ fn audit(agent: &Agent) -> String {
     std::fs::read_to_string(agent.data_dir.join("replicas/audit.log")).unwrap_or_default()
 }
 
-fn compare(a: &str, b: &str) {
-    let out = run("qemu-img", &["compare", "-f", "raw", "-F", "raw", a, b]);
-    assert!(
-        out.status.success(),
-        "images differ: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn tools() -> bool {
     require_tool("qemu-img") && require_tool("qemu-io") && require_tool("nbdcopy")
 }
@@ -117,7 +107,7 @@ fn planned_switchover_under_write_load_loses_nothing_and_reverses_without_resync
     );
     let sb = wait_status(&sites.b, "sw", Duration::from_secs(30), "in sync", in_sync);
     assert_eq!(u(&sb, "resync_bytes_sent"), 0, "{sb}");
-    compare(&sites.a.uri("sw"), &sites.b.uri("sw"));
+    sites.assert_identical("sw");
 
     assert!(
         audit(&sites.b).contains("\"action\":\"promote\""),
@@ -134,7 +124,7 @@ fn planned_switchover_under_write_load_loses_nothing_and_reverses_without_resync
     sites.b.ctl_json(&["replica", "demote", "sw"]);
     let sa = wait_status(&sites.a, "sw", Duration::from_secs(30), "in sync", in_sync);
     assert_eq!(u(&sa, "generation"), 3, "{sa}");
-    compare(&sites.a.uri("sw"), &sites.b.uri("sw"));
+    sites.assert_identical("sw");
 }
 
 /// Checks the forced promotion's recovery point against the writer's
@@ -226,7 +216,7 @@ fn forced_promote_after_kill9_lands_on_a_prefix_and_failback_resends_only_change
             .success(),
         "the fenced old primary accepted a client write"
     );
-    compare(&sites.a.uri("fo"), &sites.b.uri("fo"));
+    sites.assert_identical("fo");
 
     let sent = u(&sb, "resync_bytes_sent");
     let examined = sent + u(&sb, "resync_bytes_skipped");
@@ -336,7 +326,7 @@ fn split_brain_is_refused_until_an_admin_names_the_loser() {
         .ctl_json(&["replica", "demote", "sb", "--discard-local"]);
     assert!(u(&d, "discarded_bytes") >= MIB, "{d}");
     wait_status(&sites.b, "sb", Duration::from_secs(60), "in sync", in_sync);
-    compare(&sites.a.uri("sb"), &sites.b.uri("sb"));
+    sites.assert_identical("sb");
     run_ok(
         "qemu-io",
         &[
