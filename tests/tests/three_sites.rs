@@ -559,3 +559,147 @@ fn planned_switchovers_rehome_the_other_target_without_a_copy() {
     let sa = wait_on(&sites.a, "site-a follows site-c", |s| s["peer"] == "site-c");
     assert_eq!(sa["generation"], 3, "{sa}");
 }
+
+/// Corrupts 4 KiB of `agent`'s copy of `vol` at `offset` behind its back
+/// (the agent stopped, restarted after).
+fn corrupt_behind_the_agent(agent: &mut Agent, offset: u64) {
+    agent.terminate();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(agent.data_dir.join("volumes/vol/data.img"))
+        .expect("open the secondary's data");
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0xee; 4096], offset).expect("corrupt");
+    drop(f);
+    agent.restart();
+}
+
+fn mismatches(report: &serde_json::Value) -> usize {
+    report["mismatches"].as_array().map_or(usize::MAX, Vec::len)
+}
+
+#[test]
+fn verify_and_pause_act_on_each_target() {
+    if !require_tool("qemu-img") || !require_tool("qemu-io") {
+        return;
+    }
+    let mut sites = ThreeSites::start();
+    let a_uri = sites.a.create_volume("vol", "32M");
+    qemu_io(&a_uri, &["write -P 0x5a 0 32M"]);
+    sites.a.ctl_json(&[
+        "replica", "enable", "vol", "--peer", "site-b", "--mode", "sync",
+    ]);
+    sites.a.ctl_json(&[
+        "replica", "enable", "vol", "--peer", "site-c", "--mode", "async",
+    ]);
+    sites.wait_all_caught_up();
+
+    // Every target compared, clean.
+    let clean = sites.a.ctl_json(&["replica", "verify", "vol"]);
+    let compared: Vec<(String, u64)> = clean["targets"]
+        .as_array()
+        .expect("targets")
+        .iter()
+        .map(|t| {
+            (
+                t["peer"].as_str().expect("peer").to_owned(),
+                t["compared_bytes"].as_u64().expect("n"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        compared,
+        [
+            ("site-b".to_owned(), 32 * MIB),
+            ("site-c".to_owned(), 32 * MIB)
+        ],
+        "{clean}"
+    );
+
+    // The far target alone corrupted: only it is reported (also at the
+    // top), exit 2; a verify of the other target alone passes.
+    corrupt_behind_the_agent(&mut sites.c, 9 * MIB + 4096);
+    sites.wait_all_caught_up();
+    let out = sites.a.ctl(&["replica", "verify", "vol", "--json"]);
+    assert_eq!(out.status.code(), Some(2), "verify must fail on a mismatch");
+    let bad: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(bad["peer"], "site-c", "{bad}");
+    assert_eq!(
+        bad["mismatches"],
+        serde_json::json!([{ "offset": 9 * MIB, "length": MIB }]),
+        "{bad}"
+    );
+    let per: Vec<usize> = bad["targets"]
+        .as_array()
+        .expect("targets")
+        .iter()
+        .map(mismatches)
+        .collect();
+    assert_eq!(per, [0, 1], "{bad}");
+    let only_b = sites
+        .a
+        .ctl_json(&["replica", "verify", "vol", "--peer", "site-b"]);
+    assert_eq!(
+        only_b["targets"].as_array().map(Vec::len),
+        Some(1),
+        "{only_b}"
+    );
+    assert_eq!(mismatches(&only_b), 0, "{only_b}");
+    let err = ctl_err(&sites.a, &["replica", "verify", "vol", "--peer", "site-z"]);
+    assert!(err.contains("does not replicate to site-z"), "{err}");
+
+    // Resync of site-c only: it is repaired, and site-b is sent nothing.
+    let b_sent = sent(&sites.status(), "site-b");
+    let fixed = sites
+        .a
+        .ctl_json(&["replica", "verify", "vol", "--peer", "site-c", "--resync"]);
+    assert_eq!(fixed["resync_queued"], true, "{fixed}");
+    let s = sites.wait_all_caught_up();
+    assert_eq!(sent(&s, "site-b"), b_sent, "site-b was resent data: {s}");
+    sites.assert_identical(&sites.c, "site-c");
+    let again = sites.a.ctl_json(&["replica", "verify", "vol"]);
+    assert!(
+        again["targets"]
+            .as_array()
+            .expect("targets")
+            .iter()
+            .all(|t| mismatches(t) == 0),
+        "{again}"
+    );
+
+    // Pause one target: it stops, the other keeps shipping; resume sends
+    // exactly what was written meanwhile.
+    let p = sites
+        .a
+        .ctl_json(&["replica", "pause", "vol", "--peer", "site-c"]);
+    assert_eq!(p["changed"], true, "{p}");
+    qemu_io(&a_uri, &["write -P 0x77 4M 2M"]);
+    let s = sites.wait("site-b caught up while site-c is paused", |s| {
+        target(s, "site-b")["state"] == "in-sync" && target(s, "site-b")["lag_bytes"] == 0
+    });
+    assert_eq!(target(&s, "site-c")["state"], "paused", "{s}");
+    assert_eq!(
+        s["state"], "paused",
+        "the top level shows the paused target: {s}"
+    );
+    sites.assert_identical(&sites.b, "site-b");
+    let c_sent = sent(&s, "site-c");
+    let r = sites
+        .a
+        .ctl_json(&["replica", "resume", "vol", "--peer", "site-c"]);
+    assert_eq!(r["changed"], true, "{r}");
+    let s = sites.wait_all_caught_up();
+    let resent = sent(&s, "site-c") - c_sent;
+    assert!(
+        (2 * MIB..=3 * MIB).contains(&resent),
+        "resume sent {resent} bytes for 2 MiB written while paused: {s}"
+    );
+    sites.assert_identical(&sites.c, "site-c");
+
+    // No --peer: every target.
+    let p = sites.a.ctl_json(&["replica", "pause", "vol"]);
+    assert_eq!(p["changed"], true, "{p}");
+    let s = sites.status();
+    assert!(targets(&s).iter().all(|t| t["state"] == "paused"), "{s}");
+    sites.a.ctl_json(&["replica", "resume", "vol"]);
+    sites.wait_all_caught_up();
+}

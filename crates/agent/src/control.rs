@@ -539,7 +539,11 @@ impl EmberControl for ControlService {
         let req = request.into_inner();
         let changed = self
             .replication
-            .set_paused(&req.volume, req.paused)
+            .set_paused(
+                &req.volume,
+                (!req.peer.is_empty()).then_some(req.peer.as_str()),
+                req.paused,
+            )
             .await
             .map_err(repl_status)?;
         Ok(Response::new(pb::SetReplicationPausedResponse { changed }))
@@ -784,22 +788,14 @@ impl EmberControl for ControlService {
         let req = request.into_inner();
         let r = self
             .replication
-            .verify(&req.volume, req.resync)
+            .verify(
+                &req.volume,
+                (!req.peer.is_empty()).then_some(req.peer.as_str()),
+                req.resync,
+            )
             .await
             .map_err(repl_status)?;
-        Ok(Response::new(pb::VerifyReplicaResponse {
-            compared_bytes: r.compared_bytes,
-            mismatches: r
-                .mismatches
-                .iter()
-                .map(|m| pb::DirtyExtent {
-                    offset: m.offset,
-                    length: m.length,
-                })
-                .collect(),
-            pending_bytes: r.pending_bytes,
-            resync_queued: r.resync_queued,
-        }))
+        Ok(Response::new(crate::verify_reply::response(&r)))
     }
 
     #[tracing::instrument(skip_all, fields(volume_id = %request.get_ref().name))]

@@ -12,6 +12,7 @@ pub mod nbd_policy;
 mod points;
 mod registry;
 mod server;
+mod verify_reply;
 
 pub use config::Config;
 pub use server::{Listeners, run};

@@ -12,6 +12,7 @@ mod pki;
 mod points;
 mod replica;
 mod top;
+mod verify;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};

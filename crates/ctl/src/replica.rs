@@ -84,9 +84,19 @@ pub(crate) enum ReplicaCmd {
     /// Every volume this agent is primary for.
     List,
     /// Stop shipping for now; writes are tracked and sent on resume.
-    Pause { volume: String },
+    Pause {
+        volume: String,
+        /// Only this target (default: every target of the volume).
+        #[arg(long)]
+        peer: Option<String>,
+    },
     /// Ship again: exactly the blocks written while paused, atomically.
-    Resume { volume: String },
+    Resume {
+        volume: String,
+        /// Only this target (default: every target of the volume).
+        #[arg(long)]
+        peer: Option<String>,
+    },
     /// Promote the secondary held here. Planned: the primary drains to lag
     /// 0 and becomes this site's secondary (zero loss, no resync).
     Promote {
@@ -112,12 +122,16 @@ pub(crate) enum ReplicaCmd {
     /// of a consistent image while replication goes on.
     #[command(subcommand)]
     Drill(crate::drill::DrillCmd),
-    /// Compare both sides by blake3 and list ranges that differ.
+    /// Compare the primary with its targets by blake3 and list ranges that
+    /// differ (exit 2 when any target differs and no resync was queued).
     Verify {
         volume: String,
         /// Resend the ranges that differ.
         #[arg(long)]
         resync: bool,
+        /// Only this target (default: every target of the volume).
+        #[arg(long)]
+        peer: Option<String>,
     },
 }
 
@@ -273,23 +287,31 @@ async fn set_paused(
     api: &mut EmberControlClient<Channel>,
     out: Out,
     volume: String,
+    peer: Option<String>,
     paused: bool,
 ) -> anyhow::Result<()> {
     let changed = api
         .set_replication_paused(pb::SetReplicationPausedRequest {
             volume: volume.clone(),
             paused,
+            peer: peer.clone().unwrap_or_default(),
         })
         .await?
         .into_inner()
         .changed;
     let verb = if paused { "paused" } else { "resumed" };
+    let to = peer
+        .as_deref()
+        .map(|p| format!(" to {p}"))
+        .unwrap_or_default();
     if out.json {
-        out.print_json(&json!({ "volume": volume, "paused": paused, "changed": changed }));
+        out.print_json(
+            &json!({ "volume": volume, "peer": peer, "paused": paused, "changed": changed }),
+        );
     } else if changed {
-        outln!("replication of {volume} {verb}");
+        outln!("replication of {volume}{to} {verb}");
     } else {
-        outln!("replication of {volume} was already {verb}");
+        outln!("replication of {volume}{to} was already {verb}");
     }
     Ok(())
 }
@@ -413,8 +435,8 @@ pub(crate) async fn run(
             discard_local,
         } => crate::failover::demote(api, out, volume, discard_local).await?,
         ReplicaCmd::Drill(cmd) => crate::drill::run(cmd, api, out).await?,
-        ReplicaCmd::Pause { volume } => set_paused(api, out, volume, true).await?,
-        ReplicaCmd::Resume { volume } => set_paused(api, out, volume, false).await?,
+        ReplicaCmd::Pause { volume, peer } => set_paused(api, out, volume, peer, true).await?,
+        ReplicaCmd::Resume { volume, peer } => set_paused(api, out, volume, peer, false).await?,
         ReplicaCmd::List => {
             let r = api
                 .list_replications(pb::ListReplicationsRequest {})
@@ -428,36 +450,11 @@ pub(crate) async fn run(
                 rows(&r.replications);
             }
         }
-        ReplicaCmd::Verify { volume, resync } => {
-            let r = api
-                .verify_replica(pb::VerifyReplicaRequest { volume, resync })
-                .await?
-                .into_inner();
-            if out.json {
-                out.print_json(&json!({
-                    "compared_bytes": r.compared_bytes,
-                    "mismatches": r.mismatches.iter().map(|m| json!({"offset": m.offset, "length": m.length})).collect::<Vec<_>>(),
-                    "pending_bytes": r.pending_bytes,
-                    "resync_queued": r.resync_queued,
-                }));
-            } else {
-                outln!(
-                    "compared {}; {} mismatching range(s); {} pending (writes in flight)",
-                    format_size(r.compared_bytes),
-                    r.mismatches.len(),
-                    format_size(r.pending_bytes)
-                );
-                for m in &r.mismatches {
-                    outln!("  offset {} length {}", m.offset, format_size(m.length));
-                }
-                if r.resync_queued {
-                    outln!("resync queued");
-                }
-            }
-            if !r.mismatches.is_empty() && !r.resync_queued {
-                std::process::exit(2);
-            }
-        }
+        ReplicaCmd::Verify {
+            volume,
+            resync,
+            peer,
+        } => crate::verify::run(api, out, volume, peer, resync).await?,
     }
     Ok(())
 }

@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use ember_common::Extent;
 use ember_proto::repl::v1 as pb;
 use ember_volume::VolumeStore;
 use tokio::task::JoinHandle;
@@ -15,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 mod drills;
 mod groups;
+mod per_target;
 mod points;
 mod rehome;
 mod roles;
@@ -22,6 +22,7 @@ mod targets;
 
 pub use drills::DrillRequest;
 pub use groups::{GroupMember, GroupPromoteReport, GroupStatus};
+pub use per_target::worst_report;
 pub use points::{PointSettings, PointTarget};
 pub use roles::PromoteReport;
 
@@ -30,7 +31,6 @@ use crate::audit::AuditLog;
 use crate::error::{ReplError, Result};
 use crate::events::EventBus;
 use crate::faults::Faults;
-use crate::hashes;
 use crate::primary::link::{
     Mode, PeerLossPolicy, Phase, ReplicaConfig, ReplicaLink, consumer_name,
 };
@@ -197,6 +197,8 @@ pub struct Mismatch {
 /// Result of an online verify.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifyReport {
+    /// The target compared with.
+    pub peer: String,
     /// Bytes compared.
     pub compared_bytes: u64,
     /// Ranges that differ although no write to them is pending.
@@ -704,141 +706,6 @@ impl Replication {
             .collect();
         names.sort();
         names.iter().filter_map(|n| self.status(n).ok()).collect()
-    }
-
-    /// Compares both sides by blake3 per 1 MiB and lists ranges that differ
-    /// although no write to them is pending; with `resync`, queues them.
-    ///
-    /// # Errors
-    /// Not replicated here, the peer unreachable, read errors.
-    pub async fn verify(&self, volume: &str, resync: bool) -> Result<VerifyReport> {
-        let link = self.link(volume).ok_or_else(|| {
-            ReplError::NotFound(format!("volume {volume} is not a primary replica here"))
-        })?;
-        let cfg = link.config();
-        let (mut client, _, _) = self.ctx.registry.stream_client(&cfg.peer).await?;
-        let vol = link.volume.clone();
-        let tracker = vol.tracker().cloned().expect("replicated volumes track");
-        let size = ember_nbd::Export::size(vol.as_ref());
-        let per_call = (hashes::MAX_BYTES / VERIFY_BLOCK) as u32;
-        let mut report = VerifyReport {
-            compared_bytes: 0,
-            mismatches: Vec::new(),
-            pending_bytes: 0,
-            resync_queued: false,
-        };
-        let mut offset = 0;
-        while offset < size {
-            let chunks = ((size - offset).div_ceil(VERIFY_BLOCK) as u32).min(per_call);
-            let theirs = client
-                .read_hashes(pb::ReadHashesRequest {
-                    volume: volume.to_owned(),
-                    offset,
-                    chunk_bytes: VERIFY_BLOCK,
-                    chunks,
-                })
-                .await
-                .map_err(|status| ReplError::Refused {
-                    site: cfg.peer.clone(),
-                    call: "ReadHashes",
-                    status,
-                })?
-                .into_inner()
-                .blake3;
-            let mine = hashes::chunk_hashes(&vol, offset, VERIFY_BLOCK, chunks)
-                .await
-                .map_err(|e| internal("hash the primary", e))?;
-            for (i, h) in mine.iter().enumerate() {
-                let start = offset + i as u64 * VERIFY_BLOCK;
-                let len = (size - start).min(VERIFY_BLOCK);
-                report.compared_bytes += len;
-                if theirs.get(i).map(Vec::as_slice) == Some(h.as_slice()) {
-                    continue;
-                }
-                // Differences under pending writes are lag, not corruption.
-                let dirty = tracker
-                    .consumer_any_dirty(&consumer_name(&cfg.peer), start, len)
-                    .unwrap_or(true);
-                if dirty {
-                    report.pending_bytes += len;
-                    continue;
-                }
-                match report.mismatches.last_mut() {
-                    Some(m) if m.offset + m.length == start => m.length += len,
-                    _ => report.mismatches.push(Mismatch {
-                        offset: start,
-                        length: len,
-                    }),
-                }
-            }
-            offset += u64::from(chunks) * VERIFY_BLOCK;
-        }
-        tracing::info!(
-            volume,
-            compared = report.compared_bytes,
-            mismatches = report.mismatches.len(),
-            pending = report.pending_bytes,
-            "online verify"
-        );
-        if resync && !report.mismatches.is_empty() {
-            let extents: Vec<Extent> = report
-                .mismatches
-                .iter()
-                .map(|m| Extent {
-                    offset: m.offset,
-                    length: m.length,
-                })
-                .collect();
-            tracker
-                .consumer_mark(&consumer_name(&cfg.peer), &extents)
-                .map_err(|e| internal("queue the resync", e))?;
-            // A new session starts with a catch-up of the whole change set.
-            self.restart(volume);
-            report.resync_queued = true;
-        }
-        Ok(report)
-    }
-
-    /// Pauses (`true`) or resumes shipping. While paused every write is
-    /// tracked in the change set; resuming sends exactly those blocks in
-    /// one atomic catch-up batch. Returns whether the state changed.
-    ///
-    /// # Errors
-    /// Not a primary replica here; persisting the config.
-    pub async fn set_paused(&self, volume: &str, paused: bool) -> Result<bool> {
-        let link = self.link(volume).ok_or_else(|| {
-            ReplError::NotFound(format!("volume {volume} is not a primary replica here"))
-        })?;
-        if link.config().paused == paused {
-            return Ok(false);
-        }
-        link.config.lock().expect("config lock poisoned").paused = paused;
-        link.persist()
-            .map_err(|e| internal("persist replica config", e))?;
-        if paused {
-            let (stop, task) = {
-                let mut running = self.running.lock().expect("running lock poisoned");
-                let r = running.get_mut(volume).expect("link exists");
-                let fresh = CancellationToken::new();
-                (std::mem::replace(&mut r.stop, fresh), r.task.take())
-            };
-            stop.cancel();
-            if let Some(task) = task {
-                let _ = task.await;
-            }
-            tracing::info!(volume, "replication paused by an admin; writes are tracked");
-        } else {
-            let mut running = self.running.lock().expect("running lock poisoned");
-            let r = running.get_mut(volume).expect("link exists");
-            r.task = Some(tokio::spawn(session::run(
-                link.clone(),
-                self.ctx.clone(),
-                self.buckets(&link.config().peer),
-                r.stop.clone(),
-            )));
-            tracing::info!(volume, "replication resumed");
-        }
-        Ok(true)
     }
 
     /// Restarts a volume's session (it resumes from the change set).

@@ -4,8 +4,8 @@
 //!
 //! The first target of a volume lives in `Replication::running` and is
 //! persisted as `VOL.json`, exactly as before several targets existed, so
-//! promotion, groups, points, verify and pause keep working on it and old
-//! configs load unchanged. Further targets live in `Replication::extra`
+//! promotion, groups and points keep working on it and old configs load
+//! unchanged (verify and pause act per target: `per_target.rs`). Further targets live in `Replication::extra`
 //! and are persisted as `VOL@PEER.json`. Removing the first target while
 //! others remain makes the next one the first (its config is renamed).
 
