@@ -12,6 +12,7 @@ through RUNNER, which makes every SQLite transaction BEGIN IMMEDIATE with a
 busy timeout: writers queue instead of failing. That is a setting of
 the database connection, not a stand-in for any Cinder code.
 """
+import json
 import os
 import shutil
 import signal
@@ -85,8 +86,11 @@ def wait_port(port, timeout, what):
 class Cinder:
     """Starts everything in `start`, stops it all in `stop`."""
 
-    def __init__(self, lab):
+    def __init__(self, lab, devices=None):
+        """`devices`: the backend's replication_device entries as dicts
+        (default: site-b of the lab, in the volume type's mode)."""
         self.lab = lab
+        self.devices = devices or [{"backend_id": "site-b", "endpoint": lab["site-b"]["api"]}]
         self.dir = tempfile.mkdtemp(prefix="ember-cinder-")
         self.procs = {}
         self.amqp = free_port()
@@ -175,7 +179,11 @@ class Cinder:
 
     def write_conf(self):
         etc = os.path.join(sys.prefix, "etc", "cinder")
-        a, b = self.lab["site-a"], self.lab["site-b"]
+        a = self.lab["site-a"]
+        # replication_device is a multi-valued option: one line per device.
+        devices = "\n".join(
+            "replication_device = " + ",".join(f"{k}:{v}" for k, v in d.items())
+            for d in self.devices)
         with open(self.conf, "w") as f:
             f.write(f"""[DEFAULT]
 transport_url = rabbit://guest:guest@127.0.0.1:{self.amqp}/
@@ -210,7 +218,7 @@ helper_command = {os.path.dirname(sys.executable)}/privsep-helper --config-file 
 volume_driver = ember_cinder.driver.EmberDriver
 volume_backend_name = ember
 ember_agent_endpoint = {a['api']}
-replication_device = backend_id:site-b,endpoint:{b['api']}
+{devices}
 ember_export_mode = target
 ember_host_attach = nbdfuse
 ember_attach_dir = {self.attach_dir}
@@ -288,3 +296,73 @@ volumes_dir = {self.volumes_dir}
             pass
         if not os.environ.get("EMBER_KEEP_TMP"):
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def running_cinder(lab, devices=None):
+    """A module fixture's body: a started Cinder for `lab`, stopped after;
+    on a failed start every service's log is printed."""
+    c = Cinder(lab, devices)
+    try:
+        c.start()
+    except Exception:
+        for name in ("rabbitmq", "scheduler", "volume", "api"):
+            print(f"===== cinder {name} log\n{c.log(name)}")
+        c.stop()
+        raise
+    yield c
+    c.stop()
+
+
+# What the end-to-end tests ask of a running Cinder and lab.
+
+def show(cinder, name):
+    out = cinder.cli("show", name)
+    return {row[0]: row[1] for row in table_rows(out.stdout)}
+
+
+def table_rows(table):
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 2 and cells[0] not in ("Property", ""):
+            yield cells
+
+
+def wait_for(what, check, timeout=90):
+    deadline = time.time() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(1)
+
+
+def volume_status(cinder, name, wanted):
+    return wait_for(f"{name} {wanted}", lambda: (
+        lambda s: s if s["status"] in (wanted, "error") else None)(show(cinder, name)))
+
+
+def service(cinder):
+    out = cinder.cli("service-list", "--withreplication", "--binary", "cinder-volume")
+    for line in out.stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) > 9 and cells[1] == cinder.backend:
+            return {"status": cells[3], "replication_status": cells[7],
+                    "active_backend_id": cells[8]}
+    raise AssertionError(f"no service {cinder.backend}: {out.stdout}")
+
+
+def qemu_io(uri, cmd, read_only=False):
+    args = ["qemu-io", "-f", "raw"] + (["-r"] if read_only else []) + ["-c", cmd, uri]
+    return subprocess.run(args, capture_output=True, text=True)
+
+
+def holds(uri, pattern, offset, length="1M"):
+    out = qemu_io(uri, f"read -P {pattern} {offset} {length}", read_only=True)
+    return out.returncode == 0 and "verification failed" not in out.stdout
+
+
+def replica_state(lab, site, volume):
+    out = subprocess.run([lab["ctl"], "--api", lab[site]["api"], "replica", "status",
+                          volume, "--json"], capture_output=True, text=True)
+    return json.loads(out.stdout) if out.returncode == 0 else {}

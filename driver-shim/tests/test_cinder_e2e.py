@@ -14,80 +14,18 @@ import os
 import signal
 import socket
 import subprocess
-import time
 
 import pytest
 
-from cinder_services import Cinder
+from cinder_services import (holds, qemu_io, replica_state, running_cinder, service, show,
+                             table_rows, volume_status, wait_for)
 from conftest import require
 
 
 @pytest.fixture(scope="module")
 def cinder(lab):
     require("qemu-io")
-    c = Cinder(lab)
-    try:
-        c.start()
-    except Exception:
-        for name in ("rabbitmq", "scheduler", "volume", "api"):
-            print(f"===== cinder {name} log\n{c.log(name)}")
-        c.stop()
-        raise
-    yield c
-    c.stop()
-
-
-def show(cinder, name):
-    out = cinder.cli("show", name)
-    return {row[0]: row[1] for row in _rows(out.stdout)}
-
-
-def _rows(table):
-    for line in table.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 2 and cells[0] not in ("Property", ""):
-            yield cells
-
-
-def wait_for(what, check, timeout=90):
-    deadline = time.time() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.time() < deadline, f"timed out waiting for {what}"
-        time.sleep(1)
-
-
-def volume_status(cinder, name, wanted):
-    return wait_for(f"{name} {wanted}", lambda: (
-        lambda s: s if s["status"] in (wanted, "error") else None)(show(cinder, name)))
-
-
-def service(cinder):
-    out = cinder.cli("service-list", "--withreplication", "--binary", "cinder-volume")
-    for line in out.stdout.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) > 9 and cells[1] == cinder.backend:
-            return {"status": cells[3], "replication_status": cells[7],
-                    "active_backend_id": cells[8]}
-    raise AssertionError(f"no service {cinder.backend}: {out.stdout}")
-
-
-def qemu_io(uri, cmd, read_only=False):
-    args = ["qemu-io", "-f", "raw"] + (["-r"] if read_only else []) + ["-c", cmd, uri]
-    return subprocess.run(args, capture_output=True, text=True)
-
-
-def holds(uri, pattern, offset, length="1M"):
-    out = qemu_io(uri, f"read -P {pattern} {offset} {length}", read_only=True)
-    return out.returncode == 0 and "verification failed" not in out.stdout
-
-
-def replica_state(lab, site, volume):
-    out = subprocess.run([lab["ctl"], "--api", lab[site]["api"], "replica", "status",
-                          volume, "--json"], capture_output=True, text=True)
-    return json.loads(out.stdout) if out.returncode == 0 else {}
+    yield from running_cinder(lab)
 
 
 def test_failover_host_and_failback_through_a_real_cinder(lab, cinder):
@@ -149,7 +87,7 @@ def test_the_scheduler_refuses_a_type_whose_rpo_no_backend_can_meet(cinder):
 
 
 def group_show(cinder, name):
-    return {row[0]: row[1] for row in _rows(cinder.cli("group-show", name).stdout)}
+    return {row[0]: row[1] for row in table_rows(cinder.cli("group-show", name).stdout)}
 
 
 def test_group_replication_through_a_real_cinder(lab, cinder):
@@ -211,7 +149,7 @@ def attach(cinder, volume_id):
                      "--initiator", "iqn.2026-11.org.ember:e2e", "--ip", "127.0.0.1",
                      "--host", socket.gethostname(), "--mode", "rw",
                      volume_id, version="3.54")
-    return dict(_rows(out.stdout))
+    return dict(table_rows(out.stdout))
 
 
 def target_listed(iqn):
