@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 mod drills;
+mod forced_rehome;
 mod groups;
 mod points;
 mod rehome;
@@ -497,6 +498,8 @@ impl Replication {
         if let Some(link) = self.link(&req.volume) {
             let mut cfg = link.config();
             if cfg.peer != req.peer {
+                self.check_multi_target(&req.peer, version, &cfg.peer)
+                    .await?;
                 return self.enable_another(req, &cfg);
             }
             if cfg.group.is_some() {
