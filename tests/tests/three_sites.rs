@@ -454,6 +454,9 @@ fn a_target_force_promoted_past_a_live_primary_of_several_targets_takes_both_ove
     assert_eq!(p["generation"], 2, "{p}");
     // site-b re-homes site-c and reaches site-a, which follows it: its
     // other target is released to site-b, not left behind.
+    wait_on(&sites.b, "site-b re-homed site-c", |s| {
+        s["role"] == "primary" && targets(s).len() == 2
+    });
     let s = caught_up_on(&sites.b, "site-b primary of both");
     let mut got = peers(&s);
     got.sort();

@@ -420,6 +420,14 @@ impl Replication {
                 }
                 Action::FullCopy { target, reason, .. } if target == s.site => {
                     tracing::warn!(volume, peer = %s.site, ?reason, "forced re-homing by a full blake3 comparison");
+                    // The change set exists since the promotion: the
+                    // initial sync compares what it holds, so all of it.
+                    let size = self
+                        .store
+                        .export(volume)
+                        .map(|v| ember_nbd::Export::size(v.as_ref()))
+                        .unwrap_or(0);
+                    self.mark_ranges(volume, &s.site, &[Extent { offset: 0, length: size }])?;
                     self.start_rehomed(p, s, true)?;
                     self.decide(&Entry {
                         action: "rehome",
