@@ -615,6 +615,58 @@ fn a_forced_promotion_of_the_sync_target_rehomes_the_async_one_by_its_changes() 
 }
 
 #[test]
+fn a_forced_promotion_of_the_lagging_target_rehomes_the_sync_one_by_the_union() {
+    if !require_tool("qemu-img") || !require_tool("qemu-io") || !require_tool("nbdcopy") {
+        return;
+    }
+    let mut sites = ThreeSites::start();
+    let a_uri = sites.a.create_volume("vol", "128M");
+    sites.a.ctl_json(&[
+        "replica", "enable", "vol", "--peer", "site-b", "--mode", "sync",
+    ]);
+    sites.a.ctl_json(&[
+        "replica", "enable", "vol", "--peer", "site-c", "--mode", "async", "--rpo", "60s",
+    ]);
+    sites.wait_all_caught_up();
+    for site in ["site-b", "site-c"] {
+        wait_for_siblings(&sites, site);
+        wait_for_mark(&sites, site);
+    }
+    // site-c lags; site-b (sync) holds writes site-c lacks when site-a dies.
+    sites.to_c.set_rate(MIB);
+    let region = 16 * MIB;
+    let history = sites.dir.path().join("a.history");
+    let mut writer = stamped_writer(&a_uri, &history, region / 4096, 1_000_000, false);
+    std::thread::sleep(Duration::from_millis(3000));
+    sites.a.kill9();
+    let _ = writer.wait();
+    sites.to_c.set_rate(0);
+    // An admin promotes the far site anyway (accepting its older image):
+    // site-b must drop the writes site-c lacks, i.e. the resend is the
+    // union of both sets, not site-c's alone.
+    let p = sites.c.ctl_json(&["replica", "promote", "vol", "--force"]);
+    assert_eq!(p["generation"], 2, "{p}");
+    let s = wait_on(&sites.c, "site-b re-homed and in sync", |s| {
+        s["role"] == "primary"
+            && targets(s)
+                .iter()
+                .any(|t| t["peer"] == "site-b" && t["state"] == "in-sync" && t["lag_bytes"] == 0)
+    });
+    let resent = sent(&s, "site-b");
+    assert!(
+        resent <= region,
+        "site-b was resent {resent} bytes for changes within {region}: {s}"
+    );
+    assert!(
+        sites.c.log().contains("since common mark"),
+        "site-c did not re-home site-b by the common mark: {}",
+        tail(&sites.c.log())
+    );
+    identical(&sites.c, &sites.b, "site-c and site-b");
+    eprintln!("re-homing bytes to the sync target: {resent}");
+}
+
+#[test]
 fn a_half_synced_target_is_refused_promotion_and_rehomed_instead() {
     if !require_tool("qemu-img") || !require_tool("qemu-io") {
         return;

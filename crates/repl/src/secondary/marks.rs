@@ -518,7 +518,7 @@ mod tests {
         let mut r = ring();
         r.hold(0, 10);
         r.hold(0, 20);
-        assert!(r.hold(15, 30));
+        assert!(r.hold(25, 30));
         assert!(r.reset());
         assert!(r.held().is_empty());
         assert_eq!(r.note([(1, 1)]), None);
@@ -541,7 +541,7 @@ mod tests {
         let m = Marks::open(p.clone(), 1 << 30).expect("open");
         m.hold(0, 10, Vec::new()).expect("hold");
         m.hold(0, 20, Vec::new()).expect("hold");
-        assert!(m.hold(15, 30, Vec::new()).expect("hold"));
+        assert!(m.hold(25, 30, Vec::new()).expect("hold"));
         m.note([(0, 4096), (10 << 20, 4096)]).expect("note");
         // As after kill -9: only what was persisted is read back.
         let again = Marks::open(p, 1 << 30).expect("reopen");
