@@ -555,7 +555,11 @@ fn a_forced_promotion_of_the_sync_target_rehomes_the_async_one_by_its_changes() 
     sites.a.kill9();
     let _ = writer.wait();
     let hist = read_history(&history);
-    assert!(hist.len() > 100, "too few writes acknowledged: {}", hist.len());
+    assert!(
+        hist.len() > 100,
+        "too few writes acknowledged: {}",
+        hist.len()
+    );
 
     // Forced promotion of the sync target: every acknowledged write is
     // there.

@@ -85,7 +85,12 @@ struct Pending {
 
 /// The records the plan runs on: the old primary (not asked: gone), this
 /// new primary with its frozen marks, and the other target as it answered.
-fn records(me: &str, p: &Pending, theirs: &pb::GetRehomeRecordResponse, site: &str) -> Vec<SiteRecord> {
+fn records(
+    me: &str,
+    p: &Pending,
+    theirs: &pb::GetRehomeRecordResponse,
+    site: &str,
+) -> Vec<SiteRecord> {
     let mine = SiteRecord {
         site: me.to_owned(),
         role: Role::Primary,
@@ -184,7 +189,11 @@ impl Replication {
                 .unwrap_or(0);
             let sites: Vec<String> = links.iter().map(|l| l.config().peer).collect();
             let (last_mark, last_sites) = announced.get(&cfg.volume).cloned().unwrap_or_default();
-            let mark = if streaming && newest > last_mark { newest } else { 0 };
+            let mark = if streaming && newest > last_mark {
+                newest
+            } else {
+                0
+            };
             if mark == 0 && sites == last_sites {
                 continue;
             }
@@ -402,7 +411,9 @@ impl Replication {
                     since,
                     ..
                 } if target == s.site => {
-                    let differ = self.compare(volume, &s.site, &resend, p.block_bytes).await?;
+                    let differ = self
+                        .compare(volume, &s.site, &resend, p.block_bytes)
+                        .await?;
                     let bytes: u64 = differ.iter().map(|e| e.length).sum();
                     self.mark_ranges(volume, &s.site, &differ)?;
                     self.start_rehomed(p, s, false)?;
@@ -427,7 +438,14 @@ impl Replication {
                         .export(volume)
                         .map(|v| ember_nbd::Export::size(v.as_ref()))
                         .unwrap_or(0);
-                    self.mark_ranges(volume, &s.site, &[Extent { offset: 0, length: size }])?;
+                    self.mark_ranges(
+                        volume,
+                        &s.site,
+                        &[Extent {
+                            offset: 0,
+                            length: size,
+                        }],
+                    )?;
                     self.start_rehomed(p, s, true)?;
                     self.decide(&Entry {
                         action: "rehome",
@@ -512,8 +530,12 @@ impl Replication {
         let t = v.tracker().ok_or_else(|| {
             ReplError::FailedPrecondition("replication needs change tracking".into())
         })?;
-        t.add_consumer(&self.store_tracking_dir(volume), &consumer_name(peer), false)
-            .map_err(|e| super::internal("create the re-homed target's change set", e))?;
+        t.add_consumer(
+            &self.store_tracking_dir(volume),
+            &consumer_name(peer),
+            false,
+        )
+        .map_err(|e| super::internal("create the re-homed target's change set", e))?;
         t.consumer_mark(&consumer_name(peer), ranges)
             .map_err(|e| super::internal("mark the re-homing resend", e))
     }

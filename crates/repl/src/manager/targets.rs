@@ -182,7 +182,12 @@ impl Replication {
                     c.split_brain = true;
                 })
                 .map_err(|e| tonic::Status::internal(format!("persisting split-brain: {e}")))?;
-            tracing::warn!(volume, peer, generation, "split-brain: this primary took writes cut off from the promoted target");
+            tracing::warn!(
+                volume,
+                peer,
+                generation,
+                "split-brain: this primary took writes cut off from the promoted target"
+            );
             return Err(crate::fencing::split_brain(
                 volume,
                 "this site took writes while cut off from the promoted target",

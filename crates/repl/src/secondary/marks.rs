@@ -181,10 +181,7 @@ impl Ring {
             .iter()
             .enumerate()
             .map(|(i, m)| {
-                let end = self
-                    .marks
-                    .get(i + 1)
-                    .map_or(self.slots.len(), |n| index(n));
+                let end = self.marks.get(i + 1).map_or(self.slots.len(), index);
                 let mut after = Blocks::default();
                 for s in &self.slots[index(m)..end.max(index(m))] {
                     after.union(&s.blocks);
