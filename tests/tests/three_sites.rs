@@ -671,6 +671,59 @@ fn a_forced_promotion_of_the_lagging_target_rehomes_the_sync_one_by_the_union() 
 }
 
 #[test]
+fn a_targets_marks_survive_its_kill_9_and_the_union_still_covers_what_it_applied() {
+    if !require_tool("qemu-img") || !require_tool("qemu-io") || !require_tool("nbdcopy") {
+        return;
+    }
+    let mut sites = ThreeSites::start();
+    let a_uri = sites.a.create_volume("vol", "128M");
+    sites.a.ctl_json(&[
+        "replica", "enable", "vol", "--peer", "site-c", "--mode", "sync",
+    ]);
+    sites.a.ctl_json(&[
+        "replica", "enable", "vol", "--peer", "site-b", "--mode", "async", "--rpo", "60s",
+    ]);
+    sites.wait_all_caught_up();
+    for site in ["site-b", "site-c"] {
+        wait_for_siblings(&sites, site);
+        wait_for_mark(&sites, site);
+    }
+    // site-b (async) lags, so the common mark stays behind what site-c
+    // (sync) applies; site-c is killed -9 mid-stream and comes back.
+    sites.to_b.set_rate(MIB / 2);
+    let region = 16 * MIB;
+    let history = sites.dir.path().join("a.history");
+    let mut writer = stamped_writer(&a_uri, &history, region / 4096, 1_000_000, false);
+    std::thread::sleep(Duration::from_millis(1500));
+    sites.c.kill9();
+    std::thread::sleep(Duration::from_millis(500));
+    sites.c.restart();
+    sites.wait("site-c back in sync", |s| {
+        target(s, "site-c")["state"] == "in-sync"
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    sites.a.kill9();
+    let _ = writer.wait();
+    sites.to_b.set_rate(0);
+    // site-c is promoted: the blocks it applied before its crash that
+    // site-b lacks are only in site-c's persisted set since the mark.
+    let p = sites.c.ctl_json(&["replica", "promote", "vol", "--force"]);
+    assert_eq!(p["generation"], 2, "{p}");
+    wait_on(&sites.c, "site-b re-homed and in sync", |s| {
+        s["role"] == "primary"
+            && targets(s)
+                .iter()
+                .any(|t| t["peer"] == "site-b" && t["state"] == "in-sync" && t["lag_bytes"] == 0)
+    });
+    assert!(
+        sites.c.log().contains("since common mark"),
+        "site-c did not re-home site-b by the common mark: {}",
+        tail(&sites.c.log())
+    );
+    identical(&sites.c, &sites.b, "site-c and site-b");
+}
+
+#[test]
 fn a_half_synced_target_is_refused_promotion_and_rehomed_instead() {
     if !require_tool("qemu-img") || !require_tool("qemu-io") {
         return;
