@@ -318,11 +318,16 @@ impl Replication {
                 let _ = std::fs::remove_file(&path);
                 continue;
             };
-            let current = self.link(&p.volume).map(|l| l.config().generation);
-            if current != Some(p.generation) {
-                // No longer the primary of that promotion.
-                let _ = std::fs::remove_file(&path);
-                continue;
+            match self.link(&p.volume).map(|l| l.config().generation) {
+                Some(g) if g == p.generation => {}
+                // The promotion is under way (the record is written before
+                // the primary role): its next tick.
+                None if self.secondaries.get(&p.volume).is_some() => continue,
+                _ => {
+                    tracing::info!(volume = %p.volume, generation = p.generation, "no longer the primary of that promotion; re-homing record dropped");
+                    let _ = std::fs::remove_file(&path);
+                    continue;
+                }
             }
             let mut left = Vec::new();
             for s in std::mem::take(&mut p.siblings) {
