@@ -57,7 +57,7 @@ fn two_sites_pair_over_mutual_tls_and_measure_the_link() {
     let peer = &peer[0];
     assert_eq!(peer["site"], "site-b");
     assert_eq!(peer["state"], "connected");
-    assert_eq!(peer["protocol_version"], 6, "the newest version both speak");
+    assert_eq!(peer["protocol_version"], 7, "the newest version both speak");
     assert_eq!(
         peer["backend_id"],
         b.ctl_json(&["status"])["backend_id"],

@@ -3,7 +3,10 @@
 //! Both targets converge byte for byte (`qemu-img compare` over NBD); a
 //! lost target degrades alone while writes continue, and catches up by
 //! its change set only; every target and its config survive a restart;
-//! a sync target holds every acknowledged write even with a second target.
+//! a sync target holds every acknowledged write even with a second target;
+//! after a forced promotion the other target is re-homed by the changes
+//! since the newest common mark, a half-synced one by a full comparison,
+//! and the old primary returns as a target by its change sets.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -430,8 +433,8 @@ fn a_sync_target_holds_every_acknowledged_write_beside_an_async_one() {
 }
 
 #[test]
-fn a_target_promoted_past_a_primary_of_several_targets_fences_it() {
-    if !require_tool("qemu-io") {
+fn a_target_force_promoted_past_a_live_primary_of_several_targets_takes_both_over() {
+    if !require_tool("qemu-io") || !require_tool("qemu-img") {
         return;
     }
     let sites = ThreeSites::start();
@@ -444,43 +447,319 @@ fn a_target_promoted_past_a_primary_of_several_targets_fences_it() {
         "replica", "enable", "vol", "--peer", "site-c", "--mode", "async",
     ]);
     sites.wait_all_caught_up();
+    wait_for_siblings(&sites, "site-b");
 
     // site-b is force-promoted (as if site-a were lost); site-a is not.
     let p = sites.b.ctl_json(&["replica", "promote", "vol", "--force"]);
     assert_eq!(p["generation"], 2, "{p}");
-    // site-b's session reaches site-a: the old primary cannot follow it
-    // (its other target would be left behind), so it stops taking writes.
-    let s = sites.wait("site-a fenced", |s| s["state"] == "fenced");
-    assert_eq!(s["peer"], "site-b", "{s}");
+    // site-b re-homes site-c and reaches site-a, which follows it: its
+    // other target is released to site-b, not left behind.
+    wait_on(&sites.b, "site-b re-homed site-c", |s| {
+        s["role"] == "primary" && targets(s).len() == 2
+    });
+    let s = caught_up_on(&sites.b, "site-b primary of both");
+    let mut got = peers(&s);
+    got.sort();
+    assert_eq!(got, ["site-a", "site-c"], "{s}");
+    let sa = wait_on(&sites.a, "site-a follows site-b", |s| {
+        s["role"] == "secondary"
+    });
+    assert_eq!(sa["peer"], "site-b", "{sa}");
     let out = ember_it::run(
         "qemu-io",
         &["-f", "raw", "-c", "write -P 0x22 0 4k", &a_uri],
     );
-    assert!(!out.status.success(), "a fenced old primary took a write");
+    assert!(!out.status.success(), "the old primary took a write");
+    let sc = wait_on(&sites.c, "site-c follows site-b", |s| s["peer"] == "site-b");
+    assert_eq!(sc["generation"], 2, "{sc}");
+    qemu_io(&sites.b.uri("vol"), &["write -P 0x33 8M 1M"]);
+    caught_up_on(&sites.b, "site-b streams to both");
+    identical(&sites.b, &sites.a, "site-b and site-a");
+    identical(&sites.b, &sites.c, "site-b and site-c");
+}
 
-    // Without its other target it follows site-b: a secondary again.
-    sites
-        .a
-        .ctl_json(&["replica", "disable", "vol", "--peer", "site-c"]);
-    // Polled without asserting each answer: mid-demotion the volume is
-    // briefly neither primary nor secondary.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let s = loop {
-        let out = sites.a.ctl(&["replica", "status", "vol", "--json"]);
-        if out.status.success() {
-            let s: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
-            if s["role"] == "secondary" {
-                break s;
-            }
-        }
+/// `site`'s ring of common marks (`DATA/replicas/secondary/marks/vol.json`).
+fn ring(sites: &ThreeSites, site: &str) -> serde_json::Value {
+    let path = sites
+        .dir
+        .path()
+        .join(site)
+        .join("replicas/secondary/marks/vol.json");
+    std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(serde_json::Value::Null)
+}
+
+/// Waits until `site` knows the volume's other targets (announced by the
+/// primary): what a forced promotion of it re-homes.
+fn wait_for_siblings(sites: &ThreeSites, site: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ring(sites, site)["siblings"].as_array().map(Vec::len) != Some(2) {
         assert!(
             Instant::now() < deadline,
-            "site-a did not follow site-b: {}",
-            tail(&sites.a.log())
+            "{site} never learned the targets: {}",
+            ring(sites, site)
         );
         std::thread::sleep(Duration::from_millis(100));
-    };
-    assert_eq!(s["peer"], "site-b", "{s}");
+    }
+}
+
+/// Waits until `site` holds at least one common mark, writing to the
+/// primary meanwhile: a mark moves only with the targets' consistent
+/// points, which an idle volume does not move.
+fn wait_for_mark(sites: &ThreeSites, site: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let uri = sites.a.uri("vol");
+    while ring(sites, site)["marks"]
+        .as_array()
+        .is_none_or(|m| m.is_empty())
+    {
+        qemu_io(&uri, &["write -P 0x44 100M 4k"]);
+        assert!(
+            Instant::now() < deadline,
+            "{site} holds no common mark: {}",
+            ring(sites, site)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_forced_promotion_of_the_sync_target_rehomes_the_async_one_by_its_changes() {
+    if !require_tool("nbdcopy") || !require_tool("qemu-img") || !require_tool("qemu-io") {
+        return;
+    }
+    let mut sites = ThreeSites::start();
+    let a_uri = sites.a.create_volume("vol", "256M");
+    qemu_io(&a_uri, &["write -P 0x5a 64M 32M"]);
+    sites.a.ctl_json(&[
+        "replica", "enable", "vol", "--peer", "site-b", "--mode", "sync",
+    ]);
+    sites.a.ctl_json(&[
+        "replica", "enable", "vol", "--peer", "site-c", "--mode", "async", "--rpo", "60s",
+    ]);
+    sites.wait_all_caught_up();
+    for site in ["site-b", "site-c"] {
+        wait_for_siblings(&sites, site);
+        wait_for_mark(&sites, site);
+    }
+    // The async target lags behind a stamped writer (16 MiB region) when
+    // the primary dies.
+    sites.to_c.set_rate(MIB);
+    let region = 16 * MIB;
+    let blocks = region / 4096;
+    let history = sites.dir.path().join("a.history");
+    let mut writer = stamped_writer(&a_uri, &history, blocks, 1_000_000, false);
+    std::thread::sleep(Duration::from_millis(3000));
+    sites.a.kill9();
+    let _ = writer.wait();
+    let hist = read_history(&history);
+    assert!(
+        hist.len() > 100,
+        "too few writes acknowledged: {}",
+        hist.len()
+    );
+
+    // Forced promotion of the sync target: every acknowledged write is
+    // there.
+    sites.to_c.set_rate(0);
+    let p = sites.b.ctl_json(&["replica", "promote", "vol", "--force"]);
+    assert_eq!(p["generation"], 2, "{p}");
+    let image = snapshot_export(&sites.b.uri("vol"), &sites.dir.path().join("b.img"));
+    check_acked_present(&image, blocks, &hist)
+        .unwrap_or_else(|e| panic!("site-b: {e} ({} acknowledged writes)", hist.len()));
+
+    // The async target follows site-b with only the blocks changed since
+    // the newest common mark (all in the writer's region): no activity-log
+    // window is involved (the marks' sets are exact in memory; only a
+    // crash of the target itself widens them, by 256 blocks per run).
+    let s = wait_on(&sites.b, "site-c re-homed and in sync", |s| {
+        s["role"] == "primary"
+            && targets(s)
+                .iter()
+                .any(|t| t["peer"] == "site-c" && t["state"] == "in-sync" && t["lag_bytes"] == 0)
+    });
+    let resent = sent(&s, "site-c");
+    assert!(
+        resent <= region,
+        "site-c was resent {resent} bytes for changes within {region}: {s}"
+    );
+    let log = sites.b.log();
+    assert!(
+        log.contains("since common mark"),
+        "site-b did not re-home site-c by the common mark: {}",
+        tail(&log)
+    );
+    let sc = wait_on(&sites.c, "site-c follows site-b", |s| s["peer"] == "site-b");
+    assert_eq!(sc["generation"], 2, "{sc}");
+    identical(&sites.b, &sites.c, "site-b and site-c");
+
+    // The old primary returns: fenced by the newer generation, it follows
+    // site-b, which resends the change sets only (its own since the
+    // promotion plus site-a's, widened by its activity-log window of hot
+    // extents after the crash: 4 MiB extents around a 16 MiB region).
+    sites.a.restart();
+    let s = wait_on(&sites.b, "site-a back as a target", |s| {
+        targets(s)
+            .iter()
+            .any(|t| t["peer"] == "site-a" && t["state"] == "in-sync" && t["lag_bytes"] == 0)
+    });
+    let back = sent(&s, "site-a");
+    assert!(
+        back < 128 * MIB,
+        "the returning old primary was resent {back} bytes of a 256 MiB volume: {s}"
+    );
+    let sa = wait_on(&sites.a, "site-a follows site-b", |s| {
+        s["role"] == "secondary"
+    });
+    assert_eq!(sa["peer"], "site-b", "{sa}");
+    identical(&sites.b, &sites.a, "site-b and site-a");
+    eprintln!("re-homing bytes: site-c {resent}, returning site-a {back}");
+}
+
+#[test]
+fn a_forced_promotion_of_the_lagging_target_rehomes_the_sync_one_by_the_union() {
+    if !require_tool("qemu-img") || !require_tool("qemu-io") || !require_tool("nbdcopy") {
+        return;
+    }
+    let mut sites = ThreeSites::start();
+    let a_uri = sites.a.create_volume("vol", "128M");
+    sites.a.ctl_json(&[
+        "replica", "enable", "vol", "--peer", "site-b", "--mode", "sync",
+    ]);
+    sites.a.ctl_json(&[
+        "replica", "enable", "vol", "--peer", "site-c", "--mode", "async", "--rpo", "60s",
+    ]);
+    sites.wait_all_caught_up();
+    for site in ["site-b", "site-c"] {
+        wait_for_siblings(&sites, site);
+        wait_for_mark(&sites, site);
+    }
+    // site-c lags; site-b (sync) holds writes site-c lacks when site-a dies.
+    sites.to_c.set_rate(MIB);
+    let region = 16 * MIB;
+    let history = sites.dir.path().join("a.history");
+    let mut writer = stamped_writer(&a_uri, &history, region / 4096, 1_000_000, false);
+    std::thread::sleep(Duration::from_millis(3000));
+    sites.a.kill9();
+    let _ = writer.wait();
+    sites.to_c.set_rate(0);
+    // An admin promotes the far site anyway (accepting its older image):
+    // site-b must drop the writes site-c lacks, i.e. the resend is the
+    // union of both sets, not site-c's alone.
+    let p = sites.c.ctl_json(&["replica", "promote", "vol", "--force"]);
+    assert_eq!(p["generation"], 2, "{p}");
+    let s = wait_on(&sites.c, "site-b re-homed and in sync", |s| {
+        s["role"] == "primary"
+            && targets(s)
+                .iter()
+                .any(|t| t["peer"] == "site-b" && t["state"] == "in-sync" && t["lag_bytes"] == 0)
+    });
+    let resent = sent(&s, "site-b");
+    assert!(
+        resent <= region,
+        "site-b was resent {resent} bytes for changes within {region}: {s}"
+    );
+    assert!(
+        sites.c.log().contains("since common mark"),
+        "site-c did not re-home site-b by the common mark: {}",
+        tail(&sites.c.log())
+    );
+    identical(&sites.c, &sites.b, "site-c and site-b");
+    eprintln!("re-homing bytes to the sync target: {resent}");
+}
+
+#[test]
+fn a_targets_marks_survive_its_kill_9_and_the_union_still_covers_what_it_applied() {
+    if !require_tool("qemu-img") || !require_tool("qemu-io") || !require_tool("nbdcopy") {
+        return;
+    }
+    let mut sites = ThreeSites::start();
+    let a_uri = sites.a.create_volume("vol", "128M");
+    sites.a.ctl_json(&[
+        "replica", "enable", "vol", "--peer", "site-c", "--mode", "sync",
+    ]);
+    sites.a.ctl_json(&[
+        "replica", "enable", "vol", "--peer", "site-b", "--mode", "async", "--rpo", "60s",
+    ]);
+    sites.wait_all_caught_up();
+    for site in ["site-b", "site-c"] {
+        wait_for_siblings(&sites, site);
+        wait_for_mark(&sites, site);
+    }
+    // site-b (async) lags, so the common mark stays behind what site-c
+    // (sync) applies; site-c is killed -9 mid-stream, then site-a: what
+    // site-c applied since its last ring record is only in its
+    // write-ahead change set.
+    sites.to_b.set_rate(MIB / 2);
+    let region = 16 * MIB;
+    let history = sites.dir.path().join("a.history");
+    let mut writer = stamped_writer(&a_uri, &history, region / 4096, 1_000_000, false);
+    std::thread::sleep(Duration::from_millis(2000));
+    sites.c.kill9();
+    sites.a.kill9();
+    let _ = writer.wait();
+    sites.c.restart();
+    sites.to_b.set_rate(0);
+    // site-c is promoted: the blocks it applied before its crash that
+    // site-b lacks are only in site-c's persisted set since the mark.
+    let p = sites.c.ctl_json(&["replica", "promote", "vol", "--force"]);
+    assert_eq!(p["generation"], 2, "{p}");
+    wait_on(&sites.c, "site-b re-homed and in sync", |s| {
+        s["role"] == "primary"
+            && targets(s)
+                .iter()
+                .any(|t| t["peer"] == "site-b" && t["state"] == "in-sync" && t["lag_bytes"] == 0)
+    });
+    assert!(
+        sites.c.log().contains("since common mark"),
+        "site-c did not re-home site-b by the common mark: {}",
+        tail(&sites.c.log())
+    );
+    identical(&sites.c, &sites.b, "site-c and site-b");
+}
+
+#[test]
+fn a_half_synced_target_is_refused_promotion_and_rehomed_instead() {
+    if !require_tool("qemu-img") || !require_tool("qemu-io") {
+        return;
+    }
+    let mut sites = ThreeSites::start();
+    let a_uri = sites.a.create_volume("vol", "64M");
+    qemu_io(&a_uri, &["write -P 0x5a 0 48M"]);
+    sites.a.ctl_json(&[
+        "replica", "enable", "vol", "--peer", "site-b", "--mode", "sync",
+    ]);
+    sites.wait_all_caught_up();
+    // site-c joins slowly: its initial sync is half done when site-a dies.
+    sites.to_c.set_rate(2 * MIB);
+    sites.a.ctl_json(&[
+        "replica", "enable", "vol", "--peer", "site-c", "--mode", "async",
+    ]);
+    wait_for_siblings(&sites, "site-c");
+    wait_for_siblings(&sites, "site-b");
+    sites.wait("site-c syncing", |s| {
+        target(s, "site-c")["state"] == "syncing" && sent(s, "site-c") > 0
+    });
+    sites.a.kill9();
+    sites.to_c.set_rate(0);
+    let err = ctl_err(&sites.c, &["replica", "promote", "vol", "--force"]);
+    assert!(err.contains("inconsistent"), "{err}");
+    let p = sites.b.ctl_json(&["replica", "promote", "vol", "--force"]);
+    assert_eq!(p["generation"], 2, "{p}");
+    wait_on(&sites.b, "site-c re-homed and in sync", |s| {
+        targets(s)
+            .iter()
+            .any(|t| t["peer"] == "site-c" && t["state"] == "in-sync" && t["lag_bytes"] == 0)
+    });
+    let log = sites.b.log();
+    assert!(
+        log.contains("full blake3 comparison (Inconsistent)"),
+        "site-b did not re-home the half-synced site-c by a full comparison: {}",
+        tail(&log)
+    );
+    identical(&sites.b, &sites.c, "site-b and site-c");
 }
 
 #[test]

@@ -119,6 +119,8 @@ pub async fn run(
         )
         .context("loading replicas")?,
     );
+    // Common marks and re-homing after a forced promotion (issue 14).
+    replication.start_background();
 
     let nbd_listener = match listeners.nbd {
         Some(l) => l,

@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 mod drills;
+mod forced_rehome;
 mod groups;
 mod per_target;
 mod points;
@@ -499,6 +500,8 @@ impl Replication {
         if let Some(link) = self.link(&req.volume) {
             let mut cfg = link.config();
             if cfg.peer != req.peer {
+                self.check_multi_target(&req.peer, version, &cfg.peer)
+                    .await?;
                 return self.enable_another(req, &cfg);
             }
             if cfg.group.is_some() {

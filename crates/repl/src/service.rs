@@ -217,6 +217,29 @@ impl EmberPeer for PeerService {
         ))
     }
 
+    async fn announce_mark(
+        &self,
+        request: Request<pb::AnnounceMarkRequest>,
+    ) -> Result<Response<pb::AnnounceMarkResponse>, Status> {
+        let req = request.into_inner();
+        ember_volume::parse_volume(&req.volume)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(self.secondaries()?.announce_mark(req).await?))
+    }
+
+    async fn get_rehome_record(
+        &self,
+        request: Request<pb::GetRehomeRecordRequest>,
+    ) -> Result<Response<pb::GetRehomeRecordResponse>, Status> {
+        let req = request.into_inner();
+        ember_volume::parse_volume(&req.volume)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if req.generation == 0 {
+            return Err(Status::invalid_argument("generation must be positive"));
+        }
+        Ok(Response::new(self.secondaries()?.rehome_record(req).await?))
+    }
+
     async fn close_replica(
         &self,
         request: Request<pb::CloseReplicaRequest>,

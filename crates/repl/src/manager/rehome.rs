@@ -58,7 +58,8 @@ fn drained_records(
     out
 }
 
-fn rehome_target(cfg: &ReplicaConfig) -> pb::RehomeTarget {
+/// The wire form of a target's settings, for the new primary to take over.
+pub(super) fn rehome_target(cfg: &ReplicaConfig) -> pb::RehomeTarget {
     pb::RehomeTarget {
         site: cfg.peer.clone(),
         mode: cfg.mode.as_str().into(),

@@ -216,6 +216,9 @@ impl Replication {
         self.premark_change_set(&rec.volume, &rec.primary_site, &rec.divergent)
             .map_err(|s| ReplError::Internal(s.message().to_owned()))?;
         let generation = rec.generation + 1;
+        // The old primary's other targets get their change sets now, before
+        // this site serves a write (`forced_rehome.rs`).
+        self.prepare_forced_rehome(&rec, generation)?;
         let config = ReplicaConfig {
             recovery_point_unix_ns: rec.consistent_at_unix_ns,
             ..ReplicaConfig::new(
@@ -513,15 +516,18 @@ impl Replication {
                     cfg.generation,
                 ));
             }
-            self.fence_if_multi_target(&link, &req.volume, &req.primary_site, theirs)
-                .map_err(to_status)?;
-            if cfg.peer != req.primary_site {
+            // Several targets: the promoted one may be any of them; the
+            // others are released to it (issue 14).
+            let also_divergent = self
+                .follow_promoted_target(&link, &req.volume, &req.primary_site, theirs)
+                .await?;
+            if also_divergent.is_none() && cfg.peer != req.primary_site {
                 return Err(Status::failed_precondition(format!(
                     "volume {} is primary here and replicates to {}, not {}",
                     req.volume, cfg.peer, req.primary_site
                 )));
             }
-            if cfg.wrote_disconnected || cfg.split_brain {
+            if also_divergent.is_none() && (cfg.wrote_disconnected || cfg.split_brain) {
                 link.refuse_writes(true);
                 if !cfg.split_brain {
                     link.update(|c| {
@@ -550,7 +556,10 @@ impl Replication {
                 req.primary_backend_id.clone(),
             );
             let bytes = self
-                .demote_local(&req.volume, |divergent| {
+                .demote_local(&req.volume, |mut divergent| {
+                    // The promoted target's own change set too, when it
+                    // was not the first target (a superset is safe).
+                    divergent.extend(also_divergent.unwrap_or_default());
                     SecondaryRecord::demoted(
                         &volume, &site, &backend, theirs, None, divergent, false,
                     )

@@ -20,6 +20,7 @@ use super::{
 use crate::error::{ReplError, Result};
 use crate::primary::link::{ReplicaConfig, ReplicaLink};
 use crate::primary::targets::Targets;
+use crate::version::ProtocolVersion;
 
 /// Separates volume and peer in a further target's config name. Volume
 /// names never hold it (`[A-Za-z0-9._-]`).
@@ -139,46 +140,104 @@ impl Replication {
     }
 
     /// A target of `volume` (`peer`) was promoted past this primary (to
-    /// `generation`) while the volume has several targets. Following it
-    /// means re-homing the others, which is not built yet: this site stops
-    /// taking writes at once (fenced, persisted) and refuses, so the old
-    /// and the new primary never both serve writes; once an admin disables
-    /// the other targets, the peer's next attempt demotes this site.
+    /// `generation`) while the volume has several targets: this old
+    /// primary follows it (issue 14). Its other targets are released
+    /// (sessions stopped, configs and change sets dropped; the new primary
+    /// re-homes them), and the blocks `peer` may lack — its change set
+    /// here — are returned, for the demotion to hand over with the first
+    /// target's set (a superset only makes the resend larger, never
+    /// wrong). Split-brain with `peer` is checked first, on `peer`'s own
+    /// target config (split-brain is a property of a pair). `None` when the
+    /// volume has one target.
     ///
     /// # Errors
-    /// [`ReplError::FailedPrecondition`] after fencing; persisting.
-    pub(super) fn fence_if_multi_target(
+    /// Split-brain with `peer` (typed; writes refused, persisted); `peer`
+    /// is not a target; reading a change set.
+    pub(super) async fn follow_promoted_target(
         &self,
         first: &ReplicaLink,
         volume: &str,
         peer: &str,
         generation: u64,
-    ) -> Result<()> {
+    ) -> std::result::Result<Option<Vec<(u64, u64)>>, tonic::Status> {
         let extra = self.extra_links(volume);
         if extra.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
-        let ours = first.config().peer == peer || extra.iter().any(|l| l.config().peer == peer);
-        if !ours {
-            return Ok(());
+        let Some(link) = std::iter::once(first)
+            .chain(extra.iter().map(|l| l.as_ref()))
+            .find(|l| l.config().peer == peer)
+        else {
+            return Err(tonic::Status::failed_precondition(format!(
+                "volume {volume} is primary here and does not replicate to {peer}"
+            )));
+        };
+        if link.config().wrote_disconnected || first.config().split_brain {
+            for l in std::iter::once(first).chain(extra.iter().map(|l| l.as_ref())) {
+                l.refuse_writes(true);
+            }
+            first
+                .update(|c| {
+                    c.fenced = true;
+                    c.split_brain = true;
+                })
+                .map_err(|e| tonic::Status::internal(format!("persisting split-brain: {e}")))?;
+            tracing::warn!(
+                volume,
+                peer,
+                generation,
+                "split-brain: this primary took writes cut off from the promoted target"
+            );
+            return Err(crate::fencing::split_brain(
+                volume,
+                "this site took writes while cut off from the promoted target",
+            ));
         }
-        for link in std::iter::once(first).chain(extra.iter().map(|l| l.as_ref())) {
-            link.refuse_writes(true);
-        }
-        first
-            .update(|c| c.fenced = true)
-            .map_err(|e| internal("persist the fence", e))?;
+        let divergent: Vec<(u64, u64)> = match link.volume.tracker() {
+            Some(t) => t
+                .consumer_checkpoint(&link.consumer())
+                .map_err(|e| tonic::Status::internal(format!("reading the change set: {e}")))?
+                .extents
+                .iter()
+                .map(|e| (e.offset, e.length))
+                .collect(),
+            None => Vec::new(),
+        };
+        let others = self.release_for_rehome(volume, peer).await;
         tracing::warn!(
             volume,
             peer,
             generation,
-            "a target was promoted past this primary of several targets; fenced, writes refused"
+            released = others.len(),
+            "a target was promoted past this primary of several targets; following it, its other targets are re-homed by it"
         );
-        Err(ReplError::FailedPrecondition(format!(
-            "volume {volume} is fenced here: {peer} was promoted to generation {generation}, \
-             and this old primary replicates to several targets, whose re-homing is not built yet; \
-             disable the others here (replica disable {volume} --peer SITE) so it can follow {peer}"
-        )))
+        Ok(Some(divergent))
+    }
+
+    /// A second (or further) target needs every target's peer at protocol
+    /// [`ProtocolVersion::MULTI_TARGET`]: forced re-homing relies on the
+    /// common marks only such a peer records. `version` is `peer`'s.
+    ///
+    /// # Errors
+    /// [`ReplError::FailedPrecondition`] naming the peer, with "re-pair".
+    pub(super) async fn check_multi_target(
+        &self,
+        peer: &str,
+        version: u32,
+        first: &str,
+    ) -> Result<()> {
+        let first_version = self.ctx.registry.peer(first).await.map(|(v, _)| v);
+        let old = [(peer, Some(version)), (first, first_version)]
+            .into_iter()
+            .find(|(_, v)| v.is_some_and(|v| v < ProtocolVersion::MULTI_TARGET));
+        match old {
+            Some((site, Some(v))) => Err(ReplError::FailedPrecondition(format!(
+                "peer {site} was paired at protocol version {v}; several targets per volume need \
+                 version {} on every target: re-pair it (emberctl peer add {site} --address ...) first",
+                ProtocolVersion::MULTI_TARGET
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// The config of `volume`'s target at `peer` (first or further).

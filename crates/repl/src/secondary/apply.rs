@@ -139,16 +139,20 @@ async fn apply_batch(sv: &SecondaryVolume, batch: CommittedBatch) -> Result<(), 
     // record calls it applied. Before that, a crash replays the batch from
     // the staging log (which notes it again), so the record of the change
     // set can be written while the batch's writes go down, not before.
-    let noted = sv
-        .points
-        .note_in_memory(batch.changes.iter().map(|c| match *c {
-            StagedChange::Write { offset, len, .. } | StagedChange::Zero { offset, len } => {
-                (offset, len)
-            }
-        }));
+    let ranges = batch.changes.iter().map(|c| match *c {
+        StagedChange::Write { offset, len, .. } | StagedChange::Zero { offset, len } => {
+            (offset, len)
+        }
+    });
+    let noted = sv.points.note_in_memory(ranges.clone());
     let persisting = noted.map(|blocks| {
         let points = sv.points.clone();
         tokio::task::spawn_blocking(move || points.persist_covering(&blocks))
+    });
+    // The common marks' ring likewise (issue 14, `marks.rs`).
+    let marking = sv.marks.note_in_memory(ranges).map(|blocks| {
+        let marks = sv.marks.clone();
+        tokio::task::spawn_blocking(move || marks.persist_covering(&blocks))
     });
     let device = sv.volume.device();
     let mut bytes = 0;
@@ -196,6 +200,10 @@ async fn apply_batch(sv: &SecondaryVolume, batch: CommittedBatch) -> Result<(), 
     if let Some(task) = persisting {
         task.await
             .map_err(|e| Status::internal(format!("change-set task: {e}")))??;
+    }
+    if let Some(task) = marking {
+        task.await
+            .map_err(|e| Status::internal(format!("marks task: {e}")))??;
     }
     sv.update(|r| {
         r.applied_seq = batch.seq;
@@ -301,6 +309,7 @@ impl Stream {
         }
         let len = w.data.len() as u64;
         self.sv.points.note([(w.offset, len)])?;
+        self.sv.note_marks(&[(w.offset, len)])?;
         let device = self.sv.volume.device();
         device
             .write(w.offset, w.data, w.fua)
@@ -335,6 +344,7 @@ impl Stream {
             self.mark_unordered()?;
         }
         self.sv.points.note([(z.offset, z.length)])?;
+        self.sv.note_marks(&[(z.offset, z.length)])?;
         zero(&self.sv, z.offset, z.length)
             .await
             .map_err(|e| storage_status("applying zeros", &e))?;

@@ -11,7 +11,9 @@
 
 mod apply;
 pub(crate) mod group;
+pub(crate) mod marks;
 pub(crate) mod points;
+mod rehome_record;
 mod staging;
 
 use std::collections::HashMap;
@@ -150,6 +152,8 @@ pub(crate) struct SecondaryVolume {
     pub(crate) groups: Arc<GroupBarriers>,
     /// Its recovery points (`points.rs`).
     pub(crate) points: Arc<points::VolumePoints>,
+    /// Its ring of applied blocks since the common marks (`marks.rs`).
+    pub(crate) marks: Arc<marks::Marks>,
 }
 
 impl SecondaryVolume {
@@ -279,6 +283,8 @@ impl SecondarySet {
             volume.size(),
         )
         .map_err(|e| io_status("open the recovery points", e))?;
+        let marks = marks::Marks::open(marks::path(&self.dir, &name), volume.size())
+            .map_err(|e| io_status("open the common marks", e))?;
         volume.set_replication(Some(Arc::new(SecondaryRole)));
         let sv = Arc::new(SecondaryVolume {
             volume,
@@ -290,6 +296,7 @@ impl SecondarySet {
             applied_bytes: AtomicU64::new(0),
             groups: self.groups.clone(),
             points,
+            marks: Arc::new(marks),
         });
         self.volumes
             .lock()
@@ -496,6 +503,7 @@ impl SecondarySet {
             .to_owned();
         let _ = std::fs::remove_file(staging_path);
         sv.points.delete_all();
+        sv.marks.delete();
         self.store
             .delete(&req.volume)
             .await
@@ -551,6 +559,7 @@ impl SecondarySet {
             .remove(volume);
         let _ = std::fs::remove_file(&sv.record_path);
         let _ = std::fs::remove_file(staging_path);
+        sv.marks.delete();
         // Points belong to the secondary role (a crash here leaves them to
         // the next start's orphan cleanup).
         self.delete_points(volume);
@@ -609,6 +618,7 @@ impl SecondarySet {
             .remove(volume)
         {
             let _ = std::fs::remove_file(&sv.record_path);
+            sv.marks.delete();
             self.delete_points(volume);
         }
     }
