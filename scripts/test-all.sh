@@ -55,6 +55,7 @@ smoke snap benches/snap/compare.py
 smoke points benches/points/overhead.py
 smoke scale benches/scale/scale.py
 smoke three_sites benches/three_sites/latency.py
+smoke three_sites_rehome benches/three_sites/rehome.py
 
 # The Cinder driver shim: a venv with the real cinder 29.0.0 and the shim
 # installed from source (its gRPC stubs generated from proto/ by the pinned
