@@ -32,6 +32,7 @@ use crate::service::Identity;
 use crate::throttle::TokenBucket;
 use crate::version::ProtocolVersion;
 
+mod hold;
 mod initial_sync;
 mod pieces;
 
@@ -692,13 +693,12 @@ impl Session<'_> {
             .iter()
             .any(|&(s, e)| s <= offset && offset + len <= e);
         self.buckets.resync.take(len).await;
-        // Resync data comes from disk, not the journal: it takes its
-        // memory from the budget until the stream pulls it.
-        crate::budget::hold(&self.stream_account, len, || self.check()).await?;
-        self.unsent_held += len;
+        // Data read from disk takes its memory from the budget until the
+        // stream pulls it; a hole is not read and holds nothing.
         let data = if in_hole {
             None
         } else {
+            self.hold_for_read(len).await?;
             Some(
                 device
                     .read(offset, len as usize)
@@ -711,7 +711,11 @@ impl Session<'_> {
                 self.write_frame(offset, d, true, false, false, false, None)
                     .await?;
             }
-            _ => {
+            zeros => {
+                // A zero frame carries no data: the read's bytes go back now.
+                if zeros.is_some() {
+                    self.give_back_unsent(len);
+                }
                 self.zero_frame(offset, len, true, false, None).await?;
             }
         }

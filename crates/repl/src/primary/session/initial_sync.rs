@@ -227,8 +227,14 @@ impl Session<'_> {
         if data.is_some() {
             // Until the stream pulls it, the segment's data counts against
             // the agent's replication memory budget (crate::budget).
-            crate::budget::hold(&self.stream_account, seg.len, || self.check()).await?;
-            self.unsent_held += seg.len;
+            self.hold_for_read(seg.len).await?;
+            if runs.is_empty() {
+                // Nothing travels: no frame would carry these bytes, and
+                // held on they would pile up segment after segment (a
+                // group of zeros or of blocks the secondary holds).
+                self.give_back_unsent(seg.len);
+                return Ok(0);
+            }
         }
         if let (Some(whole), [(offset, length, false)]) = (&data, runs.as_slice())
             && (*offset, *length) == (seg.offset, seg.len)
