@@ -309,9 +309,10 @@ impl Drop for Account {
 }
 
 /// Budget bytes of the frames a session has queued for its stream: taken
-/// before a resync reads data ([`hold`]) and given back when the stream
-/// pulls the frame carrying it ([`release_on_pull`]). Journal entries are
-/// not counted here: the journal holds them until acknowledged.
+/// before a resync reads data ([`try_hold`], [`hold_after_refusal`]) or
+/// moved here with the journal entries the session takes
+/// (`Journal::take_into`), and given back when the stream pulls the
+/// frame carrying them ([`release_on_pull`]).
 pub(crate) type StreamAccount = Arc<std::sync::Mutex<Account>>;
 
 /// A new stream account on the agent's budget.
@@ -322,29 +323,53 @@ pub(crate) fn stream_account() -> StreamAccount {
 /// How long a resync waits between asks when the budget is spent.
 const HOLD_RETRY: Duration = Duration::from_millis(10);
 
-/// Takes `n` bytes for the stream, waiting while the budget is spent (a
-/// resync slows down rather than buffer past the budget). `check` runs
-/// between asks, so a session that ended stops waiting.
-pub(crate) async fn hold<E>(
+/// More than the whole budget could never be granted: a larger ask is
+/// cut to all of it (giving back caps at what is held).
+fn capped(n: u64) -> u64 {
+    n.min(memory_budget().usage().budget_bytes)
+}
+
+/// Takes `n` bytes for the stream if the budget has room now; a refusal
+/// counts in the budget's refusals. On false the caller must not keep
+/// bytes it holds out of the stream's reach while it waits
+/// ([`hold_after_refusal`]).
+pub(crate) fn try_hold(account: &StreamAccount, n: u64) -> bool {
+    account
+        .lock()
+        .expect("stream account poisoned")
+        .ask(capped(n), true)
+}
+
+/// Takes `n` bytes for the stream after [`try_hold`] refused them,
+/// waiting while the budget is spent (a resync slows down rather than
+/// buffer past the budget). `check` runs between asks, so a session that
+/// ended stops waiting.
+///
+/// Only bytes the transport gives back by itself may be held meanwhile:
+/// every byte a waiter holds must ride on a frame already in its stream's
+/// channel. A session that kept budget bytes for frames still in its
+/// outbox while waiting here deadlocked: it flushes only after this wait,
+/// and the pool it waits for was its own and other such sessions' (the
+/// scale smoke with 64 KiB messages: four 32 MiB volumes' catch-up scans,
+/// two holding 16 MiB of zero frames each in their outboxes, the whole
+/// 32 MiB budget held, nothing sent).
+pub(crate) async fn hold_after_refusal<E>(
     account: &StreamAccount,
     n: u64,
     mut check: impl FnMut() -> Result<(), E>,
 ) -> Result<(), E> {
-    // More than the whole budget could never be granted: ask for all of
-    // it (giving back caps at what is held).
-    let n = n.min(memory_budget().usage().budget_bytes);
-    for asks in 0u64.. {
+    let n = capped(n);
+    loop {
+        check()?;
+        tokio::time::sleep(HOLD_RETRY).await;
         if account
             .lock()
             .expect("stream account poisoned")
-            .ask(n, asks == 0)
+            .ask(n, false)
         {
             return Ok(());
         }
-        check()?;
-        tokio::time::sleep(HOLD_RETRY).await;
     }
-    unreachable!("u64 asks at 10 ms each outlast the universe")
 }
 
 /// The stream of frames `rx` receives, giving each frame's held bytes back
@@ -358,8 +383,8 @@ pub(crate) async fn hold<E>(
 /// connected but stops reading holds up to ~1 MiB + one message there.
 ///
 /// Giving back only on the *next* pull deadlocked: a session waiting in
-/// [`hold`] for room never sends its next frame, so its last frame's bytes
-/// were never returned, and two such sessions held the whole budget for
+/// [`hold_after_refusal`] for room never sends its next frame, so its
+/// last frame's bytes were never returned, and two such sessions held the whole budget for
 /// good (seen in the scale smoke: resync stuck at 32 of 32 MiB held).
 pub(crate) fn release_on_pull<T: Send + 'static>(
     rx: tokio::sync::mpsc::Receiver<(T, u64)>,

@@ -32,16 +32,20 @@ use crate::service::Identity;
 use crate::throttle::TokenBucket;
 use crate::version::ProtocolVersion;
 
+mod hold;
 mod initial_sync;
+mod pieces;
 
 /// Largest data frame of the journal stream. Each stream's gRPC codec
-/// keeps a buffer as large as the largest message it carried until the
-/// stream ends, outside the replication memory budget: after one 1 MiB
-/// write to each of 1,000 volumes the agents settled at 1.1 GiB RSS.
-/// 64 KiB messages settled at 1.38× idle there, but made the stalled-peer
-/// memory test's primary peak at ~265 MiB instead of ~120 (cause not
-/// found yet); see benches/RESULTS.md "Scale" and issue 15's note.
-const PIECE: u64 = 1 << 20;
+/// (tonic's encode and decode `BytesMut`) keeps a buffer as large as the
+/// largest message it carried until the stream ends, outside the
+/// replication memory budget: with 1 MiB frames, one 1 MiB write to each
+/// of 1,000 volumes left both agents at 1.1 GiB RSS; 64 KiB frames keep
+/// ~64 KiB per stream and side (benches/RESULTS.md "Scale"). Small frames
+/// once made the stalled-peer memory test peak at ~265 MiB: that was the
+/// splitting of large writes keeping whole allocations per piece, fixed
+/// in [`pieces`].
+const PIECE: u64 = 64 << 10;
 /// Initial sync compares blake3 per block of this size.
 const HASH_BLOCK: u64 = 64 << 10;
 /// A commit or barrier not acknowledged within this long ends the session.
@@ -49,7 +53,9 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(30);
 /// Sync mode: a barrier (durability and bitmap clearing) this often.
 const BARRIER_EVERY: Duration = Duration::from_secs(1);
 /// A frame batch leaves once it holds this much data or this many frames.
-const OUTBOX_BYTES: u64 = 1 << 20;
+/// One [`PIECE`]: a batch message is no larger than a data frame, for the
+/// same reason (the codec keeps its largest message per stream).
+const OUTBOX_BYTES: u64 = PIECE;
 const OUTBOX_FRAMES: usize = 1024;
 /// Journal bytes shipped between checks for acknowledgements.
 const JOURNAL_TAKE: u64 = 4 << 20;
@@ -687,13 +693,12 @@ impl Session<'_> {
             .iter()
             .any(|&(s, e)| s <= offset && offset + len <= e);
         self.buckets.resync.take(len).await;
-        // Resync data comes from disk, not the journal: it takes its
-        // memory from the budget until the stream pulls it.
-        crate::budget::hold(&self.stream_account, len, || self.check()).await?;
-        self.unsent_held += len;
+        // Data read from disk takes its memory from the budget until the
+        // stream pulls it; a hole is not read and holds nothing.
         let data = if in_hole {
             None
         } else {
+            self.hold_for_read(len).await?;
             Some(
                 device
                     .read(offset, len as usize)
@@ -706,11 +711,41 @@ impl Session<'_> {
                 self.write_frame(offset, d, true, false, false, false, None)
                     .await?;
             }
-            _ => {
+            zeros => {
+                // A zero frame carries no data: the read's bytes go back now.
+                if zeros.is_some() {
+                    self.give_back_unsent(len);
+                }
                 self.zero_frame(offset, len, true, false, None).await?;
             }
         }
         self.resync_progress(len, len);
+        Ok(())
+    }
+
+    /// Ships resync data read from disk as unordered direct frames of at
+    /// most [`PIECE`]; the data's budget bytes ride with the last frame.
+    async fn write_unordered(&mut self, offset: u64, data: Vec<u8>) -> Result<(), SessionError> {
+        let held = if data.len() as u64 > PIECE {
+            std::mem::take(&mut self.unsent_held)
+        } else {
+            0
+        };
+        for (within, piece, last) in pieces::Pieces::new(data, PIECE as usize) {
+            if last {
+                self.unsent_held += held;
+            }
+            self.write_frame(
+                offset + within as u64,
+                piece,
+                false,
+                true,
+                false,
+                false,
+                None,
+            )
+            .await?;
+        }
         Ok(())
     }
 
@@ -719,26 +754,34 @@ impl Session<'_> {
     async fn ship(&mut self, e: Entry, staged: bool) -> Result<(), SessionError> {
         let ack = (!staged).then_some(e.seq);
         match e.op {
-            Op::Change(Change::Write { offset, mut data }) => {
-                // Frames stay under the gRPC message limit: a large client
-                // write travels as pieces, acknowledged (sync) by its last.
-                let mut at = offset;
+            Op::Change(Change::Write { offset, data }) => {
+                // Frames stay small (see PIECE): a large client write
+                // travels as pieces, acknowledged (sync) by its last.
                 let split = data.len() as u64 > PIECE;
-                while data.len() as u64 > PIECE {
-                    let rest = data.split_off(PIECE as usize);
-                    let piece = std::mem::replace(&mut data, rest);
-                    self.write_frame(at, piece, staged, false, false, false, None)
-                        .await?;
-                    at += PIECE;
-                }
-                if split && e.fua && !staged {
-                    // FUA over several pieces: one barrier makes them all durable.
-                    self.write_frame(at, data, false, false, false, false, None)
-                        .await?;
-                    self.barrier_frame(0, ack).await?;
+                // The write's budget bytes ride with its last piece: the
+                // original buffer lives until that piece is encoded.
+                let held = if split {
+                    std::mem::take(&mut self.unsent_held)
                 } else {
-                    self.write_frame(at, data, staged, false, e.fua && !staged, !staged, ack)
-                        .await?;
+                    0
+                };
+                for (within, piece, last) in pieces::Pieces::new(data, PIECE as usize) {
+                    let at = offset + within as u64;
+                    if !last {
+                        self.write_frame(at, piece, staged, false, false, false, None)
+                            .await?;
+                        continue;
+                    }
+                    self.unsent_held += held;
+                    if split && e.fua && !staged {
+                        // FUA over several pieces: one barrier makes them all durable.
+                        self.write_frame(at, piece, false, false, false, false, None)
+                            .await?;
+                        self.barrier_frame(0, ack).await?;
+                    } else {
+                        self.write_frame(at, piece, staged, false, e.fua && !staged, !staged, ack)
+                            .await?;
+                    }
                 }
             }
             Op::Change(Change::Zero { offset, len }) => {

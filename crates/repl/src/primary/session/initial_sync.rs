@@ -13,11 +13,16 @@ use std::sync::atomic::Ordering;
 use ember_storage::StorageError;
 use tokio::task::JoinHandle;
 
-use super::{HASH_BLOCK, Session, SessionError, tracking};
+use super::{HASH_BLOCK, PIECE, Session, SessionError, tracking};
 use crate::hashes::{self, Hash};
 use crate::primary::link::Phase;
 
-/// Largest data frame of the initial sync (bulk: fewer, larger messages).
+/// Largest read (segment) of the initial sync: fewer, larger disk reads.
+/// A segment travels as frames of at most [`PIECE`]: tonic's codec keeps
+/// the largest message of a stream for the stream's life when nothing
+/// else holds it at the next encode, on both sides: 4 MiB frames could
+/// leave 4 MiB per volume on each agent after an initial sync (in the run
+/// measured they did not, by timing; benches/RESULTS.md "Scale", run 4).
 const BULK_PIECE: u64 = 4 << 20;
 /// Initial sync persists its progress (resume point) every this many bytes.
 const GROUP: u64 = 64 << 20;
@@ -222,8 +227,14 @@ impl Session<'_> {
         if data.is_some() {
             // Until the stream pulls it, the segment's data counts against
             // the agent's replication memory budget (crate::budget).
-            crate::budget::hold(&self.stream_account, seg.len, || self.check()).await?;
-            self.unsent_held += seg.len;
+            self.hold_for_read(seg.len).await?;
+            if runs.is_empty() {
+                // Nothing travels: no frame would carry these bytes, and
+                // held on they would pile up segment after segment (a
+                // group of zeros or of blocks the secondary holds).
+                self.give_back_unsent(seg.len);
+                return Ok(0);
+            }
         }
         if let (Some(whole), [(offset, length, false)]) = (&data, runs.as_slice())
             && (*offset, *length) == (seg.offset, seg.len)
@@ -231,28 +242,49 @@ impl Session<'_> {
         {
             self.buckets.resync.take(seg.len).await;
             let whole = data.expect("checked above");
-            self.write_frame(seg.offset, whole, false, true, false, false, None)
-                .await?;
+            self.write_unordered(seg.offset, whole).await?;
             return Ok(seg.len);
         }
+        // The segment's budget bytes ride with its last frame: its read
+        // buffer lives until then.
+        let held = if runs.is_empty() {
+            0
+        } else {
+            std::mem::take(&mut self.unsent_held)
+        };
         let mut sent = 0;
-        for (offset, length, zero) in runs {
+        let last_run = runs.len().saturating_sub(1);
+        for (i, (offset, length, zero)) in runs.into_iter().enumerate() {
             self.buckets.resync.take(length).await;
             if zero {
+                if i == last_run {
+                    self.unsent_held += held;
+                }
                 self.zero_frame(offset, length, false, true, None).await?;
             } else {
                 let d = data.as_ref().expect("non-zero runs come from data");
-                let at = (offset - seg.offset) as usize;
-                self.write_frame(
-                    offset,
-                    d[at..at + length as usize].to_vec(),
-                    false,
-                    true,
-                    false,
-                    false,
-                    None,
-                )
-                .await?;
+                let start = (offset - seg.offset) as usize;
+                // Frames of at most PIECE (the codec keeps its largest
+                // message per stream), copied exactly from the read buffer.
+                let mut at = start;
+                let end = start + length as usize;
+                while at < end {
+                    let next = (at + PIECE as usize).min(end);
+                    if i == last_run && next == end {
+                        self.unsent_held += held;
+                    }
+                    self.write_frame(
+                        seg.offset + at as u64,
+                        d[at..next].to_vec(),
+                        false,
+                        true,
+                        false,
+                        false,
+                        None,
+                    )
+                    .await?;
+                    at = next;
+                }
             }
             sent += length;
         }
