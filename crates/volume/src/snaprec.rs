@@ -132,9 +132,12 @@ pub(crate) fn write(tmp_dir: &Path, meta: &SnapshotMeta) -> Result<()> {
 /// Reads the record of the snapshot directory `dir`: `snapshot.json` when
 /// present, else the data file's xattr.
 ///
+/// A data file without the xattr (a data dir copied without xattrs) gets
+/// a record rebuilt from the directory name and the file, with a warning.
+///
 /// # Errors
-/// `Io` when neither exists (not a snapshot), `CorruptMetadata` for a
-/// record that does not parse.
+/// `Io` when there is no data file (not a snapshot), `CorruptMetadata`
+/// for a record that does not parse.
 pub(crate) fn read(dir: &Path) -> Result<SnapshotMeta> {
     let file = dir.join(META_FILE);
     if file.exists() {
@@ -154,14 +157,35 @@ pub(crate) fn read(dir: &Path) -> Result<SnapshotMeta> {
         )
     };
     if n < 0 {
-        return Err(io("read snapshot record", &data)(
-            std::io::Error::last_os_error(),
-        ));
+        let err = std::io::Error::last_os_error();
+        if matches!(err.raw_os_error(), Some(libc::ENODATA | libc::EOPNOTSUPP)) {
+            // A published snapshot always has its record; a data dir
+            // copied without xattrs does not. Rebuilt from what the
+            // directory still says, rather than hiding every snapshot.
+            return derived(dir, &data);
+        }
+        return Err(io("read snapshot record", &data)(err));
     }
     buf.truncate(n as usize);
     serde_json::from_slice(&buf).map_err(|e| StoreError::CorruptMetadata {
         path: data,
         reason: e.to_string(),
+    })
+}
+
+/// The record of a snapshot directory whose data file lost its xattr: the
+/// directory's name, the data file's length and modification time.
+fn derived(dir: &Path, data: &Path) -> Result<SnapshotMeta> {
+    let st = std::fs::metadata(data).map_err(io("stat snapshot data", data))?;
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    tracing::warn!(snapshot_dir = %dir.display(), "snapshot record missing (data dir copied without xattrs?); rebuilt from the directory name and the data file");
+    Ok(SnapshotMeta {
+        name,
+        size_bytes: st.len(),
+        created_at_unix: std::os::unix::fs::MetadataExt::mtime(&st),
     })
 }
 
@@ -199,11 +223,17 @@ mod tests {
     }
 
     #[test]
-    fn a_legacy_json_record_wins_and_a_missing_one_is_an_error() {
+    fn a_legacy_json_record_wins_and_a_missing_one_is_rebuilt() {
         let dir = tempfile::tempdir().unwrap();
         assert!(read(dir.path()).is_err());
-        std::fs::write(dir.path().join(DATA_FILE), b"data").unwrap();
-        assert!(read(dir.path()).is_err(), "data file without a record");
+        std::fs::write(dir.path().join(DATA_FILE), vec![0; 8192]).unwrap();
+        // A data file that lost its record (copied without xattrs): rebuilt.
+        let rebuilt = read(dir.path()).expect("rebuilt record");
+        assert_eq!(rebuilt.size_bytes, 8192);
+        assert_eq!(
+            rebuilt.name,
+            dir.path().file_name().unwrap().to_string_lossy()
+        );
         std::fs::write(
             dir.path().join(META_FILE),
             br#"{"name":"old","size_bytes":8192,"created_at_unix":5}"#,

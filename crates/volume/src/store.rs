@@ -171,7 +171,7 @@ impl VolumeStore {
         remove_probe_leftovers(&config.root)?;
         let snapshot_method = cow::detect(&config.root);
         let barrier = snaprec::detect_barrier(&config.root);
-        tracing::info!(volumes = volumes.len(), root = %config.root.display(), %backend_id, %snapshot_method, snapshot_barrier = barrier.as_str(), "volume store opened");
+        tracing::info!(volumes = volumes.len(), root = %config.root.display(), %backend_id, %snapshot_method, snapshot_barrier = %barrier.as_str(), "volume store opened");
         Ok(Self {
             config,
             engine,

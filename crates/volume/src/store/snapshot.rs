@@ -74,7 +74,7 @@ impl VolumeStore {
         match result {
             Ok((smeta, how)) => {
                 let elapsed_us = started.elapsed().as_micros() as u64;
-                tracing::info!(volume_id = %vol, snapshot = %snap, method = %how, barrier = self.barrier.as_str(), elapsed_us, "snapshot created");
+                tracing::info!(volume_id = %vol, snapshot = %snap, method = %how, barrier = %self.barrier.as_str(), elapsed_us, "snapshot created");
                 Ok((smeta, true))
             }
             Err(e) => {
