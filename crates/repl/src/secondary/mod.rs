@@ -216,6 +216,12 @@ pub struct SecondarySet {
     volumes: Mutex<HashMap<String, Arc<SecondaryVolume>>>,
     /// Recovery points of every secondary here (`points.rs`).
     points: Arc<points::PointsCtx>,
+    /// One `OpenReplica` at a time: two racing for a new volume (a
+    /// session restarted while its first open was in flight) each found
+    /// no secondary and attached one, and the stream left on the replaced
+    /// object kept writing the image (its unordered catch-up marked the
+    /// record inconsistent with nothing left to commit it).
+    opening: tokio::sync::Mutex<()>,
 }
 
 fn io_status(what: &str, e: impl std::fmt::Display) -> Status {
@@ -242,6 +248,7 @@ impl SecondarySet {
             groups: Arc::new(groups),
             volumes: Mutex::new(HashMap::new()),
             points: Arc::new(points::PointsCtx::new(points::root(&dir), reflink, cap)),
+            opening: tokio::sync::Mutex::new(()),
         };
         let entries = std::fs::read_dir(&dir).map_err(|e| io_status("read replicas dir", e))?;
         for entry in entries {
@@ -329,6 +336,7 @@ impl SecondarySet {
         &self,
         req: pb::OpenReplicaRequest,
     ) -> Result<pb::OpenReplicaResponse, Status> {
+        let _opening = self.opening.lock().await;
         let generation = req.generation.max(1);
         if let Some(sv) = self.get(&req.volume) {
             let rec = sv.record();
