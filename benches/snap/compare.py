@@ -372,6 +372,11 @@ def report(results, sizes, rounds):
             # machine disturbs least.
             best = min(r["secs"] for r in er) / min(r["secs"] for r in row["cp-reflink"]["rounds"])
             ratios[f"{label}: ember-xfs / cp --reflink, best of {rounds} each"] = best
+            # Each round's ember and cp ran back to back under one load:
+            # the median of those paired ratios.
+            paired = [e["secs"] / c["secs"] for e, c in zip(er, row["cp-reflink"]["rounds"])]
+            ratios[f"{label}: ember-xfs / cp --reflink, median of same-round ratios"] = \
+                statistics.median(paired)
     print(f"  load average at start {' '.join(results['loadavg_start'])},"
           f" at end {' '.join(results['loadavg_end'])}")
     for k, v in ratios.items():

@@ -295,7 +295,11 @@ fn snapshot_method_is_reflink_on_xfs_and_copy_on_ext4() {
     let Some(ext4) = LoopMount::ext4(512 << 20) else {
         return;
     };
-    for (fs, want) in [(&xfs, "reflink"), (&ext4, "copy")] {
+    // The durability barrier too: one log force on XFS, two rounds on ext4.
+    for (fs, want, barrier) in [
+        (&xfs, "reflink", "one-log-force"),
+        (&ext4, "copy", "file-then-dir"),
+    ] {
         let (_dir, agent) = agent_on(fs, &[]);
         assert_eq!(agent.ctl_json(&["status"])["snapshot_method"], want);
         let human = String::from_utf8_lossy(&agent.ctl(&["status"]).stdout).into_owned();
@@ -329,6 +333,17 @@ fn snapshot_method_is_reflink_on_xfs_and_copy_on_ext4() {
             );
         }
         assert!(agent.log().contains(&format!("method={want}")));
+        assert!(
+            agent.log().contains(&format!("barrier={barrier}")),
+            "{want}: no barrier={barrier} in the log"
+        );
+        // The record is an xattr of the data file, not a file of its own.
+        let snap_dir = agent.data_dir.join("volumes/v/snapshots/s");
+        assert!(snap_dir.join("data.img").exists());
+        assert!(
+            !snap_dir.join("snapshot.json").exists(),
+            "{want}: a snapshot.json was written"
+        );
     }
 }
 

@@ -52,7 +52,7 @@ use ember_common::MAX_NAME_BYTES;
 use ember_volume::{SnapshotMethod, StoreError, VolumeStore};
 use serde::{Deserialize, Serialize};
 
-use crate::secondary::points::{PointInfo, PointSelector};
+use crate::secondary::points::{PointInfo, PointSelector, VolumePoints};
 use crate::secondary::{SecondarySet, SecondaryVolume};
 
 /// The point name recorded for a drill of the newest consistent image.
@@ -468,11 +468,15 @@ impl Drills {
                         )));
                     }
                     rec.at_unix_ns = state.consistent_at_unix_ns;
+                    // The clone gate too, like a point's clone: deferred
+                    // batches and direct (sync-mode) writes change the
+                    // image under it, not under the frame lock alone.
+                    let _gate = sv.points.wait_clone().await;
                     let held = std::time::Instant::now();
-                    clone(sv.volume.device().path(), &tmp).await?;
+                    clone(&sv.points, sv.volume.device().path(), &tmp).await?;
                     tracing::info!(drill = %rec.name, volume = %rec.volume, held_us = held.elapsed().as_micros() as u64, "newest image cloned between two frames");
                 }
-                Some(p) => clone(&p.data_path, &tmp).await.map_err(|e| match e {
+                Some(p) => clone(&sv.points, &p.data_path, &tmp).await.map_err(|e| match e {
                     DrillError::Io { source, .. }
                         if source.kind() == std::io::ErrorKind::NotFound =>
                     {
@@ -733,10 +737,11 @@ fn no_reflink() -> DrillError {
     )
 }
 
-/// Clones `src` to `dst` (reflink, fsynced) on a blocking thread.
-async fn clone(src: &Path, dst: &Path) -> Result<(), DrillError> {
-    let (s, d) = (src.to_owned(), dst.to_owned());
-    let result = tokio::task::spawn_blocking(move || ember_volume::cow::reflink_file(&s, &d))
+/// Clones `src` to `dst` (reflink, fsynced) on a blocking thread, as a
+/// clone in the data dir that deletions of expired points step aside for.
+async fn clone(vp: &Arc<VolumePoints>, src: &Path, dst: &Path) -> Result<(), DrillError> {
+    let (vp, s, d) = (vp.clone(), src.to_owned(), dst.to_owned());
+    let result = tokio::task::spawn_blocking(move || vp.reflink_stepping_aside(&s, &d))
         .await
         .map_err(|e| DrillError::Io {
             what: "clone task".into(),

@@ -20,12 +20,15 @@ use crate::volume::Volume;
 /// exactly the acknowledged writes at that instant; the pause lasts
 /// O(extents), milliseconds. If the clone fails for a reason other than a
 /// full file system, this logs a warning and falls back to [`copy_live`].
-/// Returns the method that made the copy.
+/// With [`CloneSync::ByCaller`] a reflink clone is not fsynced here (a
+/// copy always is: its data needs writing back). Returns the method that
+/// made the copy.
 pub(crate) async fn clone_live(
     volume: &Arc<Volume>,
     dst: &Path,
     size: u64,
     method: SnapshotMethod,
+    sync: CloneSync,
 ) -> Result<SnapshotMethod> {
     let src = volume.device().path().to_owned();
     if effective_method(method, is_regular_file(&src)) == SnapshotMethod::Reflink {
@@ -34,9 +37,9 @@ pub(crate) async fn clone_live(
         drop(quiet);
         // The clone is exact once the ioctl returns; writers need not wait
         // for it to be durable too.
-        let result = match result {
-            Ok(()) => sync_blocking(dst.to_owned()).await,
-            Err(e) => Err(e),
+        let result = match (result, sync) {
+            (Ok(()), CloneSync::Now) => sync_blocking(dst.to_owned()).await,
+            (result, _) => result,
         };
         match result {
             Ok(()) => return Ok(SnapshotMethod::Reflink),
@@ -48,6 +51,16 @@ pub(crate) async fn clone_live(
     }
     copy_live(volume, dst, size).await?;
     Ok(SnapshotMethod::Copy)
+}
+
+/// Who makes a reflink clone durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CloneSync {
+    /// [`clone_live`] fsyncs it.
+    Now,
+    /// The caller's barrier does (a snapshot: `snaprec::Barrier`); until
+    /// then the clone is a temporary whose contents a crash may undo.
+    ByCaller,
 }
 
 /// Makes the new file `dst` (`size` bytes) a copy of the file `src`, which

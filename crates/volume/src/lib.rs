@@ -13,6 +13,7 @@ mod error;
 pub mod fsutil;
 mod meta;
 mod replication;
+mod snaprec;
 mod store;
 mod volume;
 
@@ -20,6 +21,7 @@ pub use cow::SnapshotMethod;
 pub use error::{Result, StoreError};
 pub use meta::{SnapshotMeta, VolumeMeta};
 pub use replication::{AckWait, Change, ReplicationHook};
+pub use snaprec::Barrier;
 pub use store::{
     Capacity, RawVolume, Source, StoreConfig, VolumeStore, parse_snapshot, parse_volume,
 };

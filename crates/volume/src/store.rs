@@ -7,7 +7,7 @@
 //! DATA/volumes/NAME/data.img            sparse data file
 //! DATA/volumes/NAME/dirty.bitmap        change tracking (ember-tracking)
 //! DATA/volumes/NAME/activity.log
-//! DATA/volumes/NAME/snapshots/SNAP/{snapshot.json,data.img}
+//! DATA/volumes/NAME/snapshots/SNAP/data.img   its record in an xattr (older: snapshot.json)
 //! DATA/volumes/.creating-*, .deleting-* interrupted operations, removed at start
 //! DATA/volumes/NAME/snapshots/.creating-*, .deleting-*   likewise
 //! ```
@@ -33,16 +33,16 @@ use ember_nbd::Export;
 use ember_storage::{FileDevice, IoEngine};
 use ember_tracking::{Tracker, TrackingConfig};
 
-use crate::copy::{clone_frozen, clone_live};
+use crate::copy::{CloneSync, clone_frozen, clone_live};
 use crate::cow::{self, SnapshotMethod};
 use crate::error::{Result, StoreError, io};
 use crate::fsutil::{now_unix, read_json, sync_dir, write_atomic, write_json_atomic};
 use crate::meta::{SnapshotMeta, VolumeMeta};
+use crate::snaprec::{self, Barrier};
 use crate::volume::Volume;
 
 const DATA_FILE: &str = "data.img";
 const VOLUME_META: &str = "volume.json";
-const SNAPSHOT_META: &str = "snapshot.json";
 const SNAPSHOTS_DIR: &str = "snapshots";
 
 /// How the store is set up.
@@ -120,6 +120,8 @@ pub struct VolumeStore {
     ops: tokio::sync::Mutex<()>,
     /// How snapshots and clones are made here; probed once at open.
     snapshot_method: SnapshotMethod,
+    /// How a new snapshot is made durable here; from the file-system type.
+    barrier: Barrier,
 }
 
 impl VolumeStore {
@@ -168,7 +170,8 @@ impl VolumeStore {
         sync_dir(&vols)?;
         remove_probe_leftovers(&config.root)?;
         let snapshot_method = cow::detect(&config.root);
-        tracing::info!(volumes = volumes.len(), root = %config.root.display(), %backend_id, %snapshot_method, "volume store opened");
+        let barrier = snaprec::detect_barrier(&config.root);
+        tracing::info!(volumes = volumes.len(), root = %config.root.display(), %backend_id, %snapshot_method, snapshot_barrier = %barrier.as_str(), "volume store opened");
         Ok(Self {
             config,
             engine,
@@ -177,6 +180,7 @@ impl VolumeStore {
             snapshot_exports: Mutex::new(HashMap::new()),
             ops: tokio::sync::Mutex::new(()),
             snapshot_method,
+            barrier,
         })
     }
 
@@ -248,8 +252,7 @@ impl VolumeStore {
         let vol = parse_volume(vol)?;
         let snap = parse_snapshot(snap)?;
         let dir = self.snapshot_dir(&vol, &snap);
-        let meta: SnapshotMeta =
-            read_json(&dir.join(SNAPSHOT_META)).map_err(|_| not_found_snapshot(&vol, &snap))?;
+        let meta = snaprec::read(&dir).map_err(|_| not_found_snapshot(&vol, &snap))?;
         let device = FileDevice::open(&dir.join(DATA_FILE), true, self.engine.clone())?;
         let export = Arc::new(Volume::new(
             key.clone(),
@@ -336,7 +339,7 @@ impl VolumeStore {
                     live: Some(vol), ..
                 }) => {
                     // Clone of a live volume: a point in time.
-                    Some(clone_live(vol, &data, size_bytes, method).await?)
+                    Some(clone_live(vol, &data, size_bytes, method, CloneSync::Now).await?)
                 }
                 Some(ResolvedSource {
                     path, live: None, ..
@@ -396,8 +399,7 @@ impl VolumeStore {
             Source::Empty => Ok(None),
             Source::Snapshot(vol, snap) => {
                 let dir = self.snapshot_dir(vol, snap);
-                let meta: SnapshotMeta = read_json(&dir.join(SNAPSHOT_META))
-                    .map_err(|_| not_found_snapshot(vol, snap))?;
+                let meta = snaprec::read(&dir).map_err(|_| not_found_snapshot(vol, snap))?;
                 Ok(Some(ResolvedSource {
                     path: dir.join(DATA_FILE),
                     size_bytes: meta.size_bytes,
@@ -511,73 +513,6 @@ impl VolumeStore {
         Ok(meta)
     }
 
-    /// Takes a point-in-time, read-only snapshot. Idempotent by name.
-    ///
-    /// # Errors
-    /// `NotFound` for the volume; I/O errors (a full disk leaves nothing).
-    pub async fn create_snapshot(&self, vol: &str, snap: &str) -> Result<(SnapshotMeta, bool)> {
-        let vol = parse_volume(vol)?;
-        let snap = parse_snapshot(snap)?;
-        let _op = self.ops.lock().await;
-        let (meta, volume) = self
-            .get(vol.as_str())
-            .ok_or_else(|| not_found_volume(vol.as_str()))?;
-        let dir = self.snapshot_dir(&vol, &snap);
-        if let Ok(existing) = read_json::<SnapshotMeta>(&dir.join(SNAPSHOT_META)) {
-            return Ok((existing, false));
-        }
-        let parent = dir.parent().expect("snapshot dir has a parent").to_owned();
-        std::fs::create_dir_all(&parent).map_err(io("create snapshots dir", &parent))?;
-        let tmp = parent.join(format!(".creating-{snap}"));
-        let _ = std::fs::remove_dir_all(&tmp);
-        // Crash-safe order: everything is built under `.creating-SNAP`
-        // (data cloned and fsynced, metadata written and fsynced, the two
-        // at once), then one rename publishes it and the parent is
-        // fsynced. Listing skips dot-names and `open` removes them, so a
-        // crash before the rename leaves nothing listed and nothing leaked.
-        // Three fsyncs, two of them concurrent; why no more are needed:
-        // see `cow::write_synced`.
-        let method = self.snapshot_method;
-        let started = std::time::Instant::now();
-        let result = async {
-            std::fs::create_dir(&tmp).map_err(io("create snapshot dir", &tmp))?;
-            cow::fault_pause("dir").await;
-            let smeta = SnapshotMeta {
-                name: snap.to_string(),
-                size_bytes: meta.size_bytes,
-                created_at_unix: now_unix(),
-            };
-            let meta_path = tmp.join(SNAPSHOT_META);
-            let body = serde_json::to_vec_pretty(&smeta).expect("metadata serializes");
-            let data = tmp.join(DATA_FILE);
-            let (how, written) = tokio::join!(
-                clone_live(&volume, &data, meta.size_bytes, method),
-                tokio::task::spawn_blocking(move || cow::write_synced(&meta_path, &body)),
-            );
-            let how = how?;
-            written.map_err(|e| {
-                StoreError::InvalidArgument(format!("snapshot metadata task failed: {e}"))
-            })??;
-            cow::fault_pause("data").await;
-            cow::fault_pause("meta").await;
-            cow::publish(&tmp, &dir)?;
-            cow::fault_pause("published").await;
-            Ok::<_, StoreError>((smeta, how))
-        }
-        .await;
-        match result {
-            Ok((smeta, how)) => {
-                let elapsed_us = started.elapsed().as_micros() as u64;
-                tracing::info!(volume_id = %vol, snapshot = %snap, method = %how, elapsed_us, "snapshot created");
-                Ok((smeta, true))
-            }
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&tmp);
-                Err(e)
-            }
-        }
-    }
-
     /// Deletes a snapshot; false when it did not exist.
     ///
     /// # Errors
@@ -630,7 +565,7 @@ impl VolumeStore {
             if entry.file_name().to_string_lossy().starts_with('.') {
                 continue;
             }
-            let meta: SnapshotMeta = read_json(&entry.path().join(SNAPSHOT_META))?;
+            let meta = snaprec::read(&entry.path())?;
             let allocated = std::fs::metadata(entry.path().join(DATA_FILE))
                 .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
                 .unwrap_or(0);
@@ -872,6 +807,8 @@ fn not_found_snapshot(vol: &VolumeName, snap: &SnapshotName) -> StoreError {
 
 // DR drills publish a prepared image (B2).
 mod import;
+// Taking a snapshot, and keeping a recovery point as one.
+mod snapshot;
 
 #[cfg(test)]
 mod tests;

@@ -262,7 +262,10 @@ impl Replication {
         let path = self.config_path(&config.volume);
         ember_volume::fsutil::write_json_atomic(&path, &config)
             .map_err(|e| ReplError::Internal(format!("persist replica config: {e}")))?;
-        if let Err(status) = self.secondaries.release(&config.volume).await {
+        // A forced promotion (it reports a recovery point) keeps the
+        // recovery points as snapshots; a planned one loses nothing.
+        let forced = config.recovery_point_unix_ns != 0;
+        if let Err(status) = self.secondaries.release(&config.volume, forced).await {
             let _ = std::fs::remove_file(&path);
             return Err(ReplError::Internal(format!(
                 "dropping the secondary role: {}",

@@ -220,6 +220,12 @@ pub struct SecondarySet {
     volumes: Mutex<HashMap<String, Arc<SecondaryVolume>>>,
     /// Recovery points of every secondary here (`points.rs`).
     points: Arc<points::PointsCtx>,
+    /// One `OpenReplica` at a time: two racing for a new volume (a
+    /// session restarted while its first open was in flight) each found
+    /// no secondary and attached one, and the stream left on the replaced
+    /// object kept writing the image (its unordered catch-up marked the
+    /// record inconsistent with nothing left to commit it).
+    opening: tokio::sync::Mutex<()>,
 }
 
 fn io_status(what: &str, e: impl std::fmt::Display) -> Status {
@@ -246,6 +252,7 @@ impl SecondarySet {
             groups: Arc::new(groups),
             volumes: Mutex::new(HashMap::new()),
             points: Arc::new(points::PointsCtx::new(points::root(&dir), reflink, cap)),
+            opening: tokio::sync::Mutex::new(()),
         };
         let entries = std::fs::read_dir(&dir).map_err(|e| io_status("read replicas dir", e))?;
         for entry in entries {
@@ -336,6 +343,7 @@ impl SecondarySet {
         &self,
         req: pb::OpenReplicaRequest,
     ) -> Result<pb::OpenReplicaResponse, Status> {
+        let _opening = self.opening.lock().await;
         let generation = req.generation.max(1);
         if let Some(sv) = self.get(&req.volume) {
             let rec = sv.record();
@@ -533,15 +541,27 @@ impl SecondarySet {
     /// Promotion: stops every stream of `volume`, discards a staged batch
     /// that was never committed (the image stays at its last consistent
     /// point) and forgets the secondary role. The volume keeps refusing
-    /// client writes until the caller installs its primary role.
+    /// client writes until the caller installs its primary role. With
+    /// `keep_points` (a forced promotion) the recovery points become
+    /// snapshots of the volume (`points/keep.rs`); otherwise they go.
     ///
     /// # Errors
     /// The staging log cannot be emptied.
-    pub(crate) async fn release(&self, volume: &str) -> Result<SecondaryRecord, Status> {
+    pub(crate) async fn release(
+        &self,
+        volume: &str,
+        keep_points: bool,
+    ) -> Result<SecondaryRecord, Status> {
         let sv = self
             .get(volume)
             .ok_or_else(|| Status::not_found(format!("no secondary named {volume}")))?;
         sv.session.fetch_add(1, Ordering::SeqCst);
+        // Points to keep: one being recorded finishes first, so it is kept
+        // too (`serial` before the `apply_lock`, as in `create_point`).
+        let _serial = match keep_points {
+            true => Some(sv.points.recording_done().await),
+            false => None,
+        };
         let _guard = sv.apply_lock.lock().await;
         // Batches acknowledged while a point's clone ran are part of the
         // image the primary counts on: applied before the role changes.
@@ -560,8 +580,12 @@ impl SecondarySet {
         let _ = std::fs::remove_file(&sv.record_path);
         let _ = std::fs::remove_file(staging_path);
         sv.marks.delete();
-        // Points belong to the secondary role (a crash here leaves them to
-        // the next start's orphan cleanup).
+        // Points belong to the secondary role: kept as snapshots or
+        // deleted (a crash here leaves what is not kept yet to the next
+        // start's orphan cleanup).
+        if keep_points {
+            points::keep_as_snapshots(&self.store, &sv.points).await;
+        }
         self.delete_points(volume);
         Ok(sv.record())
     }

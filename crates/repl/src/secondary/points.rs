@@ -53,6 +53,9 @@ use crate::plan::points::{self as plan, Blocks, PointMeta, Schedule, SelectError
 pub(crate) use crate::plan::points::{PointKind, PointSelector};
 use crate::primary::link::now_unix_ns;
 
+mod keep;
+pub(crate) use keep::keep_as_snapshots;
+
 const INDEX: &str = "points.json";
 const TAIL: &str = "tail.json";
 const TMP_PREFIX: &str = ".tmp-";
@@ -171,6 +174,11 @@ struct Index {
     /// start-up finishes the rollback before anything else.
     #[serde(default)]
     rolling_back_to: Option<(String, Vec<(u64, u64)>)>,
+    /// Points newer than the one a promotion rolled back to: no longer
+    /// points of this image (never selected, expired or counted), their
+    /// images kept until the promotion makes them snapshots (`keep.rs`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    superseded: Vec<PointMeta>,
 }
 
 #[derive(Debug)]
@@ -375,6 +383,9 @@ impl VolumePoints {
             }
             ok
         });
+        index
+            .superseded
+            .retain(|p| dir.join(image_name(&p.name)).exists());
         let tail: Blocks = ember_volume::fsutil::read_json(&dir.join(TAIL)).unwrap_or_default();
         if let Some(last) = index.points.last_mut() {
             last.after.union(&tail);
@@ -386,7 +397,11 @@ impl VolumePoints {
                 .and_then(|f| f.to_str())
                 .unwrap_or_default()
                 .to_owned();
-            let listed = index.points.iter().any(|p| image_name(&p.name) == file);
+            let listed = index
+                .points
+                .iter()
+                .chain(&index.superseded)
+                .any(|p| image_name(&p.name) == file);
             let ours = file == INDEX || file == TAIL || file.ends_with(".json.tmp");
             if file.starts_with(TMP_PREFIX)
                 || (!listed
@@ -431,6 +446,30 @@ impl VolumePoints {
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().expect("points lock poisoned")
+    }
+
+    /// Waits until no point of the volume is being taken or recorded and
+    /// keeps one from starting while the guard lives. Take it before the
+    /// volume's `apply_lock` (the order `create_point` uses).
+    pub(crate) async fn recording_done(&self) -> tokio::sync::OwnedMutexGuard<()> {
+        self.serial.clone().lock_owned().await
+    }
+
+    /// `FICLONE`s `src` into the new file `dst` and fsyncs it, counted as
+    /// a clone in the data dir: deletions of expired point images step
+    /// aside meanwhile (see the module doc). For a drill's image; the
+    /// caller holds [`Self::wait_clone`]'s guard when `src` is the live
+    /// volume. Blocking.
+    ///
+    /// # Errors
+    /// As `ember_volume::cow::reflink_file`.
+    pub(crate) fn reflink_stepping_aside(
+        &self,
+        src: &Path,
+        dst: &Path,
+    ) -> Result<(), ember_volume::StoreError> {
+        let _cloning = self.ctx.cloning();
+        ember_volume::cow::reflink_file(src, dst)
     }
 
     /// Whether a point's clone of the volume is running now.
@@ -583,7 +622,15 @@ impl VolumePoints {
     /// on the blocks applied also go to the new point's change set.
     /// Blocking.
     fn clone_now(&self, name: &str, size_bytes: u64) -> Result<(PathBuf, bool), Status> {
-        if self.state().index.points.iter().any(|p| p.name == name) {
+        let taken = {
+            let st = self.state();
+            let ix = &st.index;
+            ix.points
+                .iter()
+                .chain(&ix.superseded)
+                .any(|p| p.name == name)
+        };
+        if taken {
             return Err(Status::already_exists(format!(
                 "volume {} already has a recovery point named {name}",
                 self.volume
@@ -831,15 +878,16 @@ impl VolumePoints {
                 )));
             };
             let mut next = st.index.clone();
-            let newer: Vec<String> = next.points.drain(i + 1..).map(|p| p.name).collect();
+            // The newer points stop being points of this image, but the
+            // forced promotion that follows keeps them as snapshots: the
+            // operator may have picked too old a point.
+            let newer: Vec<PointMeta> = next.points.drain(i + 1..).collect();
+            next.superseded.extend(newer);
             next.points[i].after = Blocks::default();
             next.rolling_back_to = Some((name.to_owned(), ranges.to_vec()));
             self.persist_index(&next)
                 .map_err(|e| io_err("recording the rollback", e))?;
             st.index = next;
-            for n in newer {
-                let _ = std::fs::remove_file(self.image(&n));
-            }
         }
         Ok(())
     }
