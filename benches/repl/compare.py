@@ -26,13 +26,15 @@ slower mode: the measurement is then of the VM, not of replication.
   stream        sequential 1 MiB writes to an async volume: time until the
                 secondary has everything, vs the loopback TCP ceiling
                 (iperf3) and the disk write ceiling (fio to a file); CPU-
-                seconds per GiB written of each agent.
+                seconds per GiB written of each agent, beside the peer's
+                (the same fio writes into a qemu-nbd at site-a, then
+                nbdcopy --flush to a qemu-nbd at site-b) and the ratio.
   resync        change 1 % of a full volume while replication is paused,
                 resume, time to in-sync vs rsync --inplace --no-whole-file
                 --ignore-times on the image files.
 
 usage: benches/repl/compare.py [--quick] [--bin-dir DIR] [--only NAME,...]
-       [--sync-size 4G] [--resync-size 8G] [--rounds N]
+       [--sync-size 4G] [--resync-size 8G] [--rounds N] [--perf-dir DIR]
 Needs: emberd and emberctl (cargo build --release --bins), qemu-utils,
 libnbd-bin, fio, rsync, iperf3.
 """
@@ -96,6 +98,35 @@ class CpuMeter:
 
     def stop(self):
         return {name: cpu_seconds(pid) - self.t0[name] for name, pid in self.pids.items()}
+
+
+class Profiler:
+    """`perf record -g` of each agent during a measured phase, when
+    --perf-dir is given (numbers taken with it on are not comparable with
+    runs without it). Writes DIR/<phase>-<site>.data; read them with
+    `perf report -i FILE --no-children --percent-limit 2`."""
+
+    def __init__(self, lab, phase):
+        self.procs = []
+        if not PERF_DIR or not phase:
+            return
+        os.makedirs(PERF_DIR, exist_ok=True)
+        for site in ("site-a", "site-b"):
+            out = os.path.join(PERF_DIR, f"{phase}-{site}.data")
+            self.procs.append(subprocess.Popen(
+                ["perf", "record", "-q", "-g", "-o", out, "-p",
+                 str(lab.lab["sites"][site]["pid"])],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        time.sleep(0.5)  # perf attaches before the phase starts
+
+    def stop(self):
+        for p in self.procs:
+            p.send_signal(2)  # SIGINT: perf writes its file and exits
+        for p in self.procs:
+            p.wait(timeout=60)
+
+
+PERF_DIR = None
 
 
 def free_port():
@@ -237,12 +268,14 @@ def ember_initial_sync(lab, src, size, r):
     run("nbdcopy", "--destination-is-zero", src, lab.uri("site-a", vol))
     run("sync")
     warm_memory(max(2, 2 * size >> 30))
+    prof = Profiler(lab, "initial-sync") if r == 0 else Profiler(lab, None)
     cpu = lab.cpu_meter().start()
     t0 = time.time()
     lab.ctl("site-a", "replica", "enable", vol, "--peer", "site-b", "--mode", "async")
     s = lab.wait_in_sync(vol)
     took = time.time() - t0
     used = cpu.stop()
+    prof.stop()
     lab.ctl("site-a", "replica", "disable", vol, "--delete-secondary")
     lab.ctl("site-a", "volume", "delete", vol)
     return took, s["resync_bytes_sent"], used
@@ -391,6 +424,7 @@ def bench_stream(lab, tmp, size):
     lab.ctl("site-a", "volume", "create", vol, "--size", str(size))
     lab.ctl("site-a", "replica", "enable", vol, "--peer", "site-b", "--mode", "async")
     lab.wait_in_sync(vol)
+    prof = Profiler(lab, "stream")
     cpu = lab.cpu_meter().start()
     t0 = time.time()
     run(*lab.placement.cmd("site-a", "fio", "--name=s", "--ioengine=nbd",
@@ -399,6 +433,7 @@ def bench_stream(lab, tmp, size):
     lab.wait_in_sync(vol)
     stream = size / (time.time() - t0)
     stream_cpu = {site: v / (size / (1 << 30)) for site, v in cpu.stop().items()}
+    prof.stop()
     port = free_port()
     server = subprocess.Popen(
         lab.placement.cmd("site-b", "iperf3", "-s", "-1", "-p", str(port), "-B", "127.0.0.1"),
@@ -416,13 +451,53 @@ def bench_stream(lab, tmp, size):
     disk = out["jobs"][0]["write"]["bw_bytes"]
     os.remove(target)
     ceiling = min(net, disk)
+    peer_cpu = stream_peer_cpu(tmp, size, lab.placement)
+    ember_sum, peer_sum = sum(stream_cpu.values()), sum(peer_cpu.values())
     print(f"stream: {stream / MIB:.0f} MiB/s to the secondary; ceilings: loopback TCP "
           f"{net / MIB:.0f} MiB/s, disk {disk / MIB:.0f} MiB/s; ratio {stream / ceiling:.2f}x "
           f"of the lower ceiling")
     print(f"stream CPU-seconds per GiB written: {fmt_cpu(stream_cpu)}, "
-          f"both {sum(stream_cpu.values()):.2f}")
+          f"both {ember_sum:.2f}  peer {peer_sum:.2f} ({fmt_cpu(peer_cpu)})  "
+          f"ratio ember/peer {ember_sum / peer_sum:.2f}x")
     return {"stream_Bps": stream, "iperf3_Bps": net, "disk_Bps": disk, "ratio": stream / ceiling,
-            "cpu_s_per_gib": stream_cpu}
+            "cpu_s_per_gib": stream_cpu, "peer_cpu_s_per_gib": peer_cpu,
+            "cpu_ratio": ember_sum / peer_sum}
+
+
+def stream_peer_cpu(tmp, size, placement):
+    """CPU-seconds per GiB of the stream's peer: the same fio writes into a
+    qemu-nbd export at site-a (serving the writes, as site-a's agent does),
+    then nbdcopy --flush of the written image to a qemu-nbd export at
+    site-b (moving them, as replication does). Per process: both qemu-nbd
+    (each over both phases) and nbdcopy; fio's own CPU is counted on
+    neither side."""
+    a = os.path.join(tmp, "stream-a.img")
+    b = os.path.join(tmp, "stream-b.img")
+    for path in (a, b):
+        with open(path, "wb") as f:
+            f.truncate(size)
+    pa, pb = free_port(), free_port()
+    qa, qb = qemu_nbd(a, pa, placement, "site-a"), qemu_nbd(b, pb, placement, "site-b")
+    try:
+        servers = CpuMeter({"source qemu-nbd": qa.pid, "destination qemu-nbd": qb.pid}).start()
+        run(*placement.cmd("site-a", "fio", "--name=s", "--ioengine=nbd",
+                           f"--uri=nbd://127.0.0.1:{pa}", "--rw=write", "--bs=1m",
+                           "--iodepth=8", f"--size={size}", "--refill_buffers"))
+        copier = children_cpu_seconds()
+        run(*placement.cmd("site-a", "nbdcopy", "--flush", f"nbd://127.0.0.1:{pa}",
+                           f"nbd://127.0.0.1:{pb}"))
+        used = servers.stop()
+        used["nbdcopy"] = children_cpu_seconds() - copier
+    finally:
+        qa.kill()
+        qb.kill()
+        qa.wait()
+        qb.wait()
+    run("cmp", a, b)
+    os.remove(a)
+    os.remove(b)
+    gib = size / (1 << 30)
+    return {name: v / gib for name, v in used.items()}
 
 
 def bench_resync(lab, tmp, size):
@@ -475,7 +550,12 @@ def main():
     ap.add_argument("--dir", default=None, help="work dir (default: a temp dir)")
     ap.add_argument("--placement", choices=["sites", "shared"], default="sites",
                     help="sites: a CPU per site (default); shared: the kernel places all")
+    ap.add_argument("--perf-dir", default=None,
+                    help="perf record both agents during the first initial sync and the "
+                         "stream into this dir (slows them: not for comparing numbers)")
     a = ap.parse_args()
+    global PERF_DIR
+    PERF_DIR = a.perf_dir and os.path.abspath(a.perf_dir)
     if a.quick:
         a.sync_size, a.stream_size, a.resync_size = "128M", "64M", "128M"
         a.rounds, a.runtime = 1, 1

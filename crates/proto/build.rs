@@ -16,6 +16,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         prost::Message::encode_to_vec(&descriptors),
     )?;
     tonic_prost_build::configure()
+        // Replicated data stays `bytes::Bytes`: decoding slices the gRPC
+        // receive buffer instead of copying every payload into a Vec.
+        .bytes(".ember.repl.v1.BlockWrite.data")
+        .bytes(".ember.repl.v1.SinkChunk.data")
         .build_server(true)
         .build_client(true)
         .compile_fds(descriptors)?;

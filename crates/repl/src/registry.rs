@@ -363,8 +363,10 @@ impl PeerRegistry {
         bytes: u64,
     ) -> Result<u64> {
         let chunks = bytes.div_ceil(SINK_CHUNK as u64);
-        let stream = tokio_stream::iter((0..chunks).map(|_| pb::SinkChunk {
-            data: vec![0x5a; SINK_CHUNK],
+        // One buffer shared by every chunk (`Bytes` clones are references).
+        let chunk = bytes::Bytes::from(vec![0x5a; SINK_CHUNK]);
+        let stream = tokio_stream::iter((0..chunks).map(move |_| pb::SinkChunk {
+            data: chunk.clone(),
         }));
         let started = Instant::now();
         let summary = client

@@ -99,11 +99,37 @@ impl FileDevice {
     /// # Errors
     /// [`StorageError::NoSpace`] when the file system is full, else `Io`;
     /// writes before the failing one are done.
-    pub async fn write_batch(&self, writes: Vec<(u64, Vec<u8>)>) -> Result<()> {
+    pub async fn write_batch<B>(&self, writes: Vec<(u64, B)>) -> Result<()>
+    where
+        B: AsRef<[u8]> + Send + 'static,
+    {
         let file = self.file.clone();
         blocking(move || {
             for (offset, data) in &writes {
-                std::os::unix::fs::FileExt::write_all_at(file.as_ref(), data, *offset)?;
+                std::os::unix::fs::FileExt::write_all_at(file.as_ref(), data.as_ref(), *offset)?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| StorageError::from_io("write", e))
+    }
+
+    /// Writes `buf` at `offset` straight from a buffer the caller shares
+    /// (a received `bytes::Bytes`, say), on the blocking pool: no copy into
+    /// a `Vec` first. `durable` makes it FUA (the data is synced before
+    /// this returns).
+    ///
+    /// # Errors
+    /// [`StorageError::NoSpace`] when the file system is full, else `Io`.
+    pub async fn write_from<B>(&self, offset: u64, buf: B, durable: bool) -> Result<()>
+    where
+        B: AsRef<[u8]> + Send + 'static,
+    {
+        let file = self.file.clone();
+        blocking(move || {
+            std::os::unix::fs::FileExt::write_all_at(file.as_ref(), buf.as_ref(), offset)?;
+            if durable {
+                file.sync_data()?;
             }
             Ok(())
         })

@@ -552,7 +552,7 @@ impl Session<'_> {
         self.send(Kind::Write(pb::BlockWrite {
             seq,
             offset,
-            data,
+            data: data.into(),
             crc32: crc,
             staged,
             unordered,

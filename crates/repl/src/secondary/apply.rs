@@ -57,6 +57,11 @@ async fn zero(sv: &SecondaryVolume, offset: u64, len: u64) -> Result<(), Storage
     }
 }
 
+/// Direct writes up to this size are copied into a `Vec` for the io_uring
+/// engine; larger ones (initial sync's bulk frames) are written from the
+/// received buffer on the blocking pool.
+const COPY_WRITE_MAX: usize = 64 << 10;
+
 /// Data applied per blocking call.
 const APPLY_CHUNK: u64 = 8 << 20;
 
@@ -311,10 +316,15 @@ impl Stream {
         self.sv.points.note([(w.offset, len)])?;
         self.sv.note_marks(&[(w.offset, len)])?;
         let device = self.sv.volume.device();
-        device
-            .write(w.offset, w.data, w.fua)
-            .await
-            .map_err(|e| storage_status("applying a write", &e))?;
+        let written = if w.data.len() > COPY_WRITE_MAX {
+            // Bulk: written from the received buffer itself, no copy.
+            device.write_from(w.offset, w.data, w.fua).await
+        } else {
+            // Small (sync-mode) writes keep the io_uring path: a copy of a
+            // few KiB costs less than a hop to the blocking pool.
+            device.write(w.offset, w.data.to_vec(), w.fua).await
+        };
+        written.map_err(|e| storage_status("applying a write", &e))?;
         if w.unordered {
             // Bulk copy: start writeback now so the next barrier's fdatasync
             // does not find the whole group still in the page cache.
