@@ -8,13 +8,14 @@
 //! since the newest common mark, a half-synced one by a full comparison,
 //! and the old primary returns as a target by its change sets.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ember_it::repl::{
     check_acked_present, read_history, site_config, snapshot_export, stamped_writer, tail,
 };
-use ember_it::{Agent, FaultProxy, bin, free_port, require_tool, run_ok, tempdir};
+use ember_it::{
+    Agent, FaultProxy, assert_same_image, bin, free_port, require_tool, run_ok, tempdir,
+};
 
 const MIB: u64 = 1 << 20;
 
@@ -110,18 +111,30 @@ impl ThreeSites {
         })
     }
 
+    /// Creates `vol` (`size`) on site-a replicated sync to `sync` and async
+    /// (RPO 60 s) to `far`, in sync, each target knowing its sibling and
+    /// holding a common mark (what a forced promotion re-homes by).
+    /// Returns site-a's NBD URI.
+    fn replicated_with_marks(&self, size: &str, sync: &str, far: &str) -> String {
+        let uri = self.a.create_volume("vol", size);
+        self.a
+            .ctl_json(&["replica", "enable", "vol", "--peer", sync, "--mode", "sync"]);
+        self.a.ctl_json(&[
+            "replica", "enable", "vol", "--peer", far, "--mode", "async", "--rpo", "60s",
+        ]);
+        self.wait_all_caught_up();
+        for site in ["site-b", "site-c"] {
+            wait_for_siblings(self, site);
+            wait_for_mark(self, site);
+        }
+        uri
+    }
+
     fn assert_identical(&self, other: &Agent, what: &str) {
-        let out = Command::new("qemu-img")
-            .args(["compare", "-f", "raw", "-F", "raw"])
-            .arg(self.a.uri("vol"))
-            .arg(other.uri("vol"))
-            .output()
-            .expect("run qemu-img compare");
-        assert!(
-            out.status.success(),
-            "site-a and {what} differ: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+        assert_same_image(
+            &self.a.uri("vol"),
+            &other.uri("vol"),
+            &format!("site-a and {what}"),
         );
     }
 }
@@ -130,6 +143,17 @@ impl ThreeSites {
 /// (mid role change the volume is briefly neither role) is polled again.
 fn wait_on(
     agent: &Agent,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    wait_on_logged(agent, &[], what, pred)
+}
+
+/// [`wait_on`] that also shows the log tails of `others` on failure: a
+/// re-homing's evidence is on the target as much as on the new primary.
+fn wait_on_logged(
+    agent: &Agent,
+    others: &[&Agent],
     what: &str,
     pred: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
@@ -146,8 +170,13 @@ fn wait_on(
         }
         assert!(
             Instant::now() < deadline,
-            "{what} not reached: {s}\nlog tail: {}",
-            tail(&agent.log())
+            "{what} not reached: {s}\nlog tail: {}\nother sites' log tails: {}",
+            tail(&agent.log()),
+            others
+                .iter()
+                .map(|o| tail(&o.log()))
+                .collect::<Vec<_>>()
+                .join("\n----\n")
         );
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -164,18 +193,7 @@ fn caught_up_on(agent: &Agent, what: &str) -> serde_json::Value {
 }
 
 fn identical(x: &Agent, y: &Agent, what: &str) {
-    let out = Command::new("qemu-img")
-        .args(["compare", "-f", "raw", "-F", "raw"])
-        .arg(x.uri("vol"))
-        .arg(y.uri("vol"))
-        .output()
-        .expect("run qemu-img compare");
-    assert!(
-        out.status.success(),
-        "{what} differ: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_same_image(&x.uri("vol"), &y.uri("vol"), what);
 }
 
 fn targets(s: &serde_json::Value) -> Vec<serde_json::Value> {
@@ -454,7 +472,7 @@ fn a_target_force_promoted_past_a_live_primary_of_several_targets_takes_both_ove
     assert_eq!(p["generation"], 2, "{p}");
     // site-b re-homes site-c and reaches site-a, which follows it: its
     // other target is released to site-b, not left behind.
-    wait_on(&sites.b, "site-b re-homed site-c", |s| {
+    wait_on_logged(&sites.b, &[&sites.c], "site-b re-homed site-c", |s| {
         s["role"] == "primary" && targets(s).len() == 2
     });
     let s = caught_up_on(&sites.b, "site-b primary of both");
@@ -574,7 +592,7 @@ fn a_forced_promotion_of_the_sync_target_rehomes_the_async_one_by_its_changes() 
     // the newest common mark (all in the writer's region): no activity-log
     // window is involved (the marks' sets are exact in memory; only a
     // crash of the target itself widens them, by 256 blocks per run).
-    let s = wait_on(&sites.b, "site-c re-homed and in sync", |s| {
+    let s = wait_on_logged(&sites.b, &[&sites.c], "site-c re-homed and in sync", |s| {
         s["role"] == "primary"
             && targets(s)
                 .iter()
@@ -624,18 +642,7 @@ fn a_forced_promotion_of_the_lagging_target_rehomes_the_sync_one_by_the_union() 
         return;
     }
     let mut sites = ThreeSites::start();
-    let a_uri = sites.a.create_volume("vol", "128M");
-    sites.a.ctl_json(&[
-        "replica", "enable", "vol", "--peer", "site-b", "--mode", "sync",
-    ]);
-    sites.a.ctl_json(&[
-        "replica", "enable", "vol", "--peer", "site-c", "--mode", "async", "--rpo", "60s",
-    ]);
-    sites.wait_all_caught_up();
-    for site in ["site-b", "site-c"] {
-        wait_for_siblings(&sites, site);
-        wait_for_mark(&sites, site);
-    }
+    let a_uri = sites.replicated_with_marks("128M", "site-b", "site-c");
     // site-c lags; site-b (sync) holds writes site-c lacks when site-a dies.
     sites.to_c.set_rate(MIB);
     let region = 16 * MIB;
@@ -650,7 +657,7 @@ fn a_forced_promotion_of_the_lagging_target_rehomes_the_sync_one_by_the_union() 
     // union of both sets, not site-c's alone.
     let p = sites.c.ctl_json(&["replica", "promote", "vol", "--force"]);
     assert_eq!(p["generation"], 2, "{p}");
-    let s = wait_on(&sites.c, "site-b re-homed and in sync", |s| {
+    let s = wait_on_logged(&sites.c, &[&sites.b], "site-b re-homed and in sync", |s| {
         s["role"] == "primary"
             && targets(s)
                 .iter()
@@ -676,18 +683,7 @@ fn a_targets_marks_survive_its_kill_9_and_the_union_still_covers_what_it_applied
         return;
     }
     let mut sites = ThreeSites::start();
-    let a_uri = sites.a.create_volume("vol", "128M");
-    sites.a.ctl_json(&[
-        "replica", "enable", "vol", "--peer", "site-c", "--mode", "sync",
-    ]);
-    sites.a.ctl_json(&[
-        "replica", "enable", "vol", "--peer", "site-b", "--mode", "async", "--rpo", "60s",
-    ]);
-    sites.wait_all_caught_up();
-    for site in ["site-b", "site-c"] {
-        wait_for_siblings(&sites, site);
-        wait_for_mark(&sites, site);
-    }
+    let a_uri = sites.replicated_with_marks("128M", "site-c", "site-b");
     // site-b (async) lags, so the common mark stays behind what site-c
     // (sync) applies; site-c is killed -9 mid-stream, then site-a: what
     // site-c applied since its last ring record is only in its
@@ -706,7 +702,7 @@ fn a_targets_marks_survive_its_kill_9_and_the_union_still_covers_what_it_applied
     // site-b lacks are only in site-c's persisted set since the mark.
     let p = sites.c.ctl_json(&["replica", "promote", "vol", "--force"]);
     assert_eq!(p["generation"], 2, "{p}");
-    wait_on(&sites.c, "site-b re-homed and in sync", |s| {
+    wait_on_logged(&sites.c, &[&sites.b], "site-b re-homed and in sync", |s| {
         s["role"] == "primary"
             && targets(s)
                 .iter()
@@ -748,7 +744,7 @@ fn a_half_synced_target_is_refused_promotion_and_rehomed_instead() {
     assert!(err.contains("inconsistent"), "{err}");
     let p = sites.b.ctl_json(&["replica", "promote", "vol", "--force"]);
     assert_eq!(p["generation"], 2, "{p}");
-    wait_on(&sites.b, "site-c re-homed and in sync", |s| {
+    wait_on_logged(&sites.b, &[&sites.c], "site-c re-homed and in sync", |s| {
         targets(s)
             .iter()
             .any(|t| t["peer"] == "site-c" && t["state"] == "in-sync" && t["lag_bytes"] == 0)
