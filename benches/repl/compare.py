@@ -281,6 +281,42 @@ def ember_initial_sync(lab, src, size, r):
     return took, s["resync_bytes_sent"], used
 
 
+class QemuNbdPair:
+    """A qemu-nbd export of `a` at site-a and of `b` at site-b, with a CPU
+    meter on both; `copy()` runs nbdcopy --flush from one to the other (the
+    copy ends durable, as ember's initial sync does). Stopped on exit."""
+
+    def __init__(self, a, b, placement):
+        self.placement = placement
+        self.pa, self.pb = free_port(), free_port()
+        self.qa = qemu_nbd(a, self.pa, placement, "site-a")
+        self.qb = qemu_nbd(b, self.pb, placement, "site-b")
+
+    def __enter__(self):
+        self.servers = CpuMeter({"source qemu-nbd": self.qa.pid,
+                                 "destination qemu-nbd": self.qb.pid}).start()
+        return self
+
+    def copy(self):
+        """Returns nbdcopy's wall time and CPU-seconds."""
+        copier = children_cpu_seconds()
+        t0 = time.time()
+        run(*self.placement.cmd("site-a", "nbdcopy", "--flush", f"nbd://127.0.0.1:{self.pa}",
+                                f"nbd://127.0.0.1:{self.pb}"))
+        return time.time() - t0, children_cpu_seconds() - copier
+
+    def stop(self):
+        """CPU-seconds of both servers so far."""
+        return self.servers.stop()
+
+    def __exit__(self, *exc):
+        for q in (self.qa, self.qb):
+            q.kill()
+        for q in (self.qa, self.qb):
+            q.wait()
+        return False
+
+
 def nbdcopy_initial_sync(tmp, src, size, placement):
     """Times nbdcopy between two qemu-nbd exports (source filled from `src`):
     the source export and nbdcopy at site-a, the destination at site-b."""
@@ -290,24 +326,11 @@ def nbdcopy_initial_sync(tmp, src, size, placement):
     with open(b, "wb") as f:
         f.truncate(size)
     run("sync")
-    pa, pb = free_port(), free_port()
-    qa, qb = qemu_nbd(a, pa, placement, "site-a"), qemu_nbd(b, pb, placement, "site-b")
-    try:
-        warm_memory(max(2, 2 * size >> 30))
-        servers = CpuMeter({"source qemu-nbd": qa.pid, "destination qemu-nbd": qb.pid}).start()
-        copier = children_cpu_seconds()
-        t0 = time.time()
-        # --flush: the copy ends durable, as ember's initial sync does.
-        run(*placement.cmd("site-a", "nbdcopy", "--flush", f"nbd://127.0.0.1:{pa}",
-                           f"nbd://127.0.0.1:{pb}"))
-        took = time.time() - t0
-        used = servers.stop()
-        used["nbdcopy"] = children_cpu_seconds() - copier
-    finally:
-        qa.kill()
-        qb.kill()
-        qa.wait()
-        qb.wait()
+    warm_memory(max(2, 2 * size >> 30))
+    with QemuNbdPair(a, b, placement) as pair:
+        took, copier = pair.copy()
+        used = pair.stop()
+        used["nbdcopy"] = copier
     run("cmp", src, b)
     os.remove(a)
     os.remove(b)
@@ -476,23 +499,13 @@ def stream_peer_cpu(tmp, size, placement):
     for path in (a, b):
         with open(path, "wb") as f:
             f.truncate(size)
-    pa, pb = free_port(), free_port()
-    qa, qb = qemu_nbd(a, pa, placement, "site-a"), qemu_nbd(b, pb, placement, "site-b")
-    try:
-        servers = CpuMeter({"source qemu-nbd": qa.pid, "destination qemu-nbd": qb.pid}).start()
+    with QemuNbdPair(a, b, placement) as pair:
         run(*placement.cmd("site-a", "fio", "--name=s", "--ioengine=nbd",
-                           f"--uri=nbd://127.0.0.1:{pa}", "--rw=write", "--bs=1m",
+                           f"--uri=nbd://127.0.0.1:{pair.pa}", "--rw=write", "--bs=1m",
                            "--iodepth=8", f"--size={size}", "--refill_buffers"))
-        copier = children_cpu_seconds()
-        run(*placement.cmd("site-a", "nbdcopy", "--flush", f"nbd://127.0.0.1:{pa}",
-                           f"nbd://127.0.0.1:{pb}"))
-        used = servers.stop()
-        used["nbdcopy"] = children_cpu_seconds() - copier
-    finally:
-        qa.kill()
-        qb.kill()
-        qa.wait()
-        qb.wait()
+        _, copier = pair.copy()
+        used = pair.stop()
+        used["nbdcopy"] = copier
     run("cmp", a, b)
     os.remove(a)
     os.remove(b)

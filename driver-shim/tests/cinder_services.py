@@ -298,10 +298,9 @@ volumes_dir = {self.volumes_dir}
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def running_cinder(lab, devices=None):
-    """A module fixture's body: a started Cinder for `lab`, stopped after;
-    on a failed start every service's log is printed."""
-    c = Cinder(lab, devices)
+def start_or_report(c):
+    """Starts Cinder `c`; on failure prints every service's log, stops
+    what did start and raises."""
     try:
         c.start()
     except Exception:
@@ -309,6 +308,12 @@ def running_cinder(lab, devices=None):
             print(f"===== cinder {name} log\n{c.log(name)}")
         c.stop()
         raise
+    return c
+
+
+def running_cinder(lab, devices=None):
+    """A module fixture's body: a started Cinder for `lab`, stopped after."""
+    c = start_or_report(Cinder(lab, devices))
     yield c
     c.stop()
 

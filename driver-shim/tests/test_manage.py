@@ -24,7 +24,7 @@ import pytest
 from cinder import exception
 from cinder.objects import fields
 
-from cinder_services import Cinder
+from cinder_services import Cinder, start_or_report
 from conftest import bin_dir, make_driver, require, snapshot, volume, volume_type
 from ember_cinder import manage
 from ember_cinder import replication
@@ -633,14 +633,7 @@ ember_export_mode = nbd
 
 @pytest.fixture(scope="module")
 def cinder(xfs_lab):
-    c = DrCinder(xfs_lab)
-    try:
-        c.start()
-    except Exception:
-        for name in ("rabbitmq", "scheduler", "volume", "api"):
-            print(f"===== cinder {name} log\n{c.log(name)}")
-        c.stop()
-        raise
+    c = start_or_report(DrCinder(xfs_lab))
     c.cli("type-create", "ember-dr-plain")
     yield c
     c.stop()

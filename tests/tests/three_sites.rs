@@ -182,6 +182,22 @@ fn wait_on_logged(
     }
 }
 
+/// Waits until `primary` is the primary of `vol` with its re-homed target
+/// `peer` (the agent `target`) in sync; both logs on failure.
+fn rehomed_in_sync(primary: &Agent, target: &Agent, peer: &str) -> serde_json::Value {
+    wait_on_logged(
+        primary,
+        &[target],
+        &format!("{peer} re-homed and in sync"),
+        |s| {
+            s["role"] == "primary"
+                && targets(s)
+                    .iter()
+                    .any(|t| t["peer"] == peer && t["state"] == "in-sync" && t["lag_bytes"] == 0)
+        },
+    )
+}
+
 /// Waits until `agent` is primary of `vol` with every target in sync.
 fn caught_up_on(agent: &Agent, what: &str) -> serde_json::Value {
     wait_on(agent, what, |s| {
@@ -592,12 +608,7 @@ fn a_forced_promotion_of_the_sync_target_rehomes_the_async_one_by_its_changes() 
     // the newest common mark (all in the writer's region): no activity-log
     // window is involved (the marks' sets are exact in memory; only a
     // crash of the target itself widens them, by 256 blocks per run).
-    let s = wait_on_logged(&sites.b, &[&sites.c], "site-c re-homed and in sync", |s| {
-        s["role"] == "primary"
-            && targets(s)
-                .iter()
-                .any(|t| t["peer"] == "site-c" && t["state"] == "in-sync" && t["lag_bytes"] == 0)
-    });
+    let s = rehomed_in_sync(&sites.b, &sites.c, "site-c");
     let resent = sent(&s, "site-c");
     assert!(
         resent <= region,
@@ -657,12 +668,7 @@ fn a_forced_promotion_of_the_lagging_target_rehomes_the_sync_one_by_the_union() 
     // union of both sets, not site-c's alone.
     let p = sites.c.ctl_json(&["replica", "promote", "vol", "--force"]);
     assert_eq!(p["generation"], 2, "{p}");
-    let s = wait_on_logged(&sites.c, &[&sites.b], "site-b re-homed and in sync", |s| {
-        s["role"] == "primary"
-            && targets(s)
-                .iter()
-                .any(|t| t["peer"] == "site-b" && t["state"] == "in-sync" && t["lag_bytes"] == 0)
-    });
+    let s = rehomed_in_sync(&sites.c, &sites.b, "site-b");
     let resent = sent(&s, "site-b");
     assert!(
         resent <= region,
@@ -702,12 +708,7 @@ fn a_targets_marks_survive_its_kill_9_and_the_union_still_covers_what_it_applied
     // site-b lacks are only in site-c's persisted set since the mark.
     let p = sites.c.ctl_json(&["replica", "promote", "vol", "--force"]);
     assert_eq!(p["generation"], 2, "{p}");
-    wait_on_logged(&sites.c, &[&sites.b], "site-b re-homed and in sync", |s| {
-        s["role"] == "primary"
-            && targets(s)
-                .iter()
-                .any(|t| t["peer"] == "site-b" && t["state"] == "in-sync" && t["lag_bytes"] == 0)
-    });
+    rehomed_in_sync(&sites.c, &sites.b, "site-b");
     assert!(
         sites.c.log().contains("since common mark"),
         "site-c did not re-home site-b by the common mark: {}",
@@ -744,11 +745,7 @@ fn a_half_synced_target_is_refused_promotion_and_rehomed_instead() {
     assert!(err.contains("inconsistent"), "{err}");
     let p = sites.b.ctl_json(&["replica", "promote", "vol", "--force"]);
     assert_eq!(p["generation"], 2, "{p}");
-    wait_on_logged(&sites.b, &[&sites.c], "site-c re-homed and in sync", |s| {
-        targets(s)
-            .iter()
-            .any(|t| t["peer"] == "site-c" && t["state"] == "in-sync" && t["lag_bytes"] == 0)
-    });
+    rehomed_in_sync(&sites.b, &sites.c, "site-c");
     let log = sites.b.log();
     assert!(
         log.contains("full blake3 comparison (Inconsistent)"),

@@ -104,23 +104,8 @@ impl VolumeStore {
 mod tests {
     use super::*;
     use ember_nbd::Export;
-    use ember_storage::{EngineChoice, IoEngine};
-    use ember_tracking::TrackingConfig;
 
-    use crate::store::StoreConfig;
-
-    fn store(dir: &Path) -> VolumeStore {
-        let engine = IoEngine::new(EngineChoice::Auto).expect("engine");
-        VolumeStore::open(
-            StoreConfig {
-                root: dir.to_owned(),
-                tracking: Some(TrackingConfig::default()),
-                raw_volumes: Vec::new(),
-            },
-            engine,
-        )
-        .expect("open store")
-    }
+    use crate::store::tests::store;
 
     #[tokio::test]
     async fn an_image_becomes_a_volume_with_its_origin_and_survives_a_reopen() {

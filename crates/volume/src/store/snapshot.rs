@@ -165,24 +165,10 @@ impl VolumeStore {
 
 #[cfg(test)]
 mod tests {
-    use ember_storage::{EngineChoice, IoEngine};
-    use ember_tracking::TrackingConfig;
 
     use super::*;
-    use crate::store::{Source, StoreConfig};
-
-    fn store(dir: &Path) -> VolumeStore {
-        let engine = IoEngine::new(EngineChoice::Auto).expect("engine");
-        VolumeStore::open(
-            StoreConfig {
-                root: dir.to_owned(),
-                tracking: Some(TrackingConfig::default()),
-                raw_volumes: Vec::new(),
-            },
-            engine,
-        )
-        .expect("open store")
-    }
+    use crate::store::Source;
+    use crate::store::tests::store;
 
     #[tokio::test]
     async fn an_adopted_image_is_a_listed_snapshot_that_survives_a_reopen() {

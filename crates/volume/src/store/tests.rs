@@ -7,7 +7,9 @@ use ember_storage::EngineChoice;
 
 const MIB: u64 = 1 << 20;
 
-async fn store(dir: &Path) -> VolumeStore {
+/// A store in `dir` with change tracking, as the agent opens it (also
+/// for the tests of `import.rs` and `snapshot.rs`).
+pub(crate) fn store(dir: &Path) -> VolumeStore {
     let engine = IoEngine::new(EngineChoice::Auto).expect("engine");
     VolumeStore::open(
         StoreConfig {
@@ -23,7 +25,7 @@ async fn store(dir: &Path) -> VolumeStore {
 #[tokio::test]
 async fn create_is_idempotent_and_conflicts_are_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let s = store(dir.path()).await;
+    let s = store(dir.path());
     let (_, _, created) = s
         .create("v1", 8 * MIB, None, Source::Empty)
         .await
@@ -53,7 +55,7 @@ async fn create_is_idempotent_and_conflicts_are_refused() {
 #[tokio::test]
 async fn snapshot_and_clone_hold_the_point_in_time_contents() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let s = store(dir.path()).await;
+    let s = store(dir.path());
     let (_, v, _) = s
         .create("src", 16 * MIB, None, Source::Empty)
         .await
@@ -116,7 +118,7 @@ async fn snapshot_and_clone_hold_the_point_in_time_contents() {
 async fn interrupted_creates_are_cleaned_and_volumes_survive_reopen() {
     let dir = tempfile::tempdir().expect("tempdir");
     {
-        let s = store(dir.path()).await;
+        let s = store(dir.path());
         let (_, v, _) = s
             .create("keep", 4 * MIB, None, Source::Empty)
             .await
@@ -124,7 +126,7 @@ async fn interrupted_creates_are_cleaned_and_volumes_survive_reopen() {
         v.write(0, vec![7; 4096], false).await.expect("write");
     }
     std::fs::create_dir_all(dir.path().join("volumes/.creating-half")).expect("leftover");
-    let s = store(dir.path()).await;
+    let s = store(dir.path());
     assert!(!dir.path().join("volumes/.creating-half").exists());
     let (_, v) = s.get("keep").expect("volume survives");
     assert_eq!(v.read(0, 4096).await.expect("read"), vec![7; 4096]);
@@ -138,7 +140,7 @@ async fn interrupted_creates_are_cleaned_and_volumes_survive_reopen() {
 async fn interrupted_snapshot_operations_are_cleaned_at_open_and_never_listed() {
     let dir = tempfile::tempdir().expect("tempdir");
     {
-        let s = store(dir.path()).await;
+        let s = store(dir.path());
         let (_, v, _) = s
             .create("keep", 4 * MIB, None, Source::Empty)
             .await
@@ -153,7 +155,7 @@ async fn interrupted_snapshot_operations_are_cleaned_at_open_and_never_listed() 
     }
     // A probe file left by a crash mid-detection.
     std::fs::write(dir.path().join(".reflink-probe-1-0"), b"x").expect("probe");
-    let s = store(dir.path()).await;
+    let s = store(dir.path());
     let mut left: Vec<_> = std::fs::read_dir(&snaps)
         .expect("snapshots dir")
         .map(|e| e.expect("entry").file_name().into_string().expect("utf-8"))
@@ -171,7 +173,7 @@ async fn interrupted_snapshot_operations_are_cleaned_at_open_and_never_listed() 
 #[tokio::test]
 async fn shrinking_is_refused_and_growing_keeps_data() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let s = store(dir.path()).await;
+    let s = store(dir.path());
     let (_, v, _) = s
         .create("g", 4 * MIB, None, Source::Empty)
         .await
@@ -189,7 +191,7 @@ async fn shrinking_is_refused_and_growing_keeps_data() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_under_concurrent_writes_is_a_prefix_of_the_write_history() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let s = Arc::new(store(dir.path()).await);
+    let s = Arc::new(store(dir.path()));
     let (_, v, _) = s
         .create("busy", 128 * MIB, None, Source::Empty)
         .await
