@@ -608,8 +608,13 @@ impl Replication {
             PeerLossPolicy::parse(&s.on_peer_loss).unwrap_or_default(),
         )
         .promoted(p.generation);
+        // A member of a group promoted here keeps replicating to this
+        // target in its group (the group's points resume once every
+        // member's link to it runs: `primary::group`).
+        let group = self.link(&p.volume).and_then(|l| l.config().group);
         let config = ReplicaConfig {
             synced: !full,
+            group,
             ..config
         };
         let path = self.extra_config_path(&p.volume, &s.site);
