@@ -392,3 +392,91 @@ fn a_group_with_two_targets_force_promoted_on_the_sync_one_rehomes_the_other() {
     );
     eprintln!("site-b group: {g}\nsite-c group: {c}");
 }
+
+/// Waits until `volume`'s ring on `site` knows both targets and holds a
+/// common mark, without writing anything.
+fn wait_for_mark_idle(sites: &Sites, site: &str, volume: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = ring(sites, site, volume);
+        if r["siblings"].as_array().map(Vec::len) == Some(2)
+            && r["marks"].as_array().is_some_and(|m| !m.is_empty())
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{site} holds no common mark of the idle {volume}: {r}\nsite-a log tail: {}",
+            tail(&sites.a.log())
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn an_idle_volume_force_promoted_rehomes_its_other_target_by_a_mark_resending_nothing() {
+    if !require_tool("qemu-io") || !require_tool("qemu-img") || !require_tool("nbdcopy") {
+        return;
+    }
+    let mut sites = start_sites();
+    let uri = sites.a.create_volume("idle", "64M");
+    // Written before its targets exist, never after.
+    run_ok("qemu-io", &["-f", "raw", "-c", "write -P 0x3c 0 8M", &uri]);
+    sites.a.ctl_json(&[
+        "replica", "enable", "idle", "--peer", "site-b", "--mode", "sync",
+    ]);
+    sites.a.ctl_json(&[
+        "replica", "enable", "idle", "--peer", "site-c", "--mode", "async", "--rpo", "60s",
+    ]);
+    wait_json(
+        &sites,
+        "site-a",
+        &["replica", "status", "idle"],
+        "both targets in sync",
+        |s| {
+            targets(s).len() == 2
+                && targets(s)
+                    .iter()
+                    .all(|t| t["state"] == "in-sync" && t["lag_bytes"] == 0)
+        },
+    );
+    for site in ["site-b", "site-c"] {
+        wait_for_mark_idle(&sites, site, "idle");
+    }
+    sites.a.kill9();
+    let p = sites.b.ctl_json(&["replica", "promote", "idle", "--force"]);
+    assert_eq!(p["forced"], true, "{p}");
+    let s = wait_json(
+        &sites,
+        "site-b",
+        &["replica", "status", "idle"],
+        "site-c re-homed and in sync",
+        |s| {
+            s["role"] == "primary"
+                && targets(s).iter().any(|t| {
+                    t["peer"] == "site-c" && t["state"] == "in-sync" && t["lag_bytes"] == 0
+                })
+        },
+    );
+    let c = targets(&s)
+        .into_iter()
+        .find(|t| t["peer"] == "site-c")
+        .expect("site-c");
+    assert_eq!(c["resync_bytes_sent"], 0, "re-homing resent data: {s}");
+    let log = sites.b.log();
+    assert!(
+        log.contains("since common mark") && !log.contains("full blake3 comparison"),
+        "site-c was not re-homed by a common mark:\n{}",
+        tail(&log)
+    );
+    assert!(
+        log.contains("0 blocks may differ, 0 bytes differ"),
+        "the re-homing compared blocks of an idle volume:\n{}",
+        tail(&log)
+    );
+    assert_same_image(
+        &sites.b.uri("idle"),
+        &sites.c.uri("idle"),
+        "site-b and site-c",
+    );
+}
