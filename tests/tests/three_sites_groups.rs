@@ -480,3 +480,93 @@ fn an_idle_volume_force_promoted_rehomes_its_other_target_by_a_mark_resending_no
         "site-b and site-c",
     );
 }
+
+#[test]
+fn demoting_a_volume_of_two_targets_is_a_switchover_and_discard_local_is_refused() {
+    if !require_tool("qemu-io") || !require_tool("qemu-img") {
+        return;
+    }
+    let sites = start_sites();
+    let uri = sites.a.create_volume("dem", "16M");
+    run_ok("qemu-io", &["-f", "raw", "-c", "write -P 0x21 0 4M", &uri]);
+    sites.a.ctl_json(&[
+        "replica", "enable", "dem", "--peer", "site-b", "--mode", "sync",
+    ]);
+    sites.a.ctl_json(&[
+        "replica", "enable", "dem", "--peer", "site-c", "--mode", "async",
+    ]);
+    wait_json(
+        &sites,
+        "site-a",
+        &["replica", "status", "dem"],
+        "both targets in sync",
+        |s| {
+            targets(s).len() == 2
+                && targets(s)
+                    .iter()
+                    .all(|t| t["state"] == "in-sync" && t["lag_bytes"] == 0)
+        },
+    );
+    // Outside the planned handover, site-c would follow nobody: refused,
+    // naming the targets and the ways out; nothing changed.
+    let refused = ctl_err(&sites.a, &["replica", "demote", "dem", "--discard-local"]);
+    for part in [
+        "FAILED_PRECONDITION",
+        "site-b and also to site-c",
+        "without --discard-local",
+        "replica disable dem --peer SITE",
+    ] {
+        assert!(refused.contains(part), "{part:?} missing: {refused}");
+    }
+    let s = sites.a.ctl_json(&["replica", "status", "dem"]);
+    assert_eq!(s["role"], "primary", "{s}");
+    assert_eq!(targets(&s).len(), 2, "{s}");
+
+    // The planned handover: site-b takes over, site-c follows it.
+    sites.a.ctl_json(&["replica", "demote", "dem"]);
+    wait_json(
+        &sites,
+        "site-b",
+        &["replica", "status", "dem"],
+        "site-b primary of site-a and site-c",
+        |s| {
+            s["role"] == "primary"
+                && ["site-a", "site-c"].iter().all(|p| {
+                    targets(s)
+                        .iter()
+                        .any(|t| t["peer"] == *p && t["state"] == "in-sync")
+                })
+        },
+    );
+    run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x22 8M 1M",
+            &sites.b.uri("dem"),
+        ],
+    );
+    wait_json(
+        &sites,
+        "site-b",
+        &["replica", "status", "dem"],
+        "the write on both targets",
+        |s| {
+            targets(s)
+                .iter()
+                .all(|t| t["lag_bytes"] == 0 && t["state"] == "in-sync")
+        },
+    );
+    assert_same_image(
+        &sites.b.uri("dem"),
+        &sites.c.uri("dem"),
+        "site-b and site-c",
+    );
+    assert_same_image(
+        &sites.b.uri("dem"),
+        &sites.a.uri("dem"),
+        "site-b and site-a",
+    );
+}
