@@ -11,7 +11,7 @@ from cinder import exception
 from cinder.objects import fields
 
 from conftest import make_driver, volume, volume_type
-from ember_cinder import replication
+from ember_cinder import failover, replication
 from ember_cinder._proto import control_pb2 as pb
 
 
@@ -57,6 +57,24 @@ def test_a_zone_no_target_serves_is_refused_naming_it(spec, complaint):
     assert complaint in str(e.value)
     if complaint != "names no availability zone":
         assert "far, metro" in str(e.value)  # what the backend does serve
+
+
+class _S:
+    def __init__(self, role, peer_site):
+        self.role, self.peer_site = role, peer_site
+
+
+@pytest.mark.parametrize("states, pending", [
+    ({}, [("v", "c"), ("w", "c")]),                              # nobody answered
+    ({("v", "c"): _S("secondary", "a"), ("w", "c"): _S("secondary", "b")},
+     [("v", "c")]),                                             # v still follows a
+    ({("v", "c"): _S("secondary", "b"), ("w", "c"): _S("secondary", "b")}, []),
+    ({("v", "c"): _S("primary", "b"), ("w", "c"): None},
+     [("v", "c"), ("w", "c")]),                                 # not a follower
+])
+def test_failover_waits_until_every_other_target_follows_the_new_primary(states, pending):
+    expected = {("v", "c"): "b", ("w", "c"): "b"}
+    assert failover.rehome_pending(expected, states) == pending
 
 
 def test_zones_are_parsed_and_reported_once_each():
@@ -186,8 +204,11 @@ def test_failover_to_any_target_keeps_the_others_then_x_to_y_then_back(own_lab3,
     both.replication_status = fields.ReplicationStatus.FAILED_OVER
     s = status(b, both.name)
     assert s.role == "primary"
-    # site-c now follows site-b (and site-a too, as the old primary).
+    # site-c now follows site-b (and site-a too, as the old primary), by
+    # the time failover_host returned: it waits for the re-homing.
     assert "site-c" in {t.peer_site for t in s.targets}, s
+    sc = status(c, both.name)
+    assert sc.role == "secondary" and sc.peer_site == "site-b", sc
     io(uri(b, both.name), "read -P 0x11 0 1M", "write -P 0x22 1M 1M")
     s = wait_in_sync(b, both.name)
     resent = {t.peer_site: t.resync_bytes_sent for t in s.targets}

@@ -570,3 +570,106 @@ fn demoting_a_volume_of_two_targets_is_a_switchover_and_discard_local_is_refused
         "site-b and site-a",
     );
 }
+
+/// Waits until `site`'s status of `volume` shows `peer` as an in-sync
+/// target with nothing pending.
+fn target_in_sync(sites: &Sites, site: &str, volume: &str, peer: &str) -> serde_json::Value {
+    wait_json(
+        sites,
+        site,
+        &["replica", "status", volume],
+        &format!("{volume} on {site}: {peer} in sync"),
+        |s| {
+            s["role"] == "primary"
+                && targets(s)
+                    .iter()
+                    .any(|t| t["peer"] == peer && t["state"] == "in-sync" && t["lag_bytes"] == 0)
+        },
+    )
+}
+
+#[test]
+fn a_rehoming_resumes_after_the_new_primary_is_killed_twice_during_it() {
+    if !require_tool("qemu-io") || !require_tool("qemu-img") || !require_tool("nbdcopy") {
+        return;
+    }
+    const MIB: u64 = 1 << 20;
+    let mut sites = start_sites();
+    let uri = sites.a.create_volume("r", "128M");
+    run_ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x5a 64M 32M", &uri],
+    );
+    sites.a.ctl_json(&[
+        "replica", "enable", "r", "--peer", "site-b", "--mode", "sync",
+    ]);
+    sites.a.ctl_json(&[
+        "replica", "enable", "r", "--peer", "site-c", "--mode", "async", "--rpo", "60s",
+    ]);
+    target_in_sync(&sites, "site-a", "r", "site-c");
+    for site in ["site-b", "site-c"] {
+        wait_for_mark_idle(&sites, site, "r");
+    }
+    // site-c lags behind a writer over 16 MiB when site-a dies.
+    let region = 16 * MIB;
+    sites._proxies[2].set_rate(MIB);
+    let history = sites.dir.path().join("r.history");
+    let mut writer =
+        ember_it::repl::stamped_writer(&uri, &history, region / BLOCK, 1_000_000, false);
+    std::thread::sleep(Duration::from_millis(3000));
+    sites.a.kill9();
+    let _ = writer.wait();
+
+    // site-c unreachable: the promotion's re-homing record waits on disk.
+    sites._proxies[2].cut();
+    let p = sites.b.ctl_json(&["replica", "promote", "r", "--force"]);
+    assert_eq!(p["forced"], true, "{p}");
+    let record = sites.dir.path().join("site-b/replicas/rehome/r.json");
+    assert!(record.exists(), "no re-homing record after the promotion");
+    std::thread::sleep(Duration::from_millis(1500));
+    // Killed before it reached site-c: the record survives.
+    sites.b.kill9();
+    assert!(
+        record.exists(),
+        "the re-homing record did not survive kill -9"
+    );
+    sites.b.restart();
+    // site-c reachable but slow: killed again while the resend runs (or
+    // just after the re-homing was decided).
+    sites._proxies[2].restore();
+    sites._proxies[2].set_rate(MIB / 2);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !sites.b.log().contains("since common mark") {
+        assert!(
+            Instant::now() < deadline,
+            "site-b never re-homed site-c after its restart:\n{}",
+            tail(&sites.b.log())
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    sites.b.kill9();
+    sites.b.restart();
+    sites._proxies[2].set_rate(0);
+
+    let s = target_in_sync(&sites, "site-b", "r", "site-c");
+    let c = targets(&s)
+        .into_iter()
+        .find(|t| t["peer"] == "site-c")
+        .expect("site-c");
+    let sent = c["resync_bytes_sent"].as_u64().expect("bytes sent");
+    assert!(
+        sent <= region,
+        "site-c was resent {sent} bytes for changes within {region} after site-b's restarts: {s}"
+    );
+    let log = sites.b.log();
+    assert!(
+        !log.contains("full blake3 comparison"),
+        "the re-homing fell back to a full comparison:\n{}",
+        tail(&log)
+    );
+    assert!(
+        !record.exists(),
+        "the re-homing record outlived the re-homing"
+    );
+    assert_same_image(&sites.b.uri("r"), &sites.c.uri("r"), "site-b and site-c");
+}
