@@ -231,3 +231,37 @@ def test_failover_to_any_target_keeps_the_others_then_x_to_y_then_back(own_lab3,
     io(uri(a, both.name), "read -P 0x11 0 1M", "read -P 0x22 1M 1M", "read -P 0x33 2M 1M")
     # Re-homing never copied the volume again (1 GiB): at most what changed.
     assert all(v <= 4 << 20 for v in resent.values()), resent
+
+
+def test_a_forced_failover_returns_once_the_other_target_follows_the_new_primary(own_lab3, ctx):
+    """site-a killed: failover_host(site-b) force-promotes, and site-b
+    re-homes site-c in the background (about a second later); the driver
+    waits for it, so when failover_host returns site-c already follows
+    site-b."""
+    import json
+    import os
+    import signal
+    import time
+    lab = own_lab3
+    drv = make_driver(lab, devices=devices(lab))
+    vol = volume(ctx, vtype=volume_type(ctx, replication_enabled="<is> True"))
+    vol.replication_status = drv.create_volume(vol)["replication_status"]
+    a, c = drv._primary, drv._clients["site-c"]
+    wait_in_sync(a, vol.name)
+    # site-b must have heard of site-c from site-a (announced once a
+    # second): a forced promotion re-homes only the targets it knows of.
+    ring = os.path.join(lab["dir"], "site-b", "replicas", "secondary", "marks",
+                        f"{vol.name}.json")
+    deadline = time.monotonic() + 30
+    while not (os.path.exists(ring) and len(json.load(open(ring))["siblings"]) == 2):
+        assert time.monotonic() < deadline, "site-b never learned of site-c"
+        time.sleep(0.1)
+    os.kill(lab["site-a"]["pid"], signal.SIGKILL)
+
+    active, updates, _ = drv.failover_host(ctx, [vol], "site-b")
+    assert active == "site-b"
+    assert updates[0]["updates"] == {
+        "replication_status": fields.ReplicationStatus.FAILED_OVER}, updates
+    assert status(drv._clients["site-b"], vol.name).recovery_point_unix_ns > 0, "not forced"
+    sc = status(c, vol.name)
+    assert sc.role == "secondary" and sc.peer_site == "site-b", sc
