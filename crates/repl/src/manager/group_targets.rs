@@ -397,7 +397,8 @@ mod tests {
 
     #[test]
     fn a_target_is_at_one_point_by_its_mode() {
-        let rows: Vec<(&str, Mode, Vec<GroupMember>, (bool, i64))> = vec![
+        type Row = (&'static str, Mode, Vec<GroupMember>, (bool, i64));
+        let rows: Vec<Row> = vec![
             ("no members", Mode::Async, vec![], (false, 0)),
             (
                 "async: one group point",
