@@ -220,12 +220,12 @@ fn check_every_acked_write(
     Ok(())
 }
 
-#[test]
-fn a_group_with_two_targets_force_promoted_on_the_sync_one_rehomes_the_other() {
-    if !require_tool("nbdcopy") || !require_tool("qemu-img") || !require_tool("qemu-io") {
-        return;
-    }
-    let mut sites = start_sites();
+/// site-a's group "cg" of two volumes, sync (suspend) to site-b and async
+/// to site-c, both targets at one point, every target holding a common
+/// mark; the refusals met on the way (a degrade sync member, a target not
+/// every member replicates to) checked.
+fn grouped_three_sites() -> Sites {
+    let sites = start_sites();
     for v in VOLUMES {
         sites.a.create_volume(v, "16M");
     }
@@ -314,6 +314,15 @@ fn a_group_with_two_targets_force_promoted_on_the_sync_one_rehomes_the_other() {
         |g| g["role"] == "secondary" && g["consistent"] == true,
     );
     wait_for_marks(&sites);
+    sites
+}
+
+#[test]
+fn a_group_with_two_targets_force_promoted_on_the_sync_one_rehomes_the_other() {
+    if !require_tool("nbdcopy") || !require_tool("qemu-img") || !require_tool("qemu-io") {
+        return;
+    }
+    let mut sites = grouped_three_sites();
 
     let history = sites.dir.path().join("history");
     let mut writer = group_writer(&sites, &history);
@@ -672,4 +681,41 @@ fn a_rehoming_resumes_after_the_new_primary_is_killed_twice_during_it() {
         "the re-homing record outlived the re-homing"
     );
     assert_same_image(&sites.b.uri("r"), &sites.c.uri("r"), "site-b and site-c");
+}
+
+#[test]
+fn a_planned_group_switchover_to_the_async_target_takes_the_sync_one_over_in_the_group() {
+    if !require_tool("nbdcopy") || !require_tool("qemu-img") || !require_tool("qemu-io") {
+        return;
+    }
+    let sites = grouped_three_sites();
+    let p = sites.c.ctl_json(&["group", "promote", "cg"]);
+    assert_eq!(p["forced"], false, "{p}");
+    assert_eq!(p["role"], "primary", "{p}");
+    // site-b was re-homed to site-c with nothing resent, and its links
+    // joined site-c's group: a sync target there, at one point once every
+    // member is in sync; site-a (the old primary) is the other target.
+    let g = wait_json(
+        &sites,
+        "site-c",
+        &["group", "status", "cg"],
+        "site-c's group with site-b in it",
+        |g| {
+            targets(g)
+                .iter()
+                .any(|t| t["peer"] == "site-b" && t["mode"] == "sync" && t["consistent"] == true)
+                && targets(g).iter().any(|t| t["peer"] == "site-a")
+        },
+    );
+    eprintln!("site-c group: {g}");
+    for v in VOLUMES {
+        let s = target_in_sync(&sites, "site-c", v, "site-b");
+        assert_eq!(s["group"], "cg", "{s}");
+        run_ok(
+            "qemu-io",
+            &["-f", "raw", "-c", "write -P 0x7e 1M 64k", &sites.c.uri(v)],
+        );
+        target_in_sync(&sites, "site-c", v, "site-b");
+        assert_same_image(&sites.c.uri(v), &sites.b.uri(v), &format!("{v} on c and b"));
+    }
 }
