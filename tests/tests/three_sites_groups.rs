@@ -343,6 +343,7 @@ fn a_group_with_two_targets_force_promoted_on_the_sync_one_rehomes_the_other() {
         })
         .collect();
     let hist = read_history(&history);
+    eprintln!("{} acknowledged writes across both members", hist.len());
     assert!(hist.len() > 10, "the writer wrote {} blocks", hist.len());
     check_every_acked_write(&images, &hist).unwrap();
 
@@ -366,6 +367,7 @@ fn a_group_with_two_targets_force_promoted_on_the_sync_one_rehomes_the_other() {
             .find(|t| t["peer"] == "site-c")
             .expect("site-c");
         let sent = c["resync_bytes_sent"].as_u64().expect("bytes sent");
+        eprintln!("{v}: site-c re-homed, {sent} bytes resent");
         assert!(
             sent <= 16 << 20,
             "{v}: re-homing resent {sent} bytes of a 16 MiB volume"
@@ -666,6 +668,9 @@ fn a_rehoming_resumes_after_the_new_primary_is_killed_twice_during_it() {
         .find(|t| t["peer"] == "site-c")
         .expect("site-c");
     let sent = c["resync_bytes_sent"].as_u64().expect("bytes sent");
+    eprintln!(
+        "site-c re-homed after two kills of site-b: {sent} bytes resent since the last restart"
+    );
     assert!(
         sent <= region,
         "site-c was resent {sent} bytes for changes within {region} after site-b's restarts: {s}"

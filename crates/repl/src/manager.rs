@@ -614,6 +614,8 @@ impl Replication {
         let cfg = running.link.config();
         if lead {
             self.group_member_gone(volume);
+        } else {
+            self.group_link_gone(&running.link);
         }
         self.install_hook(&running.link.volume, volume, None);
         // Waiters of held writes see their sender dropped and complete.

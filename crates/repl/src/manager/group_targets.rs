@@ -177,6 +177,21 @@ impl Replication {
         }
     }
 
+    /// A further target of a member was disabled: the group's ticker
+    /// forgets that link (its points to that target then wait until every
+    /// member replicates there again).
+    pub(super) fn group_link_gone(&self, link: &Arc<ReplicaLink>) {
+        let Some(name) = link.config().group else {
+            return;
+        };
+        if let Some(g) = self.groups().get(&name) {
+            g.members
+                .lock()
+                .expect("group members lock poisoned")
+                .retain(|l| !Arc::ptr_eq(l, link));
+        }
+    }
+
     /// `group create NAME --peer P` of an existing group replicating
     /// elsewhere: `peer` becomes a further target of the group. Every
     /// member must replicate to it already; their links to it join the
