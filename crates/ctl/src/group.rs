@@ -115,6 +115,24 @@ fn print(out: Out, g: &pb::GroupStatus) {
             })
             .collect(),
     );
+    // Several targets: the lines above are the worst one's; each here.
+    if g.targets.len() > 1 {
+        table(
+            &["TARGET", "MODE", "AT ONE POINT", "LAG", "CONSISTENT AT"],
+            g.targets
+                .iter()
+                .map(|t| {
+                    vec![
+                        t.peer_site.clone(),
+                        t.mode.clone(),
+                        if t.consistent { "yes" } else { "no" }.to_owned(),
+                        format!("{:.2}s", t.lag_seconds),
+                        rfc3339(t.consistent_at_unix_ns).unwrap_or_else(|| "never".into()),
+                    ]
+                })
+                .collect(),
+        );
+    }
 }
 
 /// Adds (or removes) each volume in turn; returns the group's last status.
