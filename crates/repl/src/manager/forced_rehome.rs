@@ -329,12 +329,9 @@ impl Replication {
                 Announced {
                     mark: mark.max(last_mark),
                     sites,
-                    // Only a newer mark changes what the targets hold.
-                    held_by_all: if mark > 0 {
-                        held_by_all && all_ok
-                    } else {
-                        last.held_by_all
-                    },
+                    // Announced without a newer mark: the targets changed,
+                    // and a new one holds nothing yet.
+                    held_by_all: mark > 0 && held_by_all && all_ok,
                 },
             );
         }
