@@ -6,6 +6,8 @@ consistency groups) on the target site.
 A mixin of `EmberDriver`: it uses the driver's agent clients (`_primary`,
 `_clients`, `_targets`, `_active_backend_id`) and configuration.
 """
+import time
+
 import grpc
 from cinder import exception
 from cinder.objects import fields
@@ -16,6 +18,25 @@ from ember_cinder.client import pb
 from ember_cinder.manage import agent_volume_name
 
 LOG = logging.getLogger(__name__)
+
+# How long failover_host waits for the other targets to follow the
+# promoted site (a forced promotion re-homes them in the background, about
+# a second each); past it the failover still succeeds, and says so.
+REHOME_WAIT_SECONDS = 60.0
+REHOME_POLL_SECONDS = 0.5
+
+
+def rehome_pending(expected, states):
+    """The (volume, site) pairs of `expected` not yet following their new
+    primary: `states` maps (volume, site) to that site's replica status (or
+    None when it answered nothing), `expected` maps (volume, site) to the
+    promoted site. A pure function: the waiting loop's only decision."""
+    pending = []
+    for (volume, site), primary in sorted(expected.items()):
+        s = states.get((volume, site))
+        if s is None or s.role != "secondary" or s.peer_site != primary:
+            pending.append((volume, site))
+    return pending
 
 
 class ReplicationMixin:
@@ -119,6 +140,44 @@ class ReplicationMixin:
             return True
         return s.role in ("secondary", "primary")
 
+    def _rehome_expected(self, names, promoted_on):
+        """(volume, other target) → `promoted_on` for every other target
+        that holds a copy of a volume about to be promoted there."""
+        expected = {}
+        for backend_id, client in self._clients.items():
+            if backend_id == promoted_on:
+                continue
+            for name in names:
+                s = self._status(client, name)
+                if s is not None and s.role == "secondary":
+                    expected[(name, backend_id)] = promoted_on
+        return expected
+
+    def _wait_rehomed(self, expected, timeout=None, poll=REHOME_POLL_SECONDS):
+        """Waits (bounded) until every other target in `expected` follows
+        the promoted site, so that failover_host returns with the volumes
+        protected again. A timeout is logged, never raised: the promotion
+        stands and the agents keep re-homing in the background."""
+        timeout = REHOME_WAIT_SECONDS if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        pending = list(expected)
+        while True:
+            states = {(v, site): self._status(self._clients[site], v)
+                      for v, site in pending}
+            pending = rehome_pending({k: expected[k] for k in pending}, states)
+            if not pending:
+                if expected:
+                    LOG.info("Failover: %d other target copies follow the new primary",
+                             len(expected))
+                return True
+            if time.monotonic() >= deadline:
+                LOG.warning("Failover: after %.0f s, %d other target copies do not follow "
+                            "the new primary yet (%s); the agents keep re-homing them",
+                            timeout, len(pending),
+                            ", ".join(f"{v} on {site}" for v, site in pending))
+                return False
+            time.sleep(poll)
+
     def failover_host(self, context, volumes, secondary_id=None, groups=None):
         if secondary_id == "default":
             return self._failback(volumes, groups)
@@ -134,6 +193,10 @@ class ReplicationMixin:
         # Failed over already (X), now to Y: the agents re-home, so Y's
         # copy is promoted the same way and X becomes one of its targets.
         client = self._clients[secondary_id]
+        # The other targets holding these volumes now: once promoted on
+        # secondary_id, each must follow it (waited for below).
+        expected = self._rehome_expected(
+            [agent_volume_name(v) for v in volumes], secondary_id)
         # Groups first, so their members land on one point; a member's own
         # promotion below then finds it primary already.
         group_updates = self._promote_groups(client, groups, secondary_id,
@@ -161,6 +224,11 @@ class ReplicationMixin:
                             r.recovery_point_unix_ns)
             volume_updates.append({"volume_id": v.id, "updates": {
                 "replication_status": fields.ReplicationStatus.FAILED_OVER}})
+        # One update per volume, in order.
+        promoted = {agent_volume_name(v) for v, u in zip(volumes, volume_updates)
+                    if u["updates"].get("replication_status")
+                    == fields.ReplicationStatus.FAILED_OVER}
+        self._wait_rehomed({k: p for k, p in expected.items() if k[0] in promoted})
         self._active_backend_id = secondary_id
         return secondary_id, volume_updates, group_updates
 

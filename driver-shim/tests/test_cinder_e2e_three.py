@@ -93,6 +93,9 @@ def test_two_zones_failover_to_the_metro_site_keeps_the_far_one_then_back(lab3_e
     assert show(cinder, "e3-both")["replication_status"] == "failed-over"
     assert show(cinder, "e3-far")["status"] == "error", "a volume without a replica on site-b"
     assert replica_state(lab, "site-b", name)["role"] == "primary"
+    # failover_host returned only once site-c followed site-b.
+    c_state = replica_state(lab, "site-c", name)
+    assert c_state.get("role") == "secondary" and c_state.get("peer") == "site-b", c_state
     # site-c now replicates from site-b (re-homed, not copied again).
     assert "site-c" in targets(lab, "site-b", name), replica_state(lab, "site-b", name)
     assert holds(uri["site-b"], "0x5a", "0"), "the promoted site lacks the data"

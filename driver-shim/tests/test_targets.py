@@ -11,7 +11,7 @@ from cinder import exception
 from cinder.objects import fields
 
 from conftest import make_driver, volume, volume_type
-from ember_cinder import replication
+from ember_cinder import failover, replication
 from ember_cinder._proto import control_pb2 as pb
 
 
@@ -57,6 +57,24 @@ def test_a_zone_no_target_serves_is_refused_naming_it(spec, complaint):
     assert complaint in str(e.value)
     if complaint != "names no availability zone":
         assert "far, metro" in str(e.value)  # what the backend does serve
+
+
+class _S:
+    def __init__(self, role, peer_site):
+        self.role, self.peer_site = role, peer_site
+
+
+@pytest.mark.parametrize("states, pending", [
+    ({}, [("v", "c"), ("w", "c")]),                              # nobody answered
+    ({("v", "c"): _S("secondary", "a"), ("w", "c"): _S("secondary", "b")},
+     [("v", "c")]),                                             # v still follows a
+    ({("v", "c"): _S("secondary", "b"), ("w", "c"): _S("secondary", "b")}, []),
+    ({("v", "c"): _S("primary", "b"), ("w", "c"): None},
+     [("v", "c"), ("w", "c")]),                                 # not a follower
+])
+def test_failover_waits_until_every_other_target_follows_the_new_primary(states, pending):
+    expected = {("v", "c"): "b", ("w", "c"): "b"}
+    assert failover.rehome_pending(expected, states) == pending
 
 
 def test_zones_are_parsed_and_reported_once_each():
@@ -186,8 +204,11 @@ def test_failover_to_any_target_keeps_the_others_then_x_to_y_then_back(own_lab3,
     both.replication_status = fields.ReplicationStatus.FAILED_OVER
     s = status(b, both.name)
     assert s.role == "primary"
-    # site-c now follows site-b (and site-a too, as the old primary).
+    # site-c now follows site-b (and site-a too, as the old primary), by
+    # the time failover_host returned: it waits for the re-homing.
     assert "site-c" in {t.peer_site for t in s.targets}, s
+    sc = status(c, both.name)
+    assert sc.role == "secondary" and sc.peer_site == "site-b", sc
     io(uri(b, both.name), "read -P 0x11 0 1M", "write -P 0x22 1M 1M")
     s = wait_in_sync(b, both.name)
     resent = {t.peer_site: t.resync_bytes_sent for t in s.targets}
@@ -210,3 +231,37 @@ def test_failover_to_any_target_keeps_the_others_then_x_to_y_then_back(own_lab3,
     io(uri(a, both.name), "read -P 0x11 0 1M", "read -P 0x22 1M 1M", "read -P 0x33 2M 1M")
     # Re-homing never copied the volume again (1 GiB): at most what changed.
     assert all(v <= 4 << 20 for v in resent.values()), resent
+
+
+def test_a_forced_failover_returns_once_the_other_target_follows_the_new_primary(own_lab3, ctx):
+    """site-a killed: failover_host(site-b) force-promotes, and site-b
+    re-homes site-c in the background (about a second later); the driver
+    waits for it, so when failover_host returns site-c already follows
+    site-b."""
+    import json
+    import os
+    import signal
+    import time
+    lab = own_lab3
+    drv = make_driver(lab, devices=devices(lab))
+    vol = volume(ctx, vtype=volume_type(ctx, replication_enabled="<is> True"))
+    vol.replication_status = drv.create_volume(vol)["replication_status"]
+    a, c = drv._primary, drv._clients["site-c"]
+    wait_in_sync(a, vol.name)
+    # site-b must have heard of site-c from site-a (announced once a
+    # second): a forced promotion re-homes only the targets it knows of.
+    ring = os.path.join(lab["dir"], "site-b", "replicas", "secondary", "marks",
+                        f"{vol.name}.json")
+    deadline = time.monotonic() + 30
+    while not (os.path.exists(ring) and len(json.load(open(ring))["siblings"]) == 2):
+        assert time.monotonic() < deadline, "site-b never learned of site-c"
+        time.sleep(0.1)
+    os.kill(lab["site-a"]["pid"], signal.SIGKILL)
+
+    active, updates, _ = drv.failover_host(ctx, [vol], "site-b")
+    assert active == "site-b"
+    assert updates[0]["updates"] == {
+        "replication_status": fields.ReplicationStatus.FAILED_OVER}, updates
+    assert status(drv._clients["site-b"], vol.name).recovery_point_unix_ns > 0, "not forced"
+    sc = status(c, vol.name)
+    assert sc.role == "secondary" and sc.peer_site == "site-b", sc

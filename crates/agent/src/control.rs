@@ -95,25 +95,40 @@ fn member_change(
     }))
 }
 
+fn group_members_pb(members: Vec<ember_repl::GroupMember>) -> Vec<pb::GroupMemberStatus> {
+    members
+        .into_iter()
+        .map(|m| pb::GroupMemberStatus {
+            volume: m.volume,
+            state: m.state.into(),
+            lag_seconds: m.lag_seconds,
+            lag_bytes: m.lag_bytes,
+            consistent_at_unix_ns: m.consistent_at_unix_ns,
+        })
+        .collect()
+}
+
 pub(crate) fn group_pb(s: ember_repl::GroupStatus) -> pb::GroupStatus {
     pb::GroupStatus {
         name: s.name,
         role: s.role.into(),
         peer_site: s.peer,
-        members: s
-            .members
-            .into_iter()
-            .map(|m| pb::GroupMemberStatus {
-                volume: m.volume,
-                state: m.state.into(),
-                lag_seconds: m.lag_seconds,
-                lag_bytes: m.lag_bytes,
-                consistent_at_unix_ns: m.consistent_at_unix_ns,
-            })
-            .collect(),
+        members: group_members_pb(s.members),
         consistent_at_unix_ns: s.consistent_at_unix_ns,
         lag_seconds: s.lag_seconds,
         consistent: s.consistent,
+        targets: s
+            .targets
+            .into_iter()
+            .map(|t| pb::GroupTargetStatus {
+                peer_site: t.peer,
+                mode: t.mode.into(),
+                members: group_members_pb(t.members),
+                consistent_at_unix_ns: t.consistent_at_unix_ns,
+                lag_seconds: t.lag_seconds,
+                consistent: t.consistent,
+            })
+            .collect(),
     }
 }
 

@@ -13,7 +13,9 @@ use crate::replica::rfc3339;
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum GroupCmd {
-    /// Create a group on this (primary) site replicating to a paired site.
+    /// Create a group on this (primary) site replicating to a paired site;
+    /// for an existing group, add another target (every member must
+    /// replicate to it already).
     Create {
         name: String,
         /// Paired site holding the members' secondaries.
@@ -48,6 +50,22 @@ pub(crate) enum GroupCmd {
     Drill(crate::drill::GroupDrillCmd),
 }
 
+fn members_json(members: &[pb::GroupMemberStatus]) -> Vec<Value> {
+    members
+        .iter()
+        .map(|m| {
+            json!({
+                "volume": m.volume, "state": m.state, "lag_seconds": m.lag_seconds,
+                "lag_bytes": m.lag_bytes,
+                "consistent_at": rfc3339(m.consistent_at_unix_ns),
+                "consistent_at_unix_ns": m.consistent_at_unix_ns,
+            })
+        })
+        .collect()
+}
+
+/// A group's JSON: the top-level fields are the worst target's, `targets`
+/// lists each (like `replica status`).
 pub(crate) fn group_json(g: &pb::GroupStatus) -> Value {
     json!({
         "name": g.name, "role": g.role, "peer": g.peer_site,
@@ -55,11 +73,13 @@ pub(crate) fn group_json(g: &pb::GroupStatus) -> Value {
         "consistent_at": rfc3339(g.consistent_at_unix_ns),
         "consistent_at_unix_ns": g.consistent_at_unix_ns,
         "lag_seconds": g.lag_seconds,
-        "members": g.members.iter().map(|m| json!({
-            "volume": m.volume, "state": m.state, "lag_seconds": m.lag_seconds,
-            "lag_bytes": m.lag_bytes,
-            "consistent_at": rfc3339(m.consistent_at_unix_ns),
-            "consistent_at_unix_ns": m.consistent_at_unix_ns,
+        "members": members_json(&g.members),
+        "targets": g.targets.iter().map(|t| json!({
+            "peer": t.peer_site, "mode": t.mode, "consistent": t.consistent,
+            "consistent_at": rfc3339(t.consistent_at_unix_ns),
+            "consistent_at_unix_ns": t.consistent_at_unix_ns,
+            "lag_seconds": t.lag_seconds,
+            "members": members_json(&t.members),
         })).collect::<Vec<_>>(),
     })
 }
@@ -95,6 +115,24 @@ fn print(out: Out, g: &pb::GroupStatus) {
             })
             .collect(),
     );
+    // Several targets: the lines above are the worst one's; each here.
+    if g.targets.len() > 1 {
+        table(
+            &["TARGET", "MODE", "AT ONE POINT", "LAG", "CONSISTENT AT"],
+            g.targets
+                .iter()
+                .map(|t| {
+                    vec![
+                        t.peer_site.clone(),
+                        t.mode.clone(),
+                        if t.consistent { "yes" } else { "no" }.to_owned(),
+                        format!("{:.2}s", t.lag_seconds),
+                        rfc3339(t.consistent_at_unix_ns).unwrap_or_else(|| "never".into()),
+                    ]
+                })
+                .collect(),
+        );
+    }
 }
 
 /// Adds (or removes) each volume in turn; returns the group's last status.

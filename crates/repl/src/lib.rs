@@ -43,8 +43,8 @@ pub use faults::Faults;
 pub use listener::serve_peers;
 pub use manager::{
     DEFAULT_JOURNAL_BYTES, DrillRequest, EnableRequest, GroupMember, GroupPromoteReport,
-    GroupStatus, MAX_RPO_SECONDS, Mismatch, PromoteReport, ReplicaStatus, Replication,
-    SYNC_RTT_MAX_US, TargetCapability, TargetStatus, VerifyReport, worst_report,
+    GroupStatus, GroupTargetStatus, MAX_RPO_SECONDS, Mismatch, PromoteReport, ReplicaStatus,
+    Replication, SYNC_RTT_MAX_US, TargetCapability, TargetStatus, VerifyReport, worst_report,
 };
 pub use manager::{PointSettings, PointTarget};
 pub use primary::link::{Mode, PeerLossPolicy};

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 mod drills;
 mod forced_rehome;
+mod group_targets;
 mod groups;
 mod per_target;
 mod points;
@@ -22,6 +23,7 @@ mod roles;
 mod targets;
 
 pub use drills::DrillRequest;
+pub use group_targets::GroupTargetStatus;
 pub use groups::{GroupMember, GroupPromoteReport, GroupStatus};
 pub use per_target::worst_report;
 pub use points::{PointSettings, PointTarget};
@@ -400,9 +402,7 @@ impl Replication {
         // The hook first: the session finds every write from now on in
         // its journal (or, before it, in the change set).
         self.install_hook(&volume, &name, Some(&link));
-        if lead {
-            self.group_link_started(&link);
-        }
+        self.group_link_started(&link);
         let stop = CancellationToken::new();
         tokio::spawn(rpo::watch(
             Arc::downgrade(&link),
@@ -505,7 +505,13 @@ impl Replication {
                 return self.enable_another(req, &cfg);
             }
             if cfg.group.is_some() {
-                groups::check_member_rules(&req.volume, req.mode, req.rpo_policy)?;
+                groups::check_member_rules(
+                    &req.volume,
+                    &req.peer,
+                    req.mode,
+                    req.rpo_policy,
+                    req.on_peer_loss,
+                )?;
             }
             cfg.mode = req.mode;
             cfg.rpo_seconds = req.rpo_seconds;
@@ -608,6 +614,8 @@ impl Replication {
         let cfg = running.link.config();
         if lead {
             self.group_member_gone(volume);
+        } else {
+            self.group_link_gone(&running.link);
         }
         self.install_hook(&running.link.volume, volume, None);
         // Waiters of held writes see their sender dropped and complete.

@@ -93,6 +93,40 @@ fn record_fate(
     }
 }
 
+/// The last announcement of a volume's common mark.
+#[derive(Debug, Clone, Default)]
+struct Announced {
+    /// The newest mark announced (unix ns; 0: none yet).
+    mark: i64,
+    /// The targets it was announced to (empty: some missed it).
+    sites: Vec<String>,
+    /// Every target answered that it holds `mark`.
+    held_by_all: bool,
+}
+
+/// Whether an idle volume's targets are asked for an empty commit this
+/// tick: only while idle (writes move the points anyway) and while some
+/// target holds no mark yet (nothing changes otherwise).
+fn should_nudge(idle: bool, held_by_all: bool) -> bool {
+    idle && !held_by_all
+}
+
+/// Asks `link`'s session for a commit with nothing in it, so the target's
+/// consistent point moves to now. Only async links: a sync link's
+/// barriers already move it every second, and a group member's points do
+/// (`primary::group`).
+fn nudge(link: &crate::primary::link::ReplicaLink) {
+    let cfg = link.config();
+    if cfg.mode != Mode::Async || cfg.group.is_some() {
+        return;
+    }
+    // A flush in a staged batch is a no-op on the target, but it opens a
+    // batch: the session commits it on its next tick.
+    link.journal()
+        .record(crate::primary::journal::Op::Flush, false, false);
+    link.wake.notify_one();
+}
+
 /// A mark a site held at promotion, with its blocks after it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct OwnMark {
@@ -184,7 +218,7 @@ impl Replication {
         let me: Weak<Self> = Arc::downgrade(self);
         // Detached: it ends by itself once the replication is dropped.
         tokio::spawn(async move {
-            let mut announced: HashMap<String, (i64, Vec<String>)> = HashMap::new();
+            let mut announced: HashMap<String, Announced> = HashMap::new();
             loop {
                 tokio::time::sleep(TICK).await;
                 let Some(this) = me.upgrade() else { return };
@@ -208,7 +242,17 @@ impl Replication {
     /// target mid-sync holds the mark back, but the others must still
     /// learn of it, to re-home it after a forced promotion: mark 0 then).
     /// `announced`: the last announcement per volume.
-    async fn announce_marks(&self, announced: &mut HashMap<String, (i64, Vec<String>)>) {
+    ///
+    /// An idle volume's consistent points do not move, and a target holds
+    /// a mark only once its consistent point moved past the one it had
+    /// when it first heard of marks (`secondary/marks.rs`): so while some
+    /// target does not hold the newest mark and every target is caught up
+    /// and idle, each async target is asked for an empty commit
+    /// ([`nudge`]), at most once per tick, and never again once every
+    /// target holds a mark and nothing was written since. A forced
+    /// promotion of a volume never written since its targets were added
+    /// then re-homes by that mark: nothing compared, nothing resent.
+    async fn announce_marks(&self, announced: &mut HashMap<String, Announced>) {
         for lead in self.lead_links() {
             let cfg = lead.config();
             let mut links = vec![lead.clone()];
@@ -223,18 +267,26 @@ impl Replication {
                 .min()
                 .unwrap_or(0);
             let sites: Vec<String> = links.iter().map(|l| l.config().peer).collect();
-            let (last_mark, last_sites) = announced.get(&cfg.volume).cloned().unwrap_or_default();
+            let last = announced.get(&cfg.volume).cloned().unwrap_or_default();
+            let (last_mark, last_sites) = (last.mark, last.sites.clone());
             let mark = if streaming && newest > last_mark {
                 newest
             } else {
                 0
             };
             if mark == 0 && sites == last_sites {
+                let idle = streaming && links.iter().all(|l| l.lag() == (0.0, 0));
+                if should_nudge(idle, last.held_by_all) {
+                    for l in &links {
+                        nudge(l);
+                    }
+                }
                 continue;
             }
             let targets: Vec<pb::RehomeTarget> =
                 links.iter().map(|l| rehome_target(&l.config())).collect();
             let mut all_ok = true;
+            let mut held_by_all = mark > 0;
             for l in &links {
                 let peer = l.config().peer;
                 let req = pb::AnnounceMarkRequest {
@@ -257,6 +309,7 @@ impl Replication {
                 };
                 match tokio::time::timeout(ANNOUNCE_TIMEOUT, call).await {
                     Ok(Ok(held)) => {
+                        held_by_all &= held;
                         tracing::debug!(volume = %cfg.volume, peer, mark, held, "common mark announced");
                     }
                     Ok(Err(e)) => {
@@ -271,7 +324,16 @@ impl Replication {
             }
             // A target that missed the list hears it again next tick.
             let sites = if all_ok { sites } else { Vec::new() };
-            announced.insert(cfg.volume.clone(), (mark.max(last_mark), sites));
+            announced.insert(
+                cfg.volume.clone(),
+                Announced {
+                    mark: mark.max(last_mark),
+                    sites,
+                    // Announced without a newer mark: the targets changed,
+                    // and a new one holds nothing yet.
+                    held_by_all: mark > 0 && held_by_all && all_ok,
+                },
+            );
         }
     }
 
@@ -608,8 +670,13 @@ impl Replication {
             PeerLossPolicy::parse(&s.on_peer_loss).unwrap_or_default(),
         )
         .promoted(p.generation);
+        // A member of a group promoted here keeps replicating to this
+        // target in its group (the group's points resume once every
+        // member's link to it runs: `primary::group`).
+        let group = self.link(&p.volume).and_then(|l| l.config().group);
         let config = ReplicaConfig {
             synced: !full,
+            group,
             ..config
         };
         let path = self.extra_config_path(&p.volume, &s.site);
@@ -625,6 +692,20 @@ impl Replication {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_idle_volume_is_nudged_only_until_every_target_holds_a_mark() {
+        // (idle, every target holds the newest mark) → nudge
+        let rows = [
+            ((true, false), true),
+            ((true, true), false),
+            ((false, false), false),
+            ((false, true), false),
+        ];
+        for ((idle, held), want) in rows {
+            assert_eq!(should_nudge(idle, held), want, "idle {idle}, held {held}");
+        }
+    }
+
     #[test]
     fn a_record_is_dropped_only_when_another_promotion_owns_the_volume_or_it_went_away() {
         use super::{RecordFate::*, record_fate};

@@ -8,10 +8,15 @@
 //! secondary. The secondary site knows a group from its members' records
 //! and the group's committed point (`secondary::group`).
 //!
-//! Groups replicate asynchronously. A sync volume already holds every
-//! acknowledged write on both sides, and the `escalate` policy would turn a
-//! member synchronous while the others stay asynchronous, so both are
-//! refused for members.
+//! A group may have several targets (issue 14; `group_targets.rs`): every
+//! member replicates to each of them, and each target's site commits the
+//! group's points on its own. An async target takes group points; the
+//! `escalate` policy would turn one member synchronous apart from the
+//! others, so it is refused. A sync target takes none: its members hold
+//! every acknowledged write — as long as no member acknowledges a write
+//! without it, so a sync target of a group must hold writes while it is
+//! away (`--on-peer-loss suspend`); with `degrade`, members cut off at
+//! different moments would leave its copies at different points.
 
 use std::sync::Arc;
 
@@ -19,10 +24,11 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::Replication;
+use super::group_targets::GroupTargetStatus;
 use crate::audit::Entry;
 use crate::error::{ReplError, Result};
 use crate::primary::group::{self, Members};
-use crate::primary::link::{Mode, ReplicaLink, now_unix_ns};
+use crate::primary::link::{Mode, PeerLossPolicy, ReplicaLink, now_unix_ns};
 use crate::primary::rpo::RpoPolicy;
 use crate::version::ProtocolVersion;
 
@@ -30,8 +36,11 @@ use crate::version::ProtocolVersion;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct GroupConfig {
     pub(crate) name: String,
-    /// The site holding the members' secondaries.
+    /// The site holding the members' secondaries (the first target).
     pub(crate) peer: String,
+    /// Further targets (issue 14): every member replicates to each.
+    #[serde(default)]
+    pub(crate) also: Vec<String>,
     /// Member volumes, sorted.
     pub(crate) members: Vec<String>,
     pub(crate) created_at_unix: i64,
@@ -80,6 +89,9 @@ pub struct GroupStatus {
     /// Every member's image is at the group's point (a group promotion
     /// would land all of them there).
     pub consistent: bool,
+    /// Primary: every target, the first one first (the fields above are
+    /// the worst target's). Empty on a secondary.
+    pub targets: Vec<GroupTargetStatus>,
 }
 
 /// What a group promotion did.
@@ -102,19 +114,26 @@ fn check_name(name: &str) -> Result<()> {
 }
 
 impl Replication {
-    fn group_path(&self, name: &str) -> std::path::PathBuf {
+    pub(super) fn group_path(&self, name: &str) -> std::path::PathBuf {
         self.groups_dir.join(format!("{name}.json"))
     }
 
-    fn groups(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, RunningGroup>> {
+    pub(super) fn groups(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, RunningGroup>> {
         self.groups.lock().expect("groups lock poisoned")
     }
 
     /// Starts the ticker of a persisted group (agent start, create,
     /// promotion) with the member links running here.
     pub(crate) fn start_group(&self, config: GroupConfig) {
-        let links: Vec<Arc<ReplicaLink>> =
-            config.members.iter().filter_map(|m| self.link(m)).collect();
+        // Every target's link of every member that is in the group.
+        let links: Vec<Arc<ReplicaLink>> = config
+            .members
+            .iter()
+            .flat_map(|m| self.member_links(m))
+            .filter(|l| l.config().group.as_deref() == Some(config.name.as_str()))
+            .collect();
         let members: Members = Arc::new(std::sync::Mutex::new(links));
         let stop = CancellationToken::new();
         tokio::spawn(group::run(
@@ -148,6 +167,7 @@ impl Replication {
         let config = GroupConfig {
             name: name.to_owned(),
             peer: peer.to_owned(),
+            also: Vec::new(),
             members,
             created_at_unix: now_unix_ns() / 1_000_000_000,
         };
@@ -157,15 +177,22 @@ impl Replication {
         Ok(())
     }
 
-    /// A member link (re)started: the ticker uses the new link.
+    /// A member's link to one target (re)started: the ticker uses the new
+    /// link for that target.
     pub(crate) fn group_link_started(&self, link: &Arc<ReplicaLink>) {
         let cfg = link.config();
         let Some(name) = cfg.group else { return };
         if let Some(g) = self.groups().get(&name) {
             let mut members = g.members.lock().expect("group members lock poisoned");
-            members.retain(|l| l.config().volume != cfg.volume);
+            members.retain(|l| {
+                let c = l.config();
+                c.volume != cfg.volume || c.peer != cfg.peer
+            });
             members.push(link.clone());
-            members.sort_by_key(|l| l.config().volume);
+            members.sort_by_key(|l| {
+                let c = l.config();
+                (c.volume, c.peer)
+            });
         }
     }
 
@@ -214,14 +241,10 @@ impl Replication {
                 "peer {peer} was paired at protocol version {version}; re-pair it for consistency groups"
             )));
         }
-        let existing = self.groups().get(name).map(|g| g.config.peer.clone());
-        if let Some(theirs) = existing {
-            if theirs != peer {
-                return Err(ReplError::FailedPrecondition(format!(
-                    "group {name} already replicates to {theirs}"
-                )));
-            }
-            return Ok((self.group_status(name)?, false));
+        let existing = self.groups().get(name).map(|g| g.config.clone());
+        if let Some(config) = existing {
+            // Another peer: a further target of the group (issue 14).
+            return self.add_group_target(&config, peer);
         }
         if !self.secondaries.group_members(name).0.is_empty() {
             return Err(ReplError::FailedPrecondition(format!(
@@ -281,17 +304,20 @@ impl Replication {
                 "volume {volume} is in group {other}; remove it from there first"
             )));
         }
-        if cfg.peer != peer {
-            return Err(ReplError::FailedPrecondition(format!(
-                "volume {volume} replicates to {}, group {name} to {peer}",
-                cfg.peer
-            )));
+        let targets = self
+            .groups()
+            .get(name)
+            .map(|g| g.config.targets())
+            .unwrap_or_default();
+        let links = self.member_links_to(name, volume, &targets)?;
+        for l in &links {
+            l.update(|c| c.group = Some(name.to_owned()))
+                .map_err(|e| ReplError::Internal(format!("persist replica config: {e}")))?;
         }
-        check_member_rules(volume, cfg.mode, cfg.rpo_policy)?;
-        link.update(|c| c.group = Some(name.to_owned()))
-            .map_err(|e| ReplError::Internal(format!("persist replica config: {e}")))?;
         self.set_group_members(name, |m| m.push(volume.to_owned()))?;
-        self.restart(volume);
+        for l in &links {
+            self.restart_target(volume, &l.config().peer);
+        }
         self.audit.record(&Entry {
             action: "group-add",
             volume,
@@ -318,8 +344,16 @@ impl Replication {
         else {
             return Ok((self.group_status(name)?, false));
         };
-        link.update(|c| c.group = None)
-            .map_err(|e| ReplError::Internal(format!("persist replica config: {e}")))?;
+        drop(link);
+        let links: Vec<Arc<ReplicaLink>> = self
+            .member_links(volume)
+            .into_iter()
+            .filter(|l| l.config().group.as_deref() == Some(name))
+            .collect();
+        for l in &links {
+            l.update(|c| c.group = None)
+                .map_err(|e| ReplError::Internal(format!("persist replica config: {e}")))?;
+        }
         self.set_group_members(name, |m| m.retain(|v| v != volume))?;
         self.groups()
             .get(name)
@@ -328,11 +362,17 @@ impl Replication {
             .lock()
             .expect("group members lock poisoned")
             .retain(|l| l.config().volume != volume);
-        self.restart(volume);
+        for l in &links {
+            self.restart_target(volume, &l.config().peer);
+        }
         Ok((self.group_status(name)?, true))
     }
 
-    fn set_group_members(&self, name: &str, f: impl FnOnce(&mut Vec<String>)) -> Result<()> {
+    pub(super) fn set_group_members(
+        &self,
+        name: &str,
+        f: impl FnOnce(&mut Vec<String>),
+    ) -> Result<()> {
         let mut groups = self.groups();
         let g = groups
             .get_mut(name)
@@ -353,36 +393,7 @@ impl Replication {
     /// [`ReplError::NotFound`] when neither role holds it.
     pub fn group_status(&self, name: &str) -> Result<GroupStatus> {
         if let Some(config) = self.groups().get(name).map(|g| g.config.clone()) {
-            let mut members = Vec::new();
-            for volume in &config.members {
-                let Some(link) = self.link(volume) else {
-                    continue;
-                };
-                let (lag_seconds, lag_bytes) = link.lag();
-                members.push(GroupMember {
-                    volume: volume.clone(),
-                    state: link.state(),
-                    lag_seconds,
-                    lag_bytes,
-                    consistent_at_unix_ns: link.config().last_consistent_at_unix_ns,
-                });
-            }
-            let point = members
-                .first()
-                .map(|m| m.consistent_at_unix_ns)
-                .unwrap_or(0);
-            let consistent = members
-                .iter()
-                .all(|m| m.consistent_at_unix_ns == point && point > 0);
-            return Ok(GroupStatus {
-                name: config.name,
-                role: "primary",
-                peer: config.peer,
-                consistent_at_unix_ns: if consistent { point } else { 0 },
-                lag_seconds: members.iter().map(|m| m.lag_seconds).fold(0.0, f64::max),
-                consistent,
-                members,
-            });
+            return Ok(self.primary_group_status(&config));
         }
         let (records, committed) = self.secondaries.group_members(name);
         if records.is_empty() {
@@ -390,10 +401,7 @@ impl Replication {
                 "no group named {name} on this site"
             )));
         }
-        let consistent = committed > 0
-            && records
-                .iter()
-                .all(|r| r.consistent && r.consistent_at_unix_ns == committed);
+        let (consistent, committed) = secondary_group_point(&records, committed);
         Ok(GroupStatus {
             name: name.to_owned(),
             role: "secondary",
@@ -415,6 +423,7 @@ impl Replication {
             consistent_at_unix_ns: committed,
             lag_seconds: 0.0,
             consistent,
+            targets: Vec::new(),
         })
     }
 
@@ -472,7 +481,11 @@ impl Replication {
         }
         let peer = records[0].primary_site.clone();
         let mut recovery_point = 0;
-        if force {
+        if force && at.is_none() && records.iter().all(|r| r.mode == Mode::Sync.as_str()) {
+            // A sync target takes no group points: every member holds every
+            // write acknowledged to it, so each one as it is.
+            recovery_point = self.check_sync_group(name, &records).await?;
+        } else if force {
             let barrier = self.secondaries.group_barrier(name);
             let mut committed = barrier.freeze();
             for r in &records {
@@ -578,19 +591,54 @@ impl Replication {
     }
 }
 
-/// Group members replicate asynchronously, with a policy that keeps them so.
-pub(crate) fn check_member_rules(volume: &str, mode: Mode, policy: RpoPolicy) -> Result<()> {
-    if mode != Mode::Async {
+/// A member's link to one target obeys the group's rules: an async link
+/// keeps a policy that leaves it async; a sync link holds writes while its
+/// target is away (see the module doc).
+pub(crate) fn check_member_rules(
+    volume: &str,
+    peer: &str,
+    mode: Mode,
+    policy: RpoPolicy,
+    on_peer_loss: PeerLossPolicy,
+) -> Result<()> {
+    if mode == Mode::Sync && on_peer_loss != PeerLossPolicy::Suspend {
         return Err(ReplError::FailedPrecondition(format!(
-            "volume {volume} replicates synchronously; consistency groups replicate asynchronously \
-             (a sync volume already holds every acknowledged write on both sides)"
+            "volume {volume} replicates synchronously to {peer} with --on-peer-loss degrade; a sync \
+             target of a consistency group needs --on-peer-loss suspend (with degrade, members cut \
+             off at different moments would leave {peer}'s copies at different points): \
+             replica enable {volume} --peer {peer} --mode sync --on-peer-loss suspend, or use async"
         )));
     }
-    if policy == RpoPolicy::Escalate {
+    if mode == Mode::Async && policy == RpoPolicy::Escalate {
         return Err(ReplError::FailedPrecondition(format!(
             "volume {volume} has the escalate RPO policy, which would make it synchronous apart \
              from the rest of the group; use alert or throttle"
         )));
     }
     Ok(())
+}
+
+/// Whether a secondary group's members are at one point, and which:
+/// members following an async primary link hold the group's committed
+/// point; members of a sync link are each at their newest image, which is
+/// one point of the group's history (the oldest of them is reported).
+pub(super) fn secondary_group_point(
+    records: &[crate::secondary::SecondaryRecord],
+    committed: i64,
+) -> (bool, i64) {
+    let sync = !records.is_empty() && records.iter().all(|r| r.mode == Mode::Sync.as_str());
+    if sync {
+        let consistent = records.iter().all(|r| r.consistent);
+        let point = records
+            .iter()
+            .map(|r| r.consistent_at_unix_ns)
+            .min()
+            .unwrap_or(0);
+        return (consistent && point > 0, if consistent { point } else { 0 });
+    }
+    let consistent = committed > 0
+        && records
+            .iter()
+            .all(|r| r.consistent && r.consistent_at_unix_ns == committed);
+    (consistent, committed)
 }

@@ -244,8 +244,13 @@ impl Replication {
             PeerLossPolicy::parse(&o.on_peer_loss).unwrap_or_default(),
         )
         .promoted(generation);
+        // A member of a group switched over here keeps replicating to this
+        // target in its group (`primary::group` resumes its points there
+        // once every member's link runs).
+        let group = self.link(volume).and_then(|l| l.config().group);
         let config = ReplicaConfig {
             synced: !full,
+            group,
             ..config
         };
         let path = self.extra_config_path(volume, &o.site);

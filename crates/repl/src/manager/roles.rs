@@ -284,9 +284,10 @@ impl Replication {
         volume: &str,
         record: impl FnOnce(Vec<(u64, u64)>) -> SecondaryRecord,
     ) -> Result<u64> {
-        // Re-homing the other targets to the new primary is not built yet:
-        // refusing keeps them replicating from this site meanwhile.
-        self.check_single_target(volume, "demote")?;
+        // Only the planned handover (which released the other targets
+        // first, for the new primary to re-home) demotes a volume of
+        // several targets; refusing keeps them replicating from here.
+        self.check_demotable(volume)?;
         let running = self
             .running
             .lock()

@@ -124,17 +124,31 @@ impl Replication {
         }
     }
 
-    /// A volume with several targets refuses `what` (not yet done for
-    /// several: it would leave the other targets behind).
-    pub(crate) fn check_single_target(&self, volume: &str, what: &str) -> Result<()> {
+    /// A demotion outside the planned handover (`replica demote
+    /// --discard-local`) of a volume with several targets is refused: this
+    /// site would follow its first target while the others still follow
+    /// this site, and nobody would re-home them. The planned handover —
+    /// `replica demote VOL` without `--discard-local`, or `replica promote`
+    /// on the target that takes over — re-homes them.
+    ///
+    /// # Errors
+    /// [`ReplError::FailedPrecondition`] naming every target and the ways out.
+    pub(crate) fn check_demotable(&self, volume: &str) -> Result<()> {
         let extra = self.extra_links(volume);
         if extra.is_empty() {
             return Ok(());
         }
+        let first = self
+            .link(volume)
+            .map(|l| l.config().peer)
+            .unwrap_or_default();
         let peers: Vec<String> = extra.iter().map(|l| l.config().peer).collect();
         Err(ReplError::FailedPrecondition(format!(
-            "cannot {what} volume {volume}: it replicates to several targets (also {}); \
-             disable the others first (replica disable {volume} --peer SITE)",
+            "cannot demote volume {volume} here this way: it replicates to {first} and also to {}, \
+             which would be left following no primary. For a switchover run `replica demote \
+             {volume}` without --discard-local, or `replica promote {volume}` on the site that \
+             takes over: the others are re-homed to it. To discard this site's writes, disable the \
+             other targets first (replica disable {volume} --peer SITE)",
             peers.join(", ")
         )))
     }
@@ -261,6 +275,15 @@ impl Replication {
             .into_iter()
             .find(|l| l.config().peer == req.peer)
         {
+            if link.config().group.is_some() {
+                super::groups::check_member_rules(
+                    &req.volume,
+                    &req.peer,
+                    req.mode,
+                    req.rpo_policy,
+                    req.on_peer_loss,
+                )?;
+            }
             link.update(|c| {
                 c.mode = req.mode;
                 c.rpo_seconds = req.rpo_seconds;
@@ -270,19 +293,24 @@ impl Replication {
             .map_err(|e| internal("persist replica config", e))?;
             return Ok((self.status(&req.volume)?, false));
         }
-        if let Some(group) = &first.group {
-            // A group's points are taken on one stream per member; a second
-            // stream per member is not built yet.
-            return Err(ReplError::FailedPrecondition(format!(
-                "volume {} is a member of consistency group {group}, which replicates to {} only; \
-                 several targets for group members are not supported yet",
-                req.volume, first.peer
-            )));
+        // A member's new target joins its group only when the group names
+        // that target (`group create NAME --peer SITE` adds it once every
+        // member replicates there).
+        let group = self.group_of_new_target(first.group.as_deref(), &req.peer);
+        if group.is_some() {
+            super::groups::check_member_rules(
+                &req.volume,
+                &req.peer,
+                req.mode,
+                req.rpo_policy,
+                req.on_peer_loss,
+            )?;
         }
         // The volume's generation is one for all its targets: a target
         // added after a failover fences with the same number.
         let config = ReplicaConfig {
             generation: first.generation,
+            group,
             ..ReplicaConfig::new(
                 &req.volume,
                 &req.peer,

@@ -14,7 +14,15 @@
 //! it cannot commit. A member that is disconnected or resyncing holds the
 //! whole group back: the group's consistent point moves only when all
 //! members can move together.
+//!
+//! A group with several targets (issue 14) takes its points per target:
+//! each target's secondary site commits its own group points, so the
+//! members' links to one target are cut together, apart from the other
+//! targets' (a slow far site must not hold back the metro one). A sync
+//! target takes no points at all: its members hold every acknowledged
+//! write (see [`takes_points`]).
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,7 +30,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::journal::{Marker, Op};
-use super::link::{ReplicaLink, now_unix_ns};
+use super::link::{Mode, ReplicaConfig, ReplicaLink, now_unix_ns};
 
 /// How often the ticker checks whether a point can be taken (the group's
 /// equivalent of a lone volume's commit interval).
@@ -31,36 +39,84 @@ const TICK: Duration = Duration::from_millis(20);
 /// time keeps up with the clock.
 const IDLE_POINT: Duration = Duration::from_secs(1);
 
-/// The members of one group, in name order (the order their journals are
-/// locked in).
+/// The member links of one group, every target's, in member name order
+/// (the order their journals are locked in).
 pub(crate) type Members = Arc<Mutex<Vec<Arc<ReplicaLink>>>>;
 
-/// Takes the group's points until `stop` is cancelled.
+/// Whether a member's link to its target ends its batches only at group
+/// points. An async link does. A sync link does not: its target holds
+/// every acknowledged write of every member (the groups' rules make such
+/// a link hold writes while its target is away: `manager/groups.rs`), so
+/// any moment is a group point there, and a batch waiting for the other
+/// members would only hold the writers back.
+pub(crate) fn takes_points(cfg: &ReplicaConfig) -> bool {
+    cfg.group.is_some() && cfg.mode == Mode::Async
+}
+
+/// `links` by target site, only the links that take group points; sorted
+/// by site (each list keeps the members' order).
+///
+/// A target takes points only once every member replicates to it: a
+/// point some members' links to it lack would let its site commit the
+/// group at a point those members never reached (a target being added, or
+/// re-homed member by member after a forced promotion).
+fn by_target(links: &[Arc<ReplicaLink>]) -> Vec<(String, Vec<Arc<ReplicaLink>>)> {
+    let mut volumes: Vec<String> = links.iter().map(|l| l.config().volume).collect();
+    volumes.sort();
+    volumes.dedup();
+    let mut out: Vec<(String, Vec<Arc<ReplicaLink>>)> = Vec::new();
+    for l in links {
+        let cfg = l.config();
+        if !takes_points(&cfg) {
+            continue;
+        }
+        match out.iter_mut().find(|(p, _)| *p == cfg.peer) {
+            Some((_, v)) => v.push(l.clone()),
+            None => out.push((cfg.peer, vec![l.clone()])),
+        }
+    }
+    out.retain(|(_, v)| v.len() == volumes.len());
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// Takes the group's points, per target, until `stop` is cancelled.
 pub(crate) async fn run(name: String, members: Members, stop: CancellationToken) {
-    let mut last_point = 0i64;
-    let mut last_at = Instant::now();
+    // Per target: the last point's name and when it was taken.
+    let mut last: HashMap<String, (i64, Instant)> = HashMap::new();
     loop {
         tokio::select! {
             () = tokio::time::sleep(TICK) => {}
             () = stop.cancelled() => return,
         }
-        let links = members.lock().expect("group members lock poisoned").clone();
-        if links.is_empty() || !links.iter().all(|l| l.group_ready.load(Ordering::SeqCst)) {
-            continue;
-        }
-        let wanted = links
-            .iter()
-            .any(|l| l.group_batch_open.load(Ordering::SeqCst))
-            || last_at.elapsed() >= IDLE_POINT;
-        if !wanted {
-            continue;
-        }
-        match take_point(&links, last_point) {
-            Ok(point) => {
-                last_point = point;
-                last_at = Instant::now();
+        let all = members.lock().expect("group members lock poisoned").clone();
+        for (peer, links) in by_target(&all) {
+            if !links.iter().all(|l| l.group_ready.load(Ordering::SeqCst)) {
+                continue;
             }
-            Err(e) => tracing::warn!(group = %name, error = %e, "cannot take a group point"),
+            let (last_point, last_at) = last.get(&peer).copied().unwrap_or_else(|| {
+                (
+                    0,
+                    Instant::now()
+                        .checked_sub(IDLE_POINT)
+                        .unwrap_or_else(Instant::now),
+                )
+            });
+            let wanted = links
+                .iter()
+                .any(|l| l.group_batch_open.load(Ordering::SeqCst))
+                || last_at.elapsed() >= IDLE_POINT;
+            if !wanted {
+                continue;
+            }
+            match take_point(&links, last_point) {
+                Ok(point) => {
+                    last.insert(peer, (point, Instant::now()));
+                }
+                Err(e) => {
+                    tracing::warn!(group = %name, peer, error = %e, "cannot take a group point");
+                }
+            }
         }
     }
 }

@@ -335,7 +335,7 @@ async fn session(
         batching: version >= ProtocolVersion::FAILOVER,
         outbox: Vec::new(),
         outbox_bytes: 0,
-        grouped: cfg.group.is_some(),
+        grouped: super::group::takes_points(&cfg),
     };
     if !state.consistent || !cfg.synced {
         s.initial_sync(opened.created).await?;

@@ -241,7 +241,9 @@ pub(super) async fn recover(sv: &Arc<SecondaryVolume>) -> Result<(), Status> {
     // sequence numbers restart with every stream, so they cannot tell.
     let ats: Vec<i64> = found.iter().map(|b| b.consistent_at_unix_ns).collect();
     let from = super::staging::replay_from(&ats, record.consistent_at_unix_ns);
-    let committed = (!record.group.is_empty()).then(|| sv.groups.get(&record.group).committed());
+    // A sync link's batches are not group points (`primary::group`).
+    let committed = (!record.group.is_empty() && record.mode != "sync")
+        .then(|| sv.groups.get(&record.group).committed());
     for batch in found.into_iter().skip(from) {
         if let Some(committed) = committed
             && batch.consistent_at_unix_ns > committed
