@@ -24,6 +24,7 @@ use ember_storage::StorageError;
 use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
+use super::clone_apply::{self, CloneRange};
 use super::staging::{CommittedBatch, StagedChange};
 use super::{SecondaryVolume, group};
 use crate::frame;
@@ -67,7 +68,7 @@ const APPLY_CHUNK: u64 = 8 << 20;
 
 async fn write_out(
     device: &ember_storage::FileDevice,
-    writes: &mut Vec<(u64, Vec<u8>)>,
+    writes: &mut Vec<(u64, bytes::Bytes)>,
 ) -> Result<(), Status> {
     if writes.is_empty() {
         return Ok(());
@@ -137,6 +138,77 @@ pub(crate) fn spawn_drain(sv: Arc<SecondaryVolume>) {
     });
 }
 
+/// The ranges of a batch to clone into the volume, gathered in log order
+/// and cloned together on one blocking thread.
+struct Clones<'a> {
+    sv: &'a SecondaryVolume,
+    /// The log and the volume's file, opened for a batch on a reflink
+    /// data dir only.
+    files: Option<Arc<(std::fs::File, std::fs::File)>>,
+    ranges: Vec<CloneRange>,
+}
+
+impl<'a> Clones<'a> {
+    fn new(sv: &'a SecondaryVolume, device: &ember_storage::FileDevice) -> Result<Self, Status> {
+        let staging = sv.staging.lock().expect("staging lock poisoned");
+        let files = if staging.reflink() {
+            let src = staging
+                .clone_source()
+                .map_err(|e| Status::internal(format!("opening the staging log to clone: {e}")))?;
+            let dst = std::fs::OpenOptions::new()
+                .write(true)
+                .open(device.path())
+                .map_err(|e| Status::internal(format!("opening the volume to clone into: {e}")))?;
+            Some(Arc::new((src, dst)))
+        } else {
+            None
+        };
+        Ok(Self {
+            sv,
+            files,
+            ranges: Vec::new(),
+        })
+    }
+
+    fn takes(&self, offset: u64, len: u64, log_pos: u64) -> bool {
+        clone_apply::applies_by_clone(self.files.is_some(), offset, len, log_pos)
+    }
+
+    fn push(&mut self, range: CloneRange) {
+        self.ranges.push(range);
+    }
+
+    /// Clones the gathered ranges (not synced: the batch's flush is).
+    async fn run(&mut self) -> Result<(), Status> {
+        let (Some(files), false) = (&self.files, self.ranges.is_empty()) else {
+            return Ok(());
+        };
+        let files = files.clone();
+        let ranges = std::mem::take(&mut self.ranges);
+        let outcome = tokio::task::spawn_blocking(move || {
+            clone_apply::clone_ranges(&files.0, &files.1, &ranges)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("clone task: {e}")))?
+        .map_err(|e| Status::internal(format!("cloning staged writes: {e}")))?;
+        tracing::trace!(
+            cloned = outcome.cloned,
+            copied = outcome.copied,
+            "staged ranges applied by clone"
+        );
+        if outcome.cloned > 0
+            && self
+                .sv
+                .cloned_bytes
+                .fetch_add(outcome.cloned, Ordering::Relaxed)
+                == 0
+        {
+            tracing::info!(volume = %self.sv.record().volume, "applying staged writes by clone: the data dir shares extents");
+        }
+        Ok(())
+    }
+}
+
 /// Applies a committed batch to the volume and makes it durable, then
 /// records the new consistent point. The caller holds the clone gate.
 async fn apply_batch(sv: &SecondaryVolume, batch: CommittedBatch) -> Result<(), Status> {
@@ -161,9 +233,15 @@ async fn apply_batch(sv: &SecondaryVolume, batch: CommittedBatch) -> Result<(), 
     });
     let device = sv.volume.device();
     let mut bytes = 0;
-    // Consecutive writes go down together, in order, on one blocking
-    // thread: a 20 ms async batch holds hundreds of 4 KiB writes.
-    let mut writes: Vec<(u64, Vec<u8>)> = Vec::new();
+    // Each write is the received buffer the staging log kept (or the
+    // log's bytes read back): no copy. Consecutive writes go down
+    // together, in order, on one blocking thread: a 20 ms async batch
+    // holds hundreds of 4 KiB writes. Large aligned writes on a reflink
+    // data dir are cloned from the log instead (`clone_apply.rs`), also
+    // in order: pending writes go down before a clone, clones before a
+    // write.
+    let mut writes: Vec<(u64, bytes::Bytes)> = Vec::new();
+    let mut clones = Clones::new(sv, device)?;
     let mut pending = 0;
     for change in &batch.changes {
         match *change {
@@ -171,7 +249,21 @@ async fn apply_batch(sv: &SecondaryVolume, batch: CommittedBatch) -> Result<(), 
                 offset,
                 len,
                 log_pos,
+            } if clones.takes(offset, len, log_pos) => {
+                write_out(device, &mut writes).await?;
+                pending = 0;
+                clones.push(CloneRange {
+                    log_pos,
+                    len,
+                    offset,
+                });
+            }
+            StagedChange::Write {
+                offset,
+                len,
+                log_pos,
             } => {
+                clones.run().await?;
                 let data = sv
                     .staging
                     .lock()
@@ -187,6 +279,7 @@ async fn apply_batch(sv: &SecondaryVolume, batch: CommittedBatch) -> Result<(), 
             }
             StagedChange::Zero { offset, len } => {
                 write_out(device, &mut writes).await?;
+                clones.run().await?;
                 pending = 0;
                 zero(sv, offset, len)
                     .await
@@ -197,6 +290,7 @@ async fn apply_batch(sv: &SecondaryVolume, batch: CommittedBatch) -> Result<(), 
             StagedChange::Write { len, .. } | StagedChange::Zero { len, .. } => len,
         };
     }
+    clones.run().await?;
     write_out(device, &mut writes).await?;
     device
         .flush()
