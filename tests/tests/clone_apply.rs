@@ -43,8 +43,9 @@ fn a_cloning_secondary_is_always_a_prefix_of_the_write_history() {
     sites.proxy.set_delay(Duration::from_millis(3));
 
     // Half the writes are 64 KiB aligned (cloned), half 4 KiB (written):
-    // a batch interleaves both, and their order must hold.
-    let blocks = 16 * MIB / 4096;
+    // a batch interleaves both, and their order must hold. A 2 MiB region
+    // (32 clone slots), so a batch often writes into a range it cloned.
+    let blocks = 2 * MIB / 4096;
     let history = sites.a.data_dir.with_extension("history");
     let mut writer = stamped_writer_with(&a_uri, &history, blocks, 1_000_000, &["span=16"]);
     let mut checked = Vec::new();

@@ -24,7 +24,7 @@ use ember_storage::StorageError;
 use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
-use super::clone_apply::{self, CloneRange};
+use super::clone_apply::{self, CloneRange, Way};
 use super::staging::{CommittedBatch, StagedChange};
 use super::{SecondaryVolume, group};
 use crate::frame;
@@ -170,8 +170,9 @@ impl<'a> Clones<'a> {
         })
     }
 
-    fn takes(&self, offset: u64, len: u64, log_pos: u64) -> bool {
-        clone_apply::applies_by_clone(self.files.is_some(), offset, len, log_pos)
+    /// Whether this batch may clone (a reflink data dir).
+    fn enabled(&self) -> bool {
+        self.files.is_some()
     }
 
     fn push(&mut self, range: CloneRange) {
@@ -232,66 +233,73 @@ async fn apply_batch(sv: &SecondaryVolume, batch: CommittedBatch) -> Result<(), 
         tokio::task::spawn_blocking(move || marks.persist_covering(&blocks))
     });
     let device = sv.volume.device();
-    let mut bytes = 0;
     // Each write is the received buffer the staging log kept (or the
     // log's bytes read back): no copy. Consecutive writes go down
     // together, in order, on one blocking thread: a 20 ms async batch
     // holds hundreds of 4 KiB writes. Large aligned writes on a reflink
-    // data dir are cloned from the log instead (`clone_apply.rs`), also
-    // in order: pending writes go down before a clone, clones before a
-    // write.
-    let mut writes: Vec<(u64, bytes::Bytes)> = Vec::new();
+    // data dir are cloned from the log instead (`clone_apply.rs`). Each
+    // run of changes applied one way is done before the next starts, so
+    // the batch lands in log order.
     let mut clones = Clones::new(sv, device)?;
-    let mut pending = 0;
-    for change in &batch.changes {
-        match *change {
-            StagedChange::Write {
-                offset,
-                len,
-                log_pos,
-            } if clones.takes(offset, len, log_pos) => {
-                write_out(device, &mut writes).await?;
-                pending = 0;
-                clones.push(CloneRange {
-                    log_pos,
-                    len,
-                    offset,
-                });
-            }
-            StagedChange::Write {
-                offset,
-                len,
-                log_pos,
-            } => {
+    for (way, run) in clone_apply::runs(&batch.changes, clones.enabled()) {
+        let run = &batch.changes[run];
+        match way {
+            Way::Clone => {
+                for change in run {
+                    if let StagedChange::Write {
+                        offset,
+                        len,
+                        log_pos,
+                    } = *change
+                    {
+                        clones.push(CloneRange {
+                            log_pos,
+                            len,
+                            offset,
+                        });
+                    }
+                }
                 clones.run().await?;
-                let data = sv
-                    .staging
-                    .lock()
-                    .expect("staging lock poisoned")
-                    .read(log_pos, len)
-                    .map_err(|e| Status::internal(format!("reading the staging log: {e}")))?;
-                writes.push((offset, data));
-                pending += len;
-                if pending >= APPLY_CHUNK {
-                    write_out(device, &mut writes).await?;
-                    pending = 0;
+            }
+            Way::Write => {
+                let mut writes: Vec<(u64, bytes::Bytes)> = Vec::new();
+                let mut pending = 0;
+                for change in run {
+                    let StagedChange::Write {
+                        offset,
+                        len,
+                        log_pos,
+                    } = *change
+                    else {
+                        continue;
+                    };
+                    let data = sv
+                        .staging
+                        .lock()
+                        .expect("staging lock poisoned")
+                        .read(log_pos, len)
+                        .map_err(|e| Status::internal(format!("reading the staging log: {e}")))?;
+                    writes.push((offset, data));
+                    pending += len;
+                    if pending >= APPLY_CHUNK {
+                        write_out(device, &mut writes).await?;
+                        pending = 0;
+                    }
+                }
+                write_out(device, &mut writes).await?;
+            }
+            Way::Zero => {
+                for change in run {
+                    if let StagedChange::Zero { offset, len } = *change {
+                        zero(sv, offset, len)
+                            .await
+                            .map_err(|e| storage_status("applying staged zeros", &e))?;
+                    }
                 }
             }
-            StagedChange::Zero { offset, len } => {
-                write_out(device, &mut writes).await?;
-                clones.run().await?;
-                pending = 0;
-                zero(sv, offset, len)
-                    .await
-                    .map_err(|e| storage_status("applying staged zeros", &e))?;
-            }
         }
-        bytes += match *change {
-            StagedChange::Write { len, .. } | StagedChange::Zero { len, .. } => len,
-        };
     }
-    clones.run().await?;
-    write_out(device, &mut writes).await?;
+    let bytes = batch.bytes;
     device
         .flush()
         .await

@@ -21,7 +21,9 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
-use super::staging::{ALIGN, CLONE_MIN};
+use std::ops::Range;
+
+use super::staging::{ALIGN, CLONE_MIN, StagedChange};
 
 /// Whether a staged write of `len` bytes for volume `offset`, stored at
 /// `log_pos` of the log, is applied by cloning: the data dir shares
@@ -30,6 +32,46 @@ use super::staging::{ALIGN, CLONE_MIN};
 /// costs less than writing it again.
 pub(crate) fn applies_by_clone(reflink: bool, offset: u64, len: u64, log_pos: u64) -> bool {
     reflink && len >= CLONE_MIN && [offset, len, log_pos].iter().all(|v| v % ALIGN == 0)
+}
+
+/// How a staged change is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Way {
+    /// Written from memory or from the log read back.
+    Write,
+    /// Cloned from the log.
+    Clone,
+    /// Zeroed.
+    Zero,
+}
+
+/// How `change` is applied on a data dir that can (`reflink`) or cannot
+/// share extents.
+pub(crate) fn way(reflink: bool, change: &StagedChange) -> Way {
+    match *change {
+        StagedChange::Write {
+            offset,
+            len,
+            log_pos,
+        } if applies_by_clone(reflink, offset, len, log_pos) => Way::Clone,
+        StagedChange::Write { .. } => Way::Write,
+        StagedChange::Zero { .. } => Way::Zero,
+    }
+}
+
+/// A batch's changes cut into runs applied the same way, in log order
+/// (each run is finished before the next starts: a later write to a range
+/// an earlier change touched must land after it, whichever way each goes).
+pub(crate) fn runs(changes: &[StagedChange], reflink: bool) -> Vec<(Way, Range<usize>)> {
+    let mut out: Vec<(Way, Range<usize>)> = Vec::new();
+    for (i, change) in changes.iter().enumerate() {
+        let w = way(reflink, change);
+        match out.last_mut() {
+            Some((last, range)) if *last == w => range.end = i + 1,
+            _ => out.push((w, i..i + 1)),
+        }
+    }
+    out
 }
 
 /// One staged range to clone: `len` bytes at `log_pos` of the log to
@@ -101,6 +143,55 @@ mod tests {
                 applies_by_clone(reflink, offset, len, log_pos),
                 want,
                 "reflink {reflink} offset {offset} len {len} log_pos {log_pos}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_batch_is_cut_into_runs_in_log_order() {
+        let big = CLONE_MIN;
+        let w = |offset: u64, len: u64, log_pos: u64| StagedChange::Write {
+            offset,
+            len,
+            log_pos,
+        };
+        let z = StagedChange::Zero {
+            offset: 0,
+            len: 4096,
+        };
+        let clone = w(0, big, 4096);
+        let write = w(4096, 4096, 4096 + 32);
+        // (changes, reflink, expected runs)
+        let rows: Vec<(Vec<StagedChange>, bool, Vec<(Way, Range<usize>)>)> = vec![
+            (vec![], true, vec![]),
+            (
+                vec![clone, clone, write],
+                true,
+                vec![(Way::Clone, 0..2), (Way::Write, 2..3)],
+            ),
+            (
+                vec![write, clone, write, z, clone],
+                true,
+                vec![
+                    (Way::Write, 0..1),
+                    (Way::Clone, 1..2),
+                    (Way::Write, 2..3),
+                    (Way::Zero, 3..4),
+                    (Way::Clone, 4..5),
+                ],
+            ),
+            // No reflink: aligned writes are written like the rest.
+            (
+                vec![write, clone, write, z],
+                false,
+                vec![(Way::Write, 0..3), (Way::Zero, 3..4)],
+            ),
+        ];
+        for (changes, reflink, want) in rows {
+            assert_eq!(
+                runs(&changes, reflink),
+                want,
+                "{changes:?} reflink {reflink}"
             );
         }
     }
