@@ -465,6 +465,7 @@ impl Stream {
     }
 
     async fn commit(&self, c: pb::BatchCommit) -> Result<(), Status> {
+        let started = std::time::Instant::now();
         let staging = self.sv.staging.clone();
         let batch = tokio::task::spawn_blocking(move || {
             staging
@@ -501,8 +502,13 @@ impl Stream {
             self.await_group(c.consistent_at_unix_ns, c.group_size)
                 .await?;
         }
+        let durable = started.elapsed();
+        let bytes = batch.bytes;
         apply_one(&self.sv, batch).await?;
         self.sv.reset_staging()?;
+        // Phase times of a batch (the resync's last phases): the log's
+        // sync, then apply and the volume's sync.
+        tracing::debug!(volume = %self.sv.record().volume, seq = c.seq, bytes, durable_us = durable.as_micros() as u64, applied_us = (started.elapsed() - durable).as_micros() as u64, "batch durable and applied");
         self.ack(c.seq).await?;
         // A batch boundary: a scheduled recovery point may be due (its
         // clone starts now and runs while the next frames are staged).
