@@ -31,7 +31,11 @@ use super::staging::{ALIGN, CLONE_MIN, StagedChange};
 /// refuses anything else) and the range is large enough that an extent
 /// costs less than writing it again.
 pub(crate) fn applies_by_clone(reflink: bool, offset: u64, len: u64, log_pos: u64) -> bool {
-    reflink && len >= CLONE_MIN && [offset, len, log_pos].iter().all(|v| v % ALIGN == 0)
+    reflink
+        && len >= CLONE_MIN
+        && [offset, len, log_pos]
+            .iter()
+            .all(|v| v.is_multiple_of(ALIGN))
 }
 
 /// How a staged change is applied.
@@ -162,7 +166,8 @@ mod tests {
         let clone = w(0, big, 4096);
         let write = w(4096, 4096, 4096 + 32);
         // (changes, reflink, expected runs)
-        let rows: Vec<(Vec<StagedChange>, bool, Vec<(Way, Range<usize>)>)> = vec![
+        type Row = (Vec<StagedChange>, bool, Vec<(Way, Range<usize>)>);
+        let rows: Vec<Row> = vec![
             (vec![], true, vec![]),
             (
                 vec![clone, clone, write],

@@ -79,7 +79,7 @@ static ZEROS: [u8; ALIGN as usize] = [0; ALIGN as usize];
 /// block-aligned, on a data dir whose files can share extents: only then
 /// can applying it clone the log's blocks.
 pub(crate) fn stage_aligned(reflink: bool, offset: u64, len: u64) -> bool {
-    reflink && len >= CLONE_MIN && offset % ALIGN == 0 && len % ALIGN == 0
+    reflink && len >= CLONE_MIN && offset.is_multiple_of(ALIGN) && len.is_multiple_of(ALIGN)
 }
 
 /// Where the data of a record whose header is at `pos` starts.
