@@ -221,6 +221,25 @@ pub fn wait_exit(child: &mut Child, timeout: Duration) {
 
 /// Starts the stamped writer (tests/py/stamped_writer.py) on `uri`.
 pub fn stamped_writer(uri: &str, history: &Path, blocks: u64, count: u64, fua: bool) -> Child {
+    stamped_writer_with(
+        uri,
+        history,
+        blocks,
+        count,
+        if fua { &["fua"] } else { &[] },
+    )
+}
+
+/// As [`stamped_writer`] with the script's options (`"fua"`, `"span=N"`:
+/// half the writes cover N aligned blocks; read those histories with
+/// [`read_span_history`]).
+pub fn stamped_writer_with(
+    uri: &str,
+    history: &Path,
+    blocks: u64,
+    count: u64,
+    opts: &[&str],
+) -> Child {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("py/stamped_writer.py");
     let mut cmd = Command::new("/usr/bin/python3");
     cmd.arg(script)
@@ -228,15 +247,28 @@ pub fn stamped_writer(uri: &str, history: &Path, blocks: u64, count: u64, fua: b
         .arg(history)
         .arg(blocks.to_string())
         .arg(count.to_string())
-        .arg("7");
-    if fua {
-        cmd.arg("fua");
-    }
+        .arg("7")
+        .args(opts);
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("start the stamped writer")
+}
+
+/// Reads a `span=N` writer's history: (seq, offset, blocks) in order.
+pub fn read_span_history(path: &Path) -> Vec<(u64, u64, u64)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<u64> = l
+                .split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            (f.len() == 4).then(|| (f[0], f[1], f[3]))
+        })
+        .collect()
 }
 
 /// Reads the writer's history: (seq, offset) in order.
@@ -296,6 +328,17 @@ pub fn stamp_at(image: &[u8], index: u64) -> Result<Option<u64>, String> {
 /// prefix of `history`; returns the prefix length. `history` must cover
 /// the prefix (read it after the image).
 pub fn check_prefix(image: &[u8], blocks: u64, history: &[(u64, u64)]) -> Result<u64, String> {
+    let spans: Vec<(u64, u64, u64)> = history.iter().map(|&(s, o)| (s, o, 1)).collect();
+    check_prefix_spans(image, blocks, &spans)
+}
+
+/// As [`check_prefix`] for a history of multi-block writes
+/// (seq, offset, blocks).
+pub fn check_prefix_spans(
+    image: &[u8],
+    blocks: u64,
+    history: &[(u64, u64, u64)],
+) -> Result<u64, String> {
     let mut found = Vec::with_capacity(blocks as usize);
     for i in 0..blocks {
         found.push(stamp_at(image, i)?);
@@ -308,8 +351,10 @@ pub fn check_prefix(image: &[u8], blocks: u64, history: &[(u64, u64)]) -> Result
         ));
     }
     let mut expected: Vec<Option<u64>> = vec![None; blocks as usize];
-    for &(seq, off) in &history[..p as usize] {
-        expected[(off / BLOCK) as usize] = Some(seq);
+    for &(seq, off, n) in &history[..p as usize] {
+        for k in 0..n {
+            expected[(off / BLOCK + k) as usize] = Some(seq);
+        }
     }
     for i in 0..blocks as usize {
         if expected[i] != found[i] {

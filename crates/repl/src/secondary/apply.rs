@@ -24,6 +24,7 @@ use ember_storage::StorageError;
 use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
+use super::clone_apply::{self, CloneRange, Way};
 use super::staging::{CommittedBatch, StagedChange};
 use super::{SecondaryVolume, group};
 use crate::frame;
@@ -67,7 +68,7 @@ const APPLY_CHUNK: u64 = 8 << 20;
 
 async fn write_out(
     device: &ember_storage::FileDevice,
-    writes: &mut Vec<(u64, Vec<u8>)>,
+    writes: &mut Vec<(u64, bytes::Bytes)>,
 ) -> Result<(), Status> {
     if writes.is_empty() {
         return Ok(());
@@ -137,6 +138,78 @@ pub(crate) fn spawn_drain(sv: Arc<SecondaryVolume>) {
     });
 }
 
+/// The ranges of a batch to clone into the volume, gathered in log order
+/// and cloned together on one blocking thread.
+struct Clones<'a> {
+    sv: &'a SecondaryVolume,
+    /// The log and the volume's file, opened for a batch on a reflink
+    /// data dir only.
+    files: Option<Arc<(std::fs::File, std::fs::File)>>,
+    ranges: Vec<CloneRange>,
+}
+
+impl<'a> Clones<'a> {
+    fn new(sv: &'a SecondaryVolume, device: &ember_storage::FileDevice) -> Result<Self, Status> {
+        let staging = sv.staging.lock().expect("staging lock poisoned");
+        let files = if staging.reflink() {
+            let src = staging
+                .clone_source()
+                .map_err(|e| Status::internal(format!("opening the staging log to clone: {e}")))?;
+            let dst = std::fs::OpenOptions::new()
+                .write(true)
+                .open(device.path())
+                .map_err(|e| Status::internal(format!("opening the volume to clone into: {e}")))?;
+            Some(Arc::new((src, dst)))
+        } else {
+            None
+        };
+        Ok(Self {
+            sv,
+            files,
+            ranges: Vec::new(),
+        })
+    }
+
+    /// Whether this batch may clone (a reflink data dir).
+    fn enabled(&self) -> bool {
+        self.files.is_some()
+    }
+
+    fn push(&mut self, range: CloneRange) {
+        self.ranges.push(range);
+    }
+
+    /// Clones the gathered ranges (not synced: the batch's flush is).
+    async fn run(&mut self) -> Result<(), Status> {
+        let (Some(files), false) = (&self.files, self.ranges.is_empty()) else {
+            return Ok(());
+        };
+        let files = files.clone();
+        let ranges = std::mem::take(&mut self.ranges);
+        let outcome = tokio::task::spawn_blocking(move || {
+            clone_apply::clone_ranges(&files.0, &files.1, &ranges)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("clone task: {e}")))?
+        .map_err(|e| Status::internal(format!("cloning staged writes: {e}")))?;
+        tracing::trace!(
+            cloned = outcome.cloned,
+            copied = outcome.copied,
+            "staged ranges applied by clone"
+        );
+        if outcome.cloned > 0
+            && self
+                .sv
+                .cloned_bytes
+                .fetch_add(outcome.cloned, Ordering::Relaxed)
+                == 0
+        {
+            tracing::info!(volume = %self.sv.record().volume, "applying staged writes by clone: the data dir shares extents");
+        }
+        Ok(())
+    }
+}
+
 /// Applies a committed batch to the volume and makes it durable, then
 /// records the new consistent point. The caller holds the clone gate.
 async fn apply_batch(sv: &SecondaryVolume, batch: CommittedBatch) -> Result<(), Status> {
@@ -160,44 +233,73 @@ async fn apply_batch(sv: &SecondaryVolume, batch: CommittedBatch) -> Result<(), 
         tokio::task::spawn_blocking(move || marks.persist_covering(&blocks))
     });
     let device = sv.volume.device();
-    let mut bytes = 0;
-    // Consecutive writes go down together, in order, on one blocking
-    // thread: a 20 ms async batch holds hundreds of 4 KiB writes.
-    let mut writes: Vec<(u64, Vec<u8>)> = Vec::new();
-    let mut pending = 0;
-    for change in &batch.changes {
-        match *change {
-            StagedChange::Write {
-                offset,
-                len,
-                log_pos,
-            } => {
-                let data = sv
-                    .staging
-                    .lock()
-                    .expect("staging lock poisoned")
-                    .read(log_pos, len)
-                    .map_err(|e| Status::internal(format!("reading the staging log: {e}")))?;
-                writes.push((offset, data));
-                pending += len;
-                if pending >= APPLY_CHUNK {
-                    write_out(device, &mut writes).await?;
-                    pending = 0;
+    // Each write is the received buffer the staging log kept (or the
+    // log's bytes read back): no copy. Consecutive writes go down
+    // together, in order, on one blocking thread: a 20 ms async batch
+    // holds hundreds of 4 KiB writes. Large aligned writes on a reflink
+    // data dir are cloned from the log instead (`clone_apply.rs`). Each
+    // run of changes applied one way is done before the next starts, so
+    // the batch lands in log order.
+    let mut clones = Clones::new(sv, device)?;
+    for (way, run) in clone_apply::runs(&batch.changes, clones.enabled()) {
+        let run = &batch.changes[run];
+        match way {
+            Way::Clone => {
+                for change in run {
+                    if let StagedChange::Write {
+                        offset,
+                        len,
+                        log_pos,
+                    } = *change
+                    {
+                        clones.push(CloneRange {
+                            log_pos,
+                            len,
+                            offset,
+                        });
+                    }
+                }
+                clones.run().await?;
+            }
+            Way::Write => {
+                let mut writes: Vec<(u64, bytes::Bytes)> = Vec::new();
+                let mut pending = 0;
+                for change in run {
+                    let StagedChange::Write {
+                        offset,
+                        len,
+                        log_pos,
+                    } = *change
+                    else {
+                        continue;
+                    };
+                    let data = sv
+                        .staging
+                        .lock()
+                        .expect("staging lock poisoned")
+                        .read(log_pos, len)
+                        .map_err(|e| Status::internal(format!("reading the staging log: {e}")))?;
+                    writes.push((offset, data));
+                    pending += len;
+                    if pending >= APPLY_CHUNK {
+                        write_out(device, &mut writes).await?;
+                        pending = 0;
+                    }
+                }
+                write_out(device, &mut writes).await?;
+            }
+            Way::Zero => {
+                for change in run {
+                    if let StagedChange::Zero { offset, len } = *change {
+                        zero(sv, offset, len)
+                            .await
+                            .map_err(|e| storage_status("applying staged zeros", &e))?;
+                    }
                 }
             }
-            StagedChange::Zero { offset, len } => {
-                write_out(device, &mut writes).await?;
-                pending = 0;
-                zero(sv, offset, len)
-                    .await
-                    .map_err(|e| storage_status("applying staged zeros", &e))?;
-            }
         }
-        bytes += match *change {
-            StagedChange::Write { len, .. } | StagedChange::Zero { len, .. } => len,
-        };
     }
-    write_out(device, &mut writes).await?;
+    let bytes = batch.bytes;
     device
         .flush()
         .await
@@ -365,6 +467,7 @@ impl Stream {
     }
 
     async fn commit(&self, c: pb::BatchCommit) -> Result<(), Status> {
+        let started = std::time::Instant::now();
         let staging = self.sv.staging.clone();
         let batch = tokio::task::spawn_blocking(move || {
             staging
@@ -401,8 +504,13 @@ impl Stream {
             self.await_group(c.consistent_at_unix_ns, c.group_size)
                 .await?;
         }
+        let durable = started.elapsed();
+        let bytes = batch.bytes;
         apply_one(&self.sv, batch).await?;
         self.sv.reset_staging()?;
+        // Phase times of a batch (the resync's last phases): the log's
+        // sync, then apply and the volume's sync.
+        tracing::debug!(volume = %self.sv.record().volume, seq = c.seq, bytes, durable_us = durable.as_micros() as u64, applied_us = (started.elapsed() - durable).as_micros() as u64, "batch durable and applied");
         self.ack(c.seq).await?;
         // A batch boundary: a scheduled recovery point may be due (its
         // clone starts now and runs while the next frames are staged).

@@ -10,6 +10,7 @@
 //! never reports a torn image as consistent.
 
 mod apply;
+mod clone_apply;
 pub(crate) mod group;
 pub(crate) mod marks;
 pub(crate) mod points;
@@ -148,6 +149,8 @@ pub(crate) struct SecondaryVolume {
     pub(crate) apply_lock: tokio::sync::Mutex<()>,
     /// Bytes applied (direct and committed), for status.
     pub(crate) applied_bytes: AtomicU64,
+    /// Bytes applied by cloning the staging log's blocks (`clone_apply.rs`).
+    pub(crate) cloned_bytes: AtomicU64,
     /// Every group's barrier (shared by the set).
     pub(crate) groups: Arc<GroupBarriers>,
     /// Its recovery points (`points.rs`).
@@ -220,6 +223,9 @@ pub struct SecondarySet {
     volumes: Mutex<HashMap<String, Arc<SecondaryVolume>>>,
     /// Recovery points of every secondary here (`points.rs`).
     points: Arc<points::PointsCtx>,
+    /// The data dir can share extents: staging logs stage large aligned
+    /// writes block-aligned, to clone them into the volume.
+    reflink: bool,
     /// One `OpenReplica` at a time: two racing for a new volume (a
     /// session restarted while its first open was in flight) each found
     /// no secondary and attached one, and the stream left on the replaced
@@ -252,6 +258,7 @@ impl SecondarySet {
             groups: Arc::new(groups),
             volumes: Mutex::new(HashMap::new()),
             points: Arc::new(points::PointsCtx::new(points::root(&dir), reflink, cap)),
+            reflink,
             opening: tokio::sync::Mutex::new(()),
         };
         let entries = std::fs::read_dir(&dir).map_err(|e| io_status("read replicas dir", e))?;
@@ -281,7 +288,7 @@ impl SecondarySet {
         record: SecondaryRecord,
     ) -> Result<Arc<SecondaryVolume>, Status> {
         let name = record.volume.clone();
-        let staging = StagingLog::open(&self.dir.join(format!("{name}.staging")))
+        let staging = StagingLog::open(&self.dir.join(format!("{name}.staging")), self.reflink)
             .map_err(|e| io_status("open staging log", e))?;
         let points = points::VolumePoints::open(
             &self.points,
@@ -301,6 +308,7 @@ impl SecondarySet {
             session: AtomicU64::new(0),
             apply_lock: tokio::sync::Mutex::new(()),
             applied_bytes: AtomicU64::new(0),
+            cloned_bytes: AtomicU64::new(0),
             groups: self.groups.clone(),
             points,
             marks: Arc::new(marks),

@@ -12,12 +12,20 @@
 //! zeros: the same without data; commits: `a` = batch seq, `b` = the
 //! primary's consistent-at time (unix ns). The crc covers the first 24
 //! header bytes and the data, so a commit is only trusted when every record
-//! before it reads back intact.
+//! before it reads back intact. *Aligned* writes (kind 4, on a data dir
+//! that can share extents, [`stage_aligned`]) put their data at the next
+//! 4 KiB boundary after the header (the zero gap is outside the crc), so
+//! applying them clones the log's blocks into the volume
+//! (`clone_apply.rs`); contiguous aligned writes extend one record, whose
+//! header is rewritten while the batch is open.
 //!
-//! The in-memory copy draws on the agent's replication budget
-//! ([`crate::budget`]): when the budget refuses, the rest of the batch goes
-//! to the file only and is read back to apply it; the log on disk, and so
-//! what a crash or a commit sees, is the same either way.
+//! No copy of the data is made: a staged payload is the received
+//! `bytes::Bytes` itself, written to the file with `pwritev` in chunks,
+//! and (for unaligned writes) kept to apply the batch from memory. What is
+//! kept draws on the agent's replication budget ([`crate::budget`]): when
+//! the budget refuses, the batch is read back from the file to apply it;
+//! the log on disk, and so what a crash or a commit sees, is the same
+//! either way.
 //!
 //! While a recovery point's clone of the volume runs, committed batches
 //! are *deferred*: acknowledged once durable here, and applied in order
@@ -28,9 +36,11 @@
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::io::{IoSlice, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
 
 use crate::budget::{Account, memory_budget};
 
@@ -39,16 +49,46 @@ const HEADER: u64 = 32;
 const KIND_WRITE: u32 = 1;
 const KIND_ZERO: u32 = 2;
 const KIND_COMMIT: u32 = 3;
+/// A write whose data starts at the next [`ALIGN`]-aligned log position
+/// after its header (the gap is zeros, outside the crc), so the volume can
+/// share the log's blocks instead of writing them again (`clone.rs`).
+const KIND_WRITE_ALIGNED: u32 = 4;
+/// The file system block size a clone needs offsets and lengths aligned
+/// to (XFS's and btrfs's default; elsewhere the clone is refused and the
+/// write path applies the range).
+pub(crate) const ALIGN: u64 = 4096;
+/// Aligned writes shorter than this are staged as plain writes: a clone
+/// costs an extent (and the volume a fragment) per range, which a few
+/// KiB written again costs less than.
+pub(crate) const CLONE_MIN: u64 = 64 << 10;
 /// Staged records are written to the file in chunks of at least this much
-/// (one syscall per chunk instead of one per record).
+/// (one `pwritev` per chunk instead of one write per record).
 const WRITE_CHUNK: u64 = 1 << 20;
-/// The open batch is also kept in memory up to this size, so applying it
-/// needs no reads; a larger batch (a big catch-up) is read back.
-const MEMORY_MAX: usize = 64 << 20;
-/// After a batch, an in-memory copy larger than this is given back to the
-/// allocator: at a thousand volumes even a few MiB kept per volume is
-/// gigabytes held for nothing.
-const KEEP_MEMORY: usize = 64 << 10;
+/// The open batch's payloads are also kept in memory up to this size, so
+/// applying it needs no reads; a larger batch (a big catch-up) is read back.
+const MEMORY_MAX: u64 = 64 << 20;
+/// Slices per `pwritev` (Linux's `IOV_MAX`).
+const IOV_MAX: usize = 1024;
+/// An aligned record grows by contiguous writes up to this size: one
+/// clone (and one volume extent) per run instead of one per 64 KiB frame.
+const RUN_MAX: u64 = 8 << 20;
+/// Zeros for the gaps before aligned data.
+static ZEROS: [u8; ALIGN as usize] = [0; ALIGN as usize];
+
+/// Whether a staged write of `len` bytes at volume `offset` is staged
+/// block-aligned, on a data dir whose files can share extents: only then
+/// can applying it clone the log's blocks.
+pub(crate) fn stage_aligned(reflink: bool, offset: u64, len: u64) -> bool {
+    reflink && len >= CLONE_MIN && offset.is_multiple_of(ALIGN) && len.is_multiple_of(ALIGN)
+}
+
+/// Where the data of a record whose header is at `pos` starts.
+fn data_pos(kind: u32, pos: u64) -> u64 {
+    match kind {
+        KIND_WRITE_ALIGNED => (pos + HEADER).next_multiple_of(ALIGN),
+        _ => pos + HEADER,
+    }
+}
 
 /// One staged change, located in the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,23 +124,77 @@ pub(crate) fn replay_from(batch_ats: &[i64], record_at: i64) -> usize {
         .map_or(0, |i| i + 1)
 }
 
+/// A piece of the log not yet written to the file.
+#[derive(Debug)]
+enum Piece {
+    Header([u8; HEADER as usize]),
+    /// Zeros before aligned data.
+    Gap(usize),
+    Data(Bytes),
+}
+
+impl Piece {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Self::Header(h) => h,
+            Self::Gap(n) => &ZEROS[..*n],
+            Self::Data(d) => d,
+        }
+    }
+}
+
+/// The aligned record at the end of the log, which a write that continues
+/// it (contiguous in the volume, aligned) extends instead of starting a
+/// record of its own.
+#[derive(Debug)]
+struct Run {
+    header_pos: u64,
+    offset: u64,
+    len: u64,
+    /// crc of the run's data so far.
+    data_crc: crc32fast::Hasher,
+}
+
+impl Run {
+    fn header(&self) -> [u8; HEADER as usize] {
+        let mut h = header_fields(KIND_WRITE_ALIGNED, self.offset, self.len);
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&h[..24]);
+        crc.combine(&self.data_crc);
+        h[24..28].copy_from_slice(&crc.finalize().to_le_bytes());
+        h
+    }
+}
+
 /// The staging log of one secondary volume.
+///
+/// Invariant: `[written, end)` of the log is exactly `unwritten`'s pieces,
+/// in order; every payload in `held` is the log's bytes at its position
+/// (in the file or in `unwritten`), and `account` holds `held_bytes`.
 #[derive(Debug)]
 pub(crate) struct StagingLog {
     file: File,
     path: PathBuf,
     /// Append position (logical end of the log).
     end: u64,
-    /// Bytes of the log written to the file; `[written, end)` is in `mem` only.
+    /// Bytes of the log written to the file.
     written: u64,
-    /// The log's bytes from `mem_start` to `end`.
-    mem: Vec<u8>,
-    mem_start: u64,
+    /// The log's bytes past `written`, as received: no copy is made.
+    unwritten: Vec<Piece>,
+    /// Payloads of the open batch kept to apply it, by log position
+    /// (ascending). They are the received buffers themselves (which may
+    /// pin the rest of their frame's buffer until applied).
+    held: Vec<(u64, Bytes)>,
+    held_bytes: u64,
     changes: Vec<StagedChange>,
     /// Staged bytes (data and zeroed ranges) in the open batch.
     staged_bytes: u64,
-    /// The budget bytes `mem`'s capacity holds.
+    /// The budget bytes `held` holds.
     account: Account,
+    /// Stage aligned writes block-aligned ([`stage_aligned`]).
+    reflink: bool,
+    /// The aligned record the next write may extend.
+    run: Option<Run>,
     /// Committed batches acknowledged but not yet applied (oldest first),
     /// while a recovery point's clone runs.
     deferred: VecDeque<CommittedBatch>,
@@ -108,12 +202,17 @@ pub(crate) struct StagingLog {
     deferred_bytes: u64,
 }
 
-fn header(kind: u32, a: u64, b: u64, data: &[u8]) -> [u8; HEADER as usize] {
+fn header_fields(kind: u32, a: u64, b: u64) -> [u8; HEADER as usize] {
     let mut h = [0u8; HEADER as usize];
     h[0..4].copy_from_slice(&MAGIC.to_le_bytes());
     h[4..8].copy_from_slice(&kind.to_le_bytes());
     h[8..16].copy_from_slice(&a.to_le_bytes());
     h[16..24].copy_from_slice(&b.to_le_bytes());
+    h
+}
+
+fn header(kind: u32, a: u64, b: u64, data: &[u8]) -> [u8; HEADER as usize] {
+    let mut h = header_fields(kind, a, b);
     let mut crc = crc32fast::Hasher::new();
     crc.update(&h[..24]);
     crc.update(data);
@@ -121,15 +220,53 @@ fn header(kind: u32, a: u64, b: u64, data: &[u8]) -> [u8; HEADER as usize] {
     h
 }
 
+/// Writes every byte of `pieces` at `at` with `pwritev`, resuming after
+/// short writes.
+fn write_all_vectored_at(file: &mut File, pieces: &[Piece], at: u64) -> std::io::Result<()> {
+    file.seek(SeekFrom::Start(at))?;
+    for group in pieces.chunks(IOV_MAX) {
+        let mut slices: Vec<IoSlice<'_>> = group.iter().map(|p| IoSlice::new(p.bytes())).collect();
+        let mut rest = &mut slices[..];
+        while !rest.is_empty() {
+            match file.write_vectored(rest) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => IoSlice::advance_slices(&mut rest, n),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Asks the kernel to start writing `[offset, offset + len)` of `file`
+/// back (`sync_file_range(WRITE)`: no wait, no durability promise; the
+/// commit's fdatasync is what makes it durable). A failure only loses
+/// the head start.
+fn start_writeback(file: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: sync_file_range on our own open descriptor; no memory passed.
+    let _ = unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as i64,
+            len as i64,
+            libc::SYNC_FILE_RANGE_WRITE,
+        )
+    };
+}
+
 impl StagingLog {
     /// Opens (creating) the log at `path`, its memory drawn from the
-    /// agent's replication budget. Call [`Self::recover`] next.
-    pub(crate) fn open(path: &Path) -> std::io::Result<Self> {
-        Self::open_with(path, memory_budget().account())
+    /// agent's replication budget; `reflink`: the data dir can share
+    /// extents, so large aligned writes are staged block-aligned. Call
+    /// [`Self::recover`] next.
+    pub(crate) fn open(path: &Path, reflink: bool) -> std::io::Result<Self> {
+        Self::open_with(path, memory_budget().account(), reflink)
     }
 
     /// As [`Self::open`], drawing on `account`.
-    pub(crate) fn open_with(path: &Path, account: Account) -> std::io::Result<Self> {
+    pub(crate) fn open_with(path: &Path, account: Account, reflink: bool) -> std::io::Result<Self> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -141,19 +278,36 @@ impl StagingLog {
             path: path.to_owned(),
             end: 0,
             written: 0,
-            mem: Vec::new(),
-            mem_start: 0,
+            unwritten: Vec::new(),
+            held: Vec::new(),
+            held_bytes: 0,
             changes: Vec::new(),
             staged_bytes: 0,
             account,
+            reflink,
+            run: None,
             deferred: VecDeque::new(),
             deferred_bytes: 0,
         })
     }
 
+    /// Whether large aligned writes are staged block-aligned, to clone.
+    pub(crate) fn reflink(&self) -> bool {
+        self.reflink
+    }
+
     /// Path of the log file.
     pub(crate) fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The log file, for cloning staged ranges out of it (a new
+    /// descriptor of the same file).
+    ///
+    /// # Errors
+    /// `dup` fails (out of descriptors).
+    pub(crate) fn clone_source(&self) -> std::io::Result<File> {
+        self.file.try_clone()
     }
 
     /// Scans the log: returns the committed batches it holds (in order)
@@ -174,21 +328,25 @@ impl StagingLog {
                 break;
             }
             let (kind, a, b) = (u32_at(4), u64_at(8), u64_at(16));
-            let data_len = if kind == KIND_WRITE { b } else { 0 };
-            if pos + HEADER + data_len > len || data_len > 64 << 20 {
+            let data_len = match kind {
+                KIND_WRITE | KIND_WRITE_ALIGNED => b,
+                _ => 0,
+            };
+            let at = data_pos(kind, pos);
+            if data_len > 64 << 20 || at + data_len > len {
                 break;
             }
             let mut data = vec![0u8; data_len as usize];
-            self.file.read_exact_at(&mut data, pos + HEADER)?;
+            self.file.read_exact_at(&mut data, at)?;
             if header(kind, a, b, &data)[24..28] != h[24..28] {
                 break;
             }
             match kind {
-                KIND_WRITE => {
+                KIND_WRITE | KIND_WRITE_ALIGNED => {
                     changes.push(StagedChange::Write {
                         offset: a,
                         len: b,
-                        log_pos: pos + HEADER,
+                        log_pos: at,
                     });
                     bytes += b;
                 }
@@ -205,7 +363,7 @@ impl StagingLog {
                 }),
                 _ => break,
             }
-            pos += HEADER + data_len;
+            pos = at + data_len;
         }
         if found.is_empty() {
             self.reset()?;
@@ -213,92 +371,141 @@ impl StagingLog {
         Ok(found)
     }
 
-    /// Appends bytes to the log: to memory, and to the file once a chunk
-    /// has gathered.
-    fn append(&mut self, parts: &[&[u8]]) -> std::io::Result<()> {
-        let n: usize = parts.iter().map(|p| p.len()).sum();
-        if !self.reserve(n) {
-            // The budget is spent: this part of the batch lives in the
-            // file only (read back when applied).
-            self.write_out()?;
-            self.drop_mem();
-            for p in parts {
-                self.file.write_all_at(p, self.end)?;
-                self.end += p.len() as u64;
-            }
-            self.written = self.end;
-            self.mem_start = self.end;
-            return Ok(());
-        }
-        for p in parts {
-            self.mem.extend_from_slice(p);
-            self.end += p.len() as u64;
+    /// Appends pieces to the log, written to the file once a chunk has
+    /// gathered.
+    fn append(&mut self, pieces: impl IntoIterator<Item = Piece>) -> std::io::Result<()> {
+        for p in pieces {
+            self.end += p.bytes().len() as u64;
+            self.unwritten.push(p);
         }
         if self.end - self.written >= WRITE_CHUNK {
             self.write_out()?;
         }
-        if self.mem.len() > MEMORY_MAX {
-            self.write_out()?;
-            self.drop_mem();
-        }
         Ok(())
     }
 
-    /// Makes room for `n` more bytes in `mem`, its growth granted by the
-    /// budget first. False: refused, nothing changed.
-    fn reserve(&mut self, n: usize) -> bool {
-        let needed = self.mem.len() + n;
-        let cap = self.mem.capacity();
-        if needed <= cap {
-            return true;
+    /// Keeps a staged payload (at `log_pos`) in memory to apply it from,
+    /// within the budget and [`MEMORY_MAX`]. When the budget refuses, or
+    /// the batch outgrows that, the payloads kept so far are dropped: the
+    /// batch is read back from the file to apply it.
+    fn hold(&mut self, log_pos: u64, data: &Bytes) {
+        let n = data.len() as u64;
+        if self.held_bytes + n > MEMORY_MAX || !self.account.try_take(n) {
+            self.drop_held();
+            return;
         }
-        let new_cap = needed.max(cap * 2).max(64 << 10);
-        if !self.account.try_take((new_cap - cap) as u64) {
-            return false;
-        }
-        self.mem.reserve_exact(new_cap - self.mem.len());
-        // `reserve_exact` may round up; account what is really held.
-        let extra = self.mem.capacity().saturating_sub(new_cap) as u64;
-        if extra > 0 && !self.account.try_take(extra) {
-            self.mem.shrink_to(new_cap);
-        }
-        true
+        self.held.push((log_pos, data.clone()));
+        self.held_bytes += n;
     }
 
-    /// Forgets the in-memory copy (everything in it is in the file) and
-    /// gives its memory back.
-    fn drop_mem(&mut self) {
-        self.mem = Vec::new();
-        self.mem_start = self.end;
+    /// Forgets the payloads kept in memory and gives their budget back.
+    fn drop_held(&mut self) {
+        self.held = Vec::new();
+        self.held_bytes = 0;
         self.account.give_back_all();
     }
 
     /// Writes the part of the log that is only in memory to the file.
     fn write_out(&mut self) -> std::io::Result<()> {
-        let from = (self.written - self.mem_start) as usize;
-        self.file.write_all_at(&self.mem[from..], self.written)?;
+        if self.unwritten.is_empty() {
+            return Ok(());
+        }
+        write_all_vectored_at(&mut self.file, &self.unwritten, self.written)?;
+        self.unwritten.clear();
+        // Start the chunk's writeback now: a large batch (a catch-up) is
+        // then mostly on disk when its commit's fdatasync comes, instead
+        // of all of it being written after the last frame arrived.
+        start_writeback(&self.file, self.written, self.end - self.written);
         self.written = self.end;
         Ok(())
     }
 
     /// Appends a staged write (page cache only; [`Self::commit`] syncs).
-    pub(crate) fn stage_write(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        let h = header(KIND_WRITE, offset, data.len() as u64, data);
-        let log_pos = self.end + HEADER;
-        self.append(&[&h, data])?;
+    /// The payload is kept as received, never copied. A write staged
+    /// block-aligned is applied by clone, from the file: it is not kept in
+    /// memory, and one that continues the log's last aligned record
+    /// extends it.
+    pub(crate) fn stage_write(&mut self, offset: u64, data: &Bytes) -> std::io::Result<()> {
+        let len = data.len() as u64;
+        if !stage_aligned(self.reflink, offset, len) {
+            self.run = None;
+            let h = header(KIND_WRITE, offset, len, data);
+            let log_pos = self.end + HEADER;
+            self.hold(log_pos, data);
+            self.append([Piece::Header(h), Piece::Data(data.clone())])?;
+            self.push_change(offset, len, log_pos);
+            return Ok(());
+        }
+        if let Some(run) = self
+            .run
+            .as_mut()
+            .filter(|r| r.offset + r.len == offset && r.len + len <= RUN_MAX)
+        {
+            run.data_crc.update(data);
+            run.len += len;
+            let (at, h) = (run.header_pos, run.header());
+            self.rewrite_header(at, h)?;
+            self.append([Piece::Data(data.clone())])?;
+            if let Some(StagedChange::Write { len: last, .. }) = self.changes.last_mut() {
+                *last += len;
+            }
+            self.staged_bytes += len;
+            return Ok(());
+        }
+        let header_pos = self.end;
+        let log_pos = data_pos(KIND_WRITE_ALIGNED, header_pos);
+        let mut data_crc = crc32fast::Hasher::new();
+        data_crc.update(data);
+        let run = Run {
+            header_pos,
+            offset,
+            len,
+            data_crc,
+        };
+        let gap = (log_pos - header_pos - HEADER) as usize;
+        let pieces = [
+            Piece::Header(run.header()),
+            Piece::Gap(gap),
+            Piece::Data(data.clone()),
+        ];
+        self.append(pieces.into_iter().filter(|p| !p.bytes().is_empty()))?;
+        self.run = Some(run);
+        self.push_change(offset, len, log_pos);
+        Ok(())
+    }
+
+    fn push_change(&mut self, offset: u64, len: u64, log_pos: u64) {
         self.changes.push(StagedChange::Write {
             offset,
-            len: data.len() as u64,
+            len,
             log_pos,
         });
-        self.staged_bytes += data.len() as u64;
-        Ok(())
+        self.staged_bytes += len;
+    }
+
+    /// Replaces the header at `at` (of the open batch's last record):
+    /// in memory if not written yet, else in the file. The batch is not
+    /// committed, so a crash meanwhile drops it either way.
+    fn rewrite_header(&mut self, at: u64, h: [u8; HEADER as usize]) -> std::io::Result<()> {
+        if at < self.written {
+            return self.file.write_all_at(&h, at);
+        }
+        let mut pos = self.written;
+        for piece in &mut self.unwritten {
+            if pos == at {
+                *piece = Piece::Header(h);
+                return Ok(());
+            }
+            pos += piece.bytes().len() as u64;
+        }
+        unreachable!("the run's header at {at} is neither written nor pending")
     }
 
     /// Appends a staged zero range.
     pub(crate) fn stage_zero(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.run = None;
         let h = header(KIND_ZERO, offset, len, &[]);
-        self.append(&[&h])?;
+        self.append([Piece::Header(h)])?;
         self.changes.push(StagedChange::Zero { offset, len });
         self.staged_bytes += len;
         Ok(())
@@ -311,8 +518,9 @@ impl StagingLog {
         seq: u64,
         consistent_at_unix_ns: i64,
     ) -> std::io::Result<CommittedBatch> {
+        self.run = None;
         let h = header(KIND_COMMIT, seq, consistent_at_unix_ns as u64, &[]);
-        self.append(&[&h])?;
+        self.append([Piece::Header(h)])?;
         self.write_out()?;
         self.file.sync_data()?;
         Ok(CommittedBatch {
@@ -358,45 +566,36 @@ impl StagingLog {
         !self.changes.is_empty()
     }
 
-    /// Reads a staged write's data back (from memory while it is there).
-    pub(crate) fn read(&self, log_pos: u64, len: u64) -> std::io::Result<Vec<u8>> {
-        if log_pos >= self.mem_start && log_pos + len <= self.end {
-            let at = (log_pos - self.mem_start) as usize;
-            return Ok(self.mem[at..at + len as usize].to_vec());
+    /// A staged write's data: the received buffer while it is kept, else
+    /// read back from the file.
+    pub(crate) fn read(&self, log_pos: u64, len: u64) -> std::io::Result<Bytes> {
+        if let Ok(i) = self.held.binary_search_by_key(&log_pos, |(at, _)| *at)
+            && self.held[i].1.len() as u64 == len
+        {
+            return Ok(self.held[i].1.clone());
         }
         let mut data = vec![0u8; len as usize];
         self.file.read_exact_at(&mut data, log_pos)?;
-        Ok(data)
+        Ok(Bytes::from(data))
     }
 
     /// Empties the log (after a batch is applied, or to drop an
     /// uncommitted one). Not synced: a stale committed batch left behind is
     /// recognised by the secondary's record and skipped. Deferred batches
     /// (acknowledged, not yet applied) are kept: only what follows the
-    /// newest of them is dropped.
+    /// newest of them is dropped. Either way the payloads kept in memory
+    /// go (deferred batches are read back), and so does the space of the
+    /// dropped part (blocks a clone shares with the volume stay the
+    /// volume's).
     pub(crate) fn reset(&mut self) -> std::io::Result<()> {
-        if let Some(keep) = self.deferred.back().map(|b| b.end) {
-            // Every committed record is in the file (`commit` wrote it out).
-            self.file.set_len(keep)?;
-            self.end = keep;
-            self.written = keep;
-            self.mem.clear();
-            self.mem_start = keep;
-            self.changes.clear();
-            self.staged_bytes = 0;
-            return Ok(());
-        }
-        self.file.set_len(0)?;
-        self.file.flush()?;
-        self.end = 0;
-        self.written = 0;
-        self.mem.clear();
-        if self.mem.capacity() > KEEP_MEMORY {
-            // A big batch: do not keep its memory for ever.
-            self.mem = Vec::new();
-            self.account.give_back_all();
-        }
-        self.mem_start = 0;
+        let keep = self.deferred.back().map_or(0, |b| b.end);
+        // Every committed record is in the file (`commit` wrote it out).
+        self.file.set_len(keep)?;
+        self.end = keep;
+        self.written = keep;
+        self.unwritten.clear();
+        self.run = None;
+        self.drop_held();
         self.changes.clear();
         if self.changes.capacity() > 4096 {
             self.changes = Vec::new();
@@ -410,26 +609,30 @@ impl StagingLog {
 mod tests {
     use super::*;
 
+    fn data(byte: u8, len: usize) -> Bytes {
+        Bytes::from(vec![byte; len])
+    }
+
     #[test]
     fn only_a_fully_intact_committed_batch_is_recovered() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("v.staging");
-        let mut log = StagingLog::open(&path).expect("open");
+        let mut log = StagingLog::open(&path, false).expect("open");
         assert_eq!(log.recover().expect("recover"), vec![]);
-        log.stage_write(4096, &[7u8; 4096]).expect("stage");
+        log.stage_write(4096, &data(7u8, 4096)).expect("stage");
         log.stage_zero(0, 4096).expect("stage");
         // Uncommitted: a restart drops it.
         drop(log);
-        let mut log = StagingLog::open(&path).expect("open");
+        let mut log = StagingLog::open(&path, false).expect("open");
         assert_eq!(log.recover().expect("recover"), vec![]);
         assert_eq!(std::fs::metadata(&path).expect("stat").len(), 0);
 
-        log.stage_write(8192, &[9u8; 4096]).expect("stage");
+        log.stage_write(8192, &data(9u8, 4096)).expect("stage");
         log.stage_zero(0, 4096).expect("stage");
         let batch = log.commit(5, 1234).expect("commit");
         assert_eq!(batch.changes.len(), 2);
         drop(log);
-        let mut log = StagingLog::open(&path).expect("open");
+        let mut log = StagingLog::open(&path, false).expect("open");
         let found = log
             .recover()
             .expect("recover")
@@ -447,9 +650,9 @@ mod tests {
         // from the file, late ones from memory; both match what was staged.
         log.reset().expect("reset");
         let block = 1 << 20;
-        let count = MEMORY_MAX / block + 8;
+        let count = MEMORY_MAX as usize / block + 8;
         for i in 0..count {
-            log.stage_write((i * block) as u64, &vec![i as u8; block])
+            log.stage_write((i * block) as u64, &data(i as u8, block))
                 .expect("stage");
         }
         let batch = log.commit(6, 99).expect("commit");
@@ -460,7 +663,7 @@ mod tests {
             assert_eq!(log.read(log_pos, len).expect("read"), vec![i as u8; block]);
         }
         drop(log);
-        let mut log = StagingLog::open(&path).expect("open");
+        let mut log = StagingLog::open(&path, false).expect("open");
         let found = log
             .recover()
             .expect("recover")
@@ -475,7 +678,7 @@ mod tests {
             vec![(count - 1) as u8; block]
         );
         log.reset().expect("reset");
-        log.stage_write(8192, &[9u8; 4096]).expect("stage");
+        log.stage_write(8192, &data(9u8, 4096)).expect("stage");
         log.stage_zero(0, 4096).expect("stage");
         log.commit(7, 1).expect("commit");
         drop(log);
@@ -486,7 +689,7 @@ mod tests {
             .open(&path)
             .expect("open raw");
         f.write_all_at(&[0], HEADER + 10).expect("corrupt");
-        let mut log = StagingLog::open(&path).expect("open");
+        let mut log = StagingLog::open(&path, false).expect("open");
         assert_eq!(log.recover().expect("recover"), vec![]);
     }
 
@@ -494,13 +697,13 @@ mod tests {
     fn deferred_batches_survive_a_reset_and_a_restart_replays_them_in_order() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("v.staging");
-        let mut log = StagingLog::open(&path).expect("open");
+        let mut log = StagingLog::open(&path, false).expect("open");
         assert_eq!(log.recover().expect("recover"), vec![]);
-        log.stage_write(0, &[1u8; 4096]).expect("stage");
+        log.stage_write(0, &data(1u8, 4096)).expect("stage");
         let a = log.commit(1, 100).expect("commit");
         assert_eq!(a.bytes, 4096);
         log.defer(a.clone());
-        log.stage_write(4096, &[2u8; 8192]).expect("stage");
+        log.stage_write(4096, &data(2u8, 8192)).expect("stage");
         log.stage_zero(0, 4096).expect("stage");
         let b = log.commit(2, 200).expect("commit");
         assert_eq!(b.bytes, 12288);
@@ -508,7 +711,7 @@ mod tests {
         assert_eq!(log.deferred_bytes(), 16384);
         // An open batch, then a stream breaks: reset drops only the open
         // batch; the deferred ones stay, readable.
-        log.stage_write(8192, &[3u8; 4096]).expect("stage");
+        log.stage_write(8192, &data(3u8, 4096)).expect("stage");
         assert!(log.has_open());
         log.reset().expect("reset");
         assert!(!log.has_open());
@@ -519,10 +722,10 @@ mod tests {
         };
         assert_eq!(log.read(log_pos, len).expect("read"), vec![2u8; 8192]);
         // Staging goes on after the kept batches.
-        log.stage_write(0, &[4u8; 4096]).expect("stage");
+        log.stage_write(0, &data(4u8, 4096)).expect("stage");
         let c = log.commit(3, 300).expect("commit");
         drop(log);
-        let mut log = StagingLog::open(&path).expect("open");
+        let mut log = StagingLog::open(&path, false).expect("open");
         let found = log.recover().expect("recover");
         assert_eq!(found, vec![a.clone(), b.clone(), c.clone()]);
         let ats: Vec<i64> = found.iter().map(|b| b.consistent_at_unix_ns).collect();
@@ -556,11 +759,11 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("v.staging");
         let budget = crate::budget::MemoryBudget::new(1 << 20);
-        let mut log = StagingLog::open_with(&path, budget.account()).expect("open");
+        let mut log = StagingLog::open_with(&path, budget.account(), false).expect("open");
         assert_eq!(log.recover().expect("recover"), vec![]);
         let block = 256 << 10;
         for i in 0..16 {
-            log.stage_write((i * block) as u64, &vec![i as u8; block])
+            log.stage_write((i * block) as u64, &data(i as u8, block))
                 .expect("stage");
             assert!(budget.usage().used_bytes <= 1 << 20);
         }
@@ -579,7 +782,86 @@ mod tests {
             "a big batch's memory is given back"
         );
         drop(log);
-        let mut log = StagingLog::open_with(&path, budget.account()).expect("open");
+        let mut log = StagingLog::open_with(&path, budget.account(), false).expect("open");
         assert_eq!(log.recover().expect("recover"), vec![], "reset emptied it");
+    }
+
+    #[test]
+    fn contiguous_aligned_writes_stage_as_one_block_aligned_record_that_survives_a_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("v.staging");
+        let mut log = StagingLog::open(&path, true).expect("open");
+        assert_eq!(log.recover().expect("recover"), vec![]);
+        let piece = 64 << 10;
+        // A small write first, so the aligned record does not start at 0.
+        log.stage_write(0, &data(1, 512)).expect("stage");
+        // 10 MiB contiguous in 64 KiB frames: one run up to RUN_MAX, then
+        // a second; its header is rewritten both in memory and, once the
+        // 1 MiB chunk went to the file, in the file.
+        let frames = (10 << 20) / piece;
+        for i in 0..frames {
+            log.stage_write((1 << 20) + (i * piece) as u64, &data(i as u8, piece))
+                .expect("stage");
+        }
+        // Not contiguous: a record of its own.
+        log.stage_write(64 << 20, &data(9, piece)).expect("stage");
+        // Aligned but too small to clone: a plain write.
+        log.stage_write(128 << 20, &data(8, 4096)).expect("stage");
+        let batch = log.commit(1, 10).expect("commit");
+        let shape: Vec<(u64, u64, bool)> = batch
+            .changes
+            .iter()
+            .map(|c| match *c {
+                StagedChange::Write {
+                    offset,
+                    len,
+                    log_pos,
+                } => (offset, len, log_pos % ALIGN == 0),
+                StagedChange::Zero { .. } => panic!("no zeros staged"),
+            })
+            .collect();
+        assert_eq!(
+            shape,
+            vec![
+                (0, 512, false),
+                (1 << 20, RUN_MAX, true),
+                ((1 << 20) + RUN_MAX, (10 << 20) - RUN_MAX, true),
+                (64 << 20, piece as u64, true),
+                (128 << 20, 4096, false),
+            ]
+        );
+        let expect = |offset: u64, len: u64| -> Vec<u8> {
+            (0..len / piece as u64)
+                .flat_map(|k| {
+                    let i = (offset - (1 << 20)) / piece as u64 + k;
+                    vec![i as u8; piece]
+                })
+                .collect()
+        };
+        drop(log);
+        let mut log = StagingLog::open(&path, true).expect("open");
+        let found = log.recover().expect("recover");
+        assert_eq!(
+            found,
+            vec![batch.clone()],
+            "every rewritten header reads back intact"
+        );
+        for c in &batch.changes[1..3] {
+            let StagedChange::Write {
+                offset,
+                len,
+                log_pos,
+            } = *c
+            else {
+                panic!("a write")
+            };
+            assert_eq!(
+                log.read(log_pos, len).expect("read").to_vec(),
+                expect(offset, len)
+            );
+        }
+        // Emptying the log frees its blocks.
+        log.reset().expect("reset");
+        assert_eq!(std::fs::metadata(&path).expect("stat").len(), 0);
     }
 }
