@@ -31,8 +31,14 @@
 //! smoke run of benches/scale, a 32 MiB budget let site-a peak at +79 MiB
 //! over idle and site-b at +72 MiB, and with the threshold pinned at
 //! glibc's own default (128 KiB) +23 and +41 MiB, settling back to idle.
-//! [`give_memory_back`] pins it and starts a trimmer that releases free
-//! heap pages after a burst.
+//! But at 128 KiB every per-message buffer of the data path was a fresh
+//! mapping, faulted in page by page: the largest CPU cost of replication
+//! (issue 16). [`give_memory_back`] now pins it at 2 MiB (see
+//! `MMAP_THRESHOLD`) and starts a trimmer that releases free heap pages
+//! ([`trim_now`]: after 16 MiB given back, and whenever replication goes
+//! quiet), so the RSS still settles after a burst. The initial sync's
+//! 4 MiB reads come from a small pool ([`crate::bulk`]) that the trimmer
+//! empties when replication goes quiet.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -287,6 +293,11 @@ impl Account {
         self.give_back(self.held);
     }
 
+    /// The whole budget this account draws on.
+    pub(crate) fn budget_bytes(&self) -> u64 {
+        self.budget.total.load(Ordering::Relaxed)
+    }
+
     /// Bytes held.
     pub(crate) fn held(&self) -> u64 {
         self.held
@@ -400,20 +411,50 @@ pub(crate) fn release_on_pull<T: Send + 'static>(
     })
 }
 
-/// glibc's default mmap threshold, pinned (see the module doc).
-const MMAP_THRESHOLD: i32 = 128 << 10;
+/// The allocator's mmap threshold, pinned (see the module doc): buffers
+/// above it are their own mapping, returned to the kernel when freed.
+/// Not glibc's default 128 KiB: below 2 MiB sit the buffers the data path
+/// allocates and frees per message — the NBD server's 1 MiB write
+/// buffers and the write path's copies of them, tonic's encode and decode
+/// buffers (which double past 128 KiB for 64 KiB messages) — and as
+/// mappings each was faulted in 4 KiB at a time and unmapped again: page
+/// faults and munmap were 30–40 % of the primary's CPU. From the heap they
+/// are reused; the initial sync's 4 MiB reads stay mappings and are
+/// pooled instead ([`crate::bulk`]). Pinned, not left to glibc, because
+/// glibc's own rule raises it with every large free up to 32 MiB, after
+/// which arenas keep their peak (benches/RESULTS.md, "Replication CPU per
+/// byte (issue 16)" and "Scale").
+const MMAP_THRESHOLD: i32 = 2 << 20;
+/// Free memory at the top of a heap glibc keeps instead of returning at
+/// once on a free (its default, 128 KiB, returned and re-faulted the
+/// top of an arena on nearly every burst of frees); twice the mmap
+/// threshold, as glibc's own rule sets it. The trimmer returns the rest
+/// when replication goes quiet.
+const TRIM_THRESHOLD: i32 = 2 * MMAP_THRESHOLD;
+
+/// Whether the trimmer releases free heap pages now: `pending` bytes were
+/// given back (to the budget or by the bulk pool) since the last trim,
+/// and `moved`: some were given back during the last period. A large
+/// amount trims at once; anything at all trims as soon as replication
+/// goes quiet for a period, so memory freed after the last large trim
+/// does not stay in the heap (tests/tests/memory_budget.rs measures the
+/// settled RSS).
+pub(crate) fn trim_now(pending: u64, moved: bool) -> bool {
+    pending >= TRIM_AFTER || (pending > 0 && !moved)
+}
 
 /// Makes the agent give replication memory back after a burst: pins the
-/// allocator's mmap threshold, so buffers of 128 KiB and more go back to
-/// the kernel when freed, and releases free heap pages every
-/// [`TRIM_EVERY`] once at least [`TRIM_AFTER`] bytes were given back to the
-/// budget. Call once at start, inside the runtime.
+/// allocator's mmap and trim thresholds (so they do not drift up with
+/// every large free), and every 2 s (`TRIM_EVERY`) empties the bulk
+/// buffer pool if it went quiet and releases free heap pages (`trim_now`).
+/// Call once at start, inside the runtime.
 pub fn give_memory_back() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets allocator parameters; it has no
     // preconditions and is safe to call while other threads allocate.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
     }
     static STARTED: AtomicBool = AtomicBool::new(false);
     if STARTED.swap(true, Ordering::SeqCst) {
@@ -421,12 +462,18 @@ pub fn give_memory_back() {
     }
     tokio::spawn(async {
         let budget = memory_budget().clone();
+        let mut seen = budget.returned.load(Ordering::Relaxed);
+        let mut pending = 0u64;
         loop {
             tokio::time::sleep(TRIM_EVERY).await;
-            if budget.returned.load(Ordering::Relaxed) < TRIM_AFTER {
+            let now = budget.returned.load(Ordering::Relaxed);
+            let moved = now != seen;
+            pending += now.wrapping_sub(seen) + crate::bulk::bulk_pool().tick();
+            seen = now;
+            if !trim_now(pending, moved) {
                 continue;
             }
-            budget.returned.store(0, Ordering::Relaxed);
+            pending = 0;
             let _ = tokio::task::spawn_blocking(trim).await;
         }
     });
@@ -480,6 +527,24 @@ mod tests {
                 want,
                 "case {i}: total {total} used {used} held {held} holders {holders} n {n}"
             );
+        }
+    }
+
+    #[test]
+    fn trim_now_table() {
+        // (bytes given back since the last trim, moved in the last period, trim)
+        let cases = [
+            (0, false, false),
+            (0, true, false),
+            // A burst still running: only a large amount trims.
+            (M, true, false),
+            (TRIM_AFTER, true, true),
+            // Gone quiet: whatever is pending is released.
+            (M, false, true),
+            (1, false, true),
+        ];
+        for (pending, moved, want) in cases {
+            assert_eq!(trim_now(pending, moved), want, "{pending} {moved}");
         }
     }
 

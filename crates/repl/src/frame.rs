@@ -21,6 +21,16 @@ pub(crate) fn zero_crc(offset: u64, len: u64) -> u32 {
     h.finalize()
 }
 
+/// A copy of `data` with its first byte flipped (the fault-injection
+/// hook): a copy, because the data may be shared with other frames.
+pub(crate) fn flipped(data: &[u8]) -> bytes::Bytes {
+    let mut copy = data.to_vec();
+    if let Some(b) = copy.first_mut() {
+        *b ^= 0xff;
+    }
+    copy.into()
+}
+
 /// The refusal of a frame whose checksum does not match.
 pub(crate) fn rejected(seq: u64, offset: u64) -> Status {
     Status::data_loss(format!(

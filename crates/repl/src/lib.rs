@@ -14,6 +14,7 @@
 
 mod audit;
 mod budget;
+mod bulk;
 mod drill;
 mod error;
 mod events;

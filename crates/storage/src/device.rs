@@ -80,6 +80,19 @@ impl FileDevice {
             .map_err(|e| StorageError::from_io("read", e))
     }
 
+    /// Reads `len` bytes at `offset` into `buf` (emptied first; its
+    /// allocation reused when it has room): for callers that recycle bulk
+    /// buffers (the replication initial sync).
+    ///
+    /// # Errors
+    /// [`StorageError::Io`] from the backing store.
+    pub async fn read_into(&self, offset: u64, buf: Vec<u8>, len: usize) -> Result<Vec<u8>> {
+        self.engine
+            .read_into(&self.file, offset, buf, len)
+            .await
+            .map_err(|e| StorageError::from_io("read", e))
+    }
+
     /// Writes `buf` at `offset`; `durable` makes it FUA.
     ///
     /// # Errors

@@ -309,15 +309,19 @@ impl UringEngine {
             .unwrap_or_else(|_| Err(io::Error::other("io_uring operation dropped")))
     }
 
+    /// Reads `len` bytes into `buf` (emptied first; its allocation reused
+    /// when it has room). Uninitialised: the kernel fills the spare
+    /// capacity (see `Pending::buf`).
     pub(crate) async fn read(
         &self,
         file: Arc<File>,
         offset: u64,
+        mut buf: Vec<u8>,
         len: usize,
     ) -> io::Result<Vec<u8>> {
-        // Uninitialised: the kernel fills it (see `Pending::buf`).
-        self.submit(OpKind::Read, file, offset, Vec::with_capacity(len), len)
-            .await
+        buf.clear();
+        buf.reserve_exact(len);
+        self.submit(OpKind::Read, file, offset, buf, len).await
     }
 
     pub(crate) async fn write(

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use ember_common::Extent;
 use ember_proto::repl::v1 as pb;
 use ember_proto::repl::v1::ember_peer_client::EmberPeerClient;
@@ -511,7 +512,7 @@ impl Session<'_> {
     }
 
     /// Applies the fault-injection hook: flips a byte after checksumming.
-    fn maybe_corrupt(&mut self, data: &mut [u8]) {
+    fn maybe_corrupt(&mut self, data: &mut Bytes) {
         if data.is_empty() || self.corrupted {
             return;
         }
@@ -522,7 +523,7 @@ impl Session<'_> {
             .is_ok();
         if hit {
             tracing::warn!("fault injection: corrupting a replication frame");
-            data[0] ^= 0xff;
+            *data = frame::flipped(data);
             self.corrupted = true;
         }
     }
@@ -531,7 +532,7 @@ impl Session<'_> {
     async fn write_frame(
         &mut self,
         offset: u64,
-        mut data: Vec<u8>,
+        mut data: Bytes,
         staged: bool,
         unordered: bool,
         fua: bool,
@@ -552,7 +553,7 @@ impl Session<'_> {
         self.send(Kind::Write(pb::BlockWrite {
             seq,
             offset,
-            data: data.into(),
+            data,
             crc32: crc,
             staged,
             unordered,
@@ -708,7 +709,7 @@ impl Session<'_> {
         };
         match data {
             Some(d) if !hashes::is_zero(&d) => {
-                self.write_frame(offset, d, true, false, false, false, None)
+                self.write_frame(offset, d.into(), true, false, false, false, None)
                     .await?;
             }
             zeros => {
@@ -725,7 +726,7 @@ impl Session<'_> {
 
     /// Ships resync data read from disk as unordered direct frames of at
     /// most [`PIECE`]; the data's budget bytes ride with the last frame.
-    async fn write_unordered(&mut self, offset: u64, data: Vec<u8>) -> Result<(), SessionError> {
+    async fn write_unordered(&mut self, offset: u64, data: Bytes) -> Result<(), SessionError> {
         let held = if data.len() as u64 > PIECE {
             std::mem::take(&mut self.unsent_held)
         } else {
@@ -765,7 +766,7 @@ impl Session<'_> {
                 } else {
                     0
                 };
-                for (within, piece, last) in pieces::Pieces::new(data, PIECE as usize) {
+                for (within, piece, last) in pieces::Pieces::new(data.into(), PIECE as usize) {
                     let at = offset + within as u64;
                     if !last {
                         self.write_frame(at, piece, staged, false, false, false, None)

@@ -6,6 +6,8 @@
 //!
 //! Reads run ahead of the stream ([`READ_AHEAD`] segments), so the disk
 //! read of one segment overlaps encryption and sending of the previous.
+//! Segments are read into the agent's bulk buffers ([`crate::bulk`]) and
+//! travel as slices of them: no fresh 4 MiB mapping per segment, no copy.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -17,13 +19,14 @@ use super::{HASH_BLOCK, PIECE, Session, SessionError, tracking};
 use crate::hashes::{self, Hash};
 use crate::primary::link::Phase;
 
-/// Largest read (segment) of the initial sync: fewer, larger disk reads.
+/// Largest read (segment) of the initial sync: fewer, larger disk reads;
+/// one bulk buffer.
 /// A segment travels as frames of at most [`PIECE`]: tonic's codec keeps
 /// the largest message of a stream for the stream's life when nothing
 /// else holds it at the next encode, on both sides: 4 MiB frames could
 /// leave 4 MiB per volume on each agent after an initial sync (in the run
 /// measured they did not, by timing; benches/RESULTS.md "Scale", run 4).
-const BULK_PIECE: u64 = 4 << 20;
+const BULK_PIECE: u64 = crate::bulk::BULK_BYTES as u64;
 /// Initial sync persists its progress (resume point) every this many bytes.
 const GROUP: u64 = 64 << 20;
 /// Initial-sync passes stop once the change set is this small; the rest
@@ -172,7 +175,9 @@ impl Session<'_> {
 
     fn spawn_read(&self, seg: Segment) -> Read {
         let volume = self.link.volume.clone();
-        tokio::spawn(async move { volume.device().read(seg.offset, seg.len as usize).await })
+        let len = seg.len as usize;
+        let buf = crate::bulk::bulk_pool().take(len);
+        tokio::spawn(async move { volume.device().read_into(seg.offset, buf, len).await })
     }
 
     /// One group of the initial sync.
@@ -206,6 +211,7 @@ impl Session<'_> {
                 )
             };
             let (runs, skipped) = diff_runs(seg, data.as_deref(), start, remote.as_deref());
+            let data = data.map(|d| crate::bulk::bulk_pool().lend(d));
             let sent = self.send_runs(seg, data, runs).await?;
             self.link
                 .stats
@@ -216,12 +222,12 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// Sends the runs of one segment; a run covering the whole segment
-    /// travels in the read buffer itself (no copy). Returns bytes sent.
+    /// Sends the runs of one segment as slices of its read buffer (no
+    /// copy). Returns bytes sent.
     async fn send_runs(
         &mut self,
         seg: Segment,
-        data: Option<Vec<u8>>,
+        data: Option<bytes::Bytes>,
         runs: Vec<Run>,
     ) -> Result<u64, SessionError> {
         if data.is_some() {
@@ -265,7 +271,7 @@ impl Session<'_> {
                 let d = data.as_ref().expect("non-zero runs come from data");
                 let start = (offset - seg.offset) as usize;
                 // Frames of at most PIECE (the codec keeps its largest
-                // message per stream), copied exactly from the read buffer.
+                // message per stream), slices of the read buffer.
                 let mut at = start;
                 let end = start + length as usize;
                 while at < end {
@@ -275,7 +281,7 @@ impl Session<'_> {
                     }
                     self.write_frame(
                         seg.offset + at as u64,
-                        d[at..next].to_vec(),
+                        d.slice(at..next),
                         false,
                         true,
                         false,

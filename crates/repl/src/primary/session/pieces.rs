@@ -1,5 +1,5 @@
-//! Splitting a large client write into stream-sized pieces without keeping
-//! the write's whole allocation alive once per piece.
+//! Splitting a large write into stream-sized pieces without copying it and
+//! without keeping more than the write's own allocation alive.
 //!
 //! Why this is its own module: the obvious `Vec::split_off` loop leaves
 //! every piece it returns with the *capacity* of the buffer it was cut from
@@ -9,18 +9,19 @@
 //! session's channel, and copied ~7.5 MiB to do it: with 20 streams to a
 //! stalled peer the primary's RSS peaked at 262–272 MiB under a 64 MiB
 //! budget (tests/tests/memory_budget.rs; benches/RESULTS.md "Scale", run
-//! 4). Here every piece but the last is an exact-size copy, and the last
-//! is the original buffer, so a write in flight holds at most its own
-//! bytes plus the copies not yet encoded.
+//! 4). Here every piece is a `Bytes` slice of the one allocation: nothing
+//! is copied (prost copies each piece once, into the gRPC encode buffer),
+//! and a write in flight holds exactly its own allocation until its last
+//! piece is encoded — the frame its budget bytes ride on.
+
+use bytes::Bytes;
 
 /// The pieces of one write's data, front to back: `(offset of the piece
-/// within the write, data)`. Every piece but the last is a copy with
-/// `capacity == len`; the last is the original buffer with the bytes
-/// before it removed (so it keeps the original allocation, which the
-/// write's budget bytes already count).
+/// within the write, data, is the last piece)`. Every piece shares the
+/// write's allocation.
 #[derive(Debug)]
 pub(super) struct Pieces {
-    data: Vec<u8>,
+    data: Bytes,
     piece: usize,
     at: usize,
     done: bool,
@@ -28,7 +29,7 @@ pub(super) struct Pieces {
 
 impl Pieces {
     /// Pieces of at most `piece` bytes (`piece > 0`) of `data`.
-    pub(super) fn new(data: Vec<u8>, piece: usize) -> Self {
+    pub(super) fn new(data: Bytes, piece: usize) -> Self {
         assert!(piece > 0, "pieces of zero bytes never end");
         Self {
             data,
@@ -41,34 +42,34 @@ impl Pieces {
 
 impl Iterator for Pieces {
     /// `(offset within the write, data, is the last piece)`.
-    type Item = (usize, Vec<u8>, bool);
+    type Item = (usize, Bytes, bool);
 
     fn next(&mut self) -> Option<Self::Item> {
         if self.done {
             return None;
         }
-        let rest = self.data.len() - self.at;
+        let at = self.at;
+        let rest = self.data.len() - at;
         if rest <= self.piece {
-            // The last piece travels in the original buffer: no copy, and
-            // the allocation goes away when this piece is encoded.
+            // The last piece takes the handle itself: once it is encoded,
+            // nothing of the write is left alive.
             self.done = true;
-            let at = self.at;
             let mut last = std::mem::take(&mut self.data);
-            last.drain(..at);
+            bytes::Buf::advance(&mut last, at);
             return Some((at, last, true));
         }
-        let at = self.at;
         self.at += self.piece;
-        Some((at, self.data[at..self.at].to_vec(), false))
+        Some((at, self.data.slice(at..self.at), false))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::Pieces;
+    use bytes::Bytes;
 
     #[test]
-    fn pieces_cover_the_write_in_order_and_only_the_last_keeps_the_buffer() {
+    fn pieces_cover_the_write_in_order_and_share_its_allocation() {
         // (write length, piece size, expected piece lengths)
         let cases: [(usize, usize, &[usize]); 6] = [
             (0, 4, &[0]),
@@ -81,6 +82,8 @@ mod tests {
         for (len, piece, want) in cases {
             let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
             let original = data.clone();
+            let data = Bytes::from(data);
+            let base = data.as_ptr();
             let out: Vec<_> = Pieces::new(data, piece).collect();
             let lens: Vec<usize> = out.iter().map(|(_, d, _)| d.len()).collect();
             assert_eq!(lens, want, "len {len} piece {piece}");
@@ -88,11 +91,11 @@ mod tests {
             for (k, (at, d, last)) in out.iter().enumerate() {
                 assert_eq!(*at, joined.len(), "piece {k} offset");
                 assert_eq!(*last, k + 1 == out.len(), "piece {k} last flag");
-                if !last {
+                if !d.is_empty() {
                     // The property the memory test depends on: a piece
-                    // waiting in the channel holds its own bytes, not the
-                    // whole write's allocation.
-                    assert_eq!(d.capacity(), d.len(), "piece {k} of {len}: capacity");
+                    // waiting in the channel is a view of the write's own
+                    // allocation, never a copy nor a larger buffer.
+                    assert_eq!(d.as_ptr(), base.wrapping_add(*at), "piece {k} of {len}");
                 }
                 joined.extend_from_slice(d);
             }
@@ -101,14 +104,16 @@ mod tests {
     }
 
     #[test]
-    fn a_split_megabyte_allocates_about_a_megabyte() {
-        let out: Vec<_> = Pieces::new(vec![7u8; 1 << 20], 64 << 10).collect();
-        let held: usize = out.iter().map(|(_, d, _)| d.capacity()).sum();
-        // 15 exact copies plus the original 1 MiB buffer (the last piece);
-        // the `split_off` loop this replaces held ~8.5 MiB.
-        assert!(
-            held <= (1 << 20) + 15 * (64 << 10),
-            "pieces of a 1 MiB write hold {held} bytes"
-        );
+    fn the_write_is_freed_once_its_last_piece_is() {
+        let data = Bytes::from(vec![7u8; 1 << 20]);
+        let handle = data.clone();
+        let mut pieces = Pieces::new(data, 64 << 10);
+        let first: Vec<_> = pieces.by_ref().take(15).collect();
+        drop(first);
+        assert!(!handle.is_unique(), "the last piece is still out");
+        let last = pieces.next().expect("the last piece");
+        assert!(last.2 && pieces.next().is_none());
+        drop(last);
+        assert!(handle.is_unique(), "nothing but the test holds the write");
     }
 }
