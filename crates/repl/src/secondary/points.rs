@@ -53,7 +53,9 @@ use crate::plan::points::{self as plan, Blocks, PointMeta, Schedule, SelectError
 pub(crate) use crate::plan::points::{PointKind, PointSelector};
 use crate::primary::link::now_unix_ns;
 
+mod hold;
 mod keep;
+pub(crate) use hold::hold_image;
 pub(crate) use keep::keep_as_snapshots;
 
 const INDEX: &str = "points.json";
@@ -346,9 +348,10 @@ pub(crate) struct VolumePoints {
     /// One point at a time per volume: held from the clone until the
     /// point is recorded (and the next point's head start is made).
     serial: Arc<tokio::sync::Mutex<()>>,
-    /// Held by a point's clone of the volume while it runs, and by every
-    /// change applied to the volume (`apply.rs`): a clone sees no batch
-    /// half-applied, and the stream defers batches while it runs.
+    /// Held by a point's clone of the volume while it runs (and by a
+    /// drill's: `hold.rs`), and by every change applied to the volume
+    /// (`apply.rs`): a clone sees no batch half-applied, and the stream
+    /// defers batches while it runs.
     clone_gate: Arc<tokio::sync::Mutex<()>>,
     ctx: Arc<PointsCtx>,
 }
