@@ -987,10 +987,6 @@ fn a_drills_clone_does_not_hold_the_stream() {
     );
     let status = drill.wait().expect("drill start");
     assert!(status.success(), "drill start failed: {}", tail(&sites.b.log()));
-    assert!(
-        max_lag < 1.0,
-        "the primary's lag reached {max_lag:.3}s while the drill's clone was held 3 s: the stream waited for it"
-    );
     let log = sites.b.log();
     let line = log
         .lines()
@@ -1003,6 +999,12 @@ fn a_drills_clone_does_not_hold_the_stream() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no deferred_bytes in {line}"));
     assert!(deferred > 0, "no batch was acknowledged during the clone: {line}");
+    // Half the hold: a loaded CI machine lags up to ~1 s without any drill,
+    // a stream held by the clone reaches ~2.5 s by the last sample.
+    assert!(
+        max_lag < 1.5,
+        "the primary's lag reached {max_lag:.3}s while the drill's clone was held 3 s: the stream waited for it"
+    );
 
     // Still the image at one batch boundary.
     let d = sites.b.ctl_json(&["replica", "drill", "list"]);
