@@ -187,9 +187,10 @@ class DriverRpc:
 
     def __init__(self, python, agent):
         helper = os.path.join(ROOT, "benches", "snap", "driver_rpc.py")
-        env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "driver-shim")}
+        # The venv's installed ember_cinder: it holds the generated stubs
+        # (`_proto`), which the source tree does not.
         self.proc = subprocess.Popen([python, helper, agent.api], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, env=env)
+                                     stdout=subprocess.PIPE, text=True)
 
     def snapshot_ms(self, vol, snap):
         self.proc.stdin.write(f"{vol} {snap}\n")

@@ -969,7 +969,11 @@ fn a_drills_clone_does_not_hold_the_stream() {
     let mut drill = start_drill_in_background(&sites.b, "db", "db-drill");
     let deadline = Instant::now() + Duration::from_secs(20);
     while sites.b.log().matches(CLONE_HELD).count() <= seen {
-        assert!(Instant::now() < deadline, "the drill's clone never held: {}", tail(&sites.b.log()));
+        assert!(
+            Instant::now() < deadline,
+            "the drill's clone never held: {}",
+            tail(&sites.b.log())
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     // Sampled while the clone is held (3 s from the FAULT line): a stream
@@ -986,7 +990,11 @@ fn a_drills_clone_does_not_hold_the_stream() {
         "the drill finished before the hold ended: the clone was not held"
     );
     let status = drill.wait().expect("drill start");
-    assert!(status.success(), "drill start failed: {}", tail(&sites.b.log()));
+    assert!(
+        status.success(),
+        "drill start failed: {}",
+        tail(&sites.b.log())
+    );
     let log = sites.b.log();
     let line = log
         .lines()
@@ -998,7 +1006,10 @@ fn a_drills_clone_does_not_hold_the_stream() {
         .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no deferred_bytes in {line}"));
-    assert!(deferred > 0, "no batch was acknowledged during the clone: {line}");
+    assert!(
+        deferred > 0,
+        "no batch was acknowledged during the clone: {line}"
+    );
     // Half the hold: a loaded CI machine lags up to ~1 s without any drill,
     // a stream held by the clone reaches ~2.5 s by the last sample.
     assert!(
@@ -1008,7 +1019,10 @@ fn a_drills_clone_does_not_hold_the_stream() {
 
     // Still the image at one batch boundary.
     let d = sites.b.ctl_json(&["replica", "drill", "list"]);
-    let uri = d[0]["nbd_uri"].as_str().unwrap_or_else(|| panic!("{d}")).to_owned();
+    let uri = d[0]["nbd_uri"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{d}"))
+        .to_owned();
     let image = snapshot_export(&uri, &sites.dir.path().join("drill.img"));
     let _ = writer.kill();
     let _ = writer.wait();
@@ -1019,6 +1033,10 @@ fn a_drills_clone_does_not_hold_the_stream() {
     // on the same stream.
     let s = sites.wait_caught_up("db");
     assert_eq!(s["sessions"], sessions, "the stream restarted: {s}");
-    assert_same_image(&sites.a.uri("db"), &sites.b.uri("db"), "after a held drill clone");
+    assert_same_image(
+        &sites.a.uri("db"),
+        &sites.b.uri("db"),
+        "after a held drill clone",
+    );
     eprintln!("drill clone held 3 s: max primary lag {max_lag:.3}s, {deferred} bytes deferred");
 }
