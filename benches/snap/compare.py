@@ -433,6 +433,13 @@ def report(results, sizes, rounds):
             paired = [e["secs"] / c["secs"] for e, c in zip(er, row["cp-reflink"]["rounds"])]
             ratios[f"{label}: ember-xfs / cp --reflink, median of same-round ratios"] = \
                 statistics.median(paired)
+            if "driver-rpc" in row:
+                dr = row["driver-rpc"]["rounds"]
+                cpr = row["cp-reflink"]["rounds"]
+                ratios[f"{label}: driver-rpc / cp --reflink, best of {rounds} each"] = \
+                    min(r["secs"] for r in dr) / min(r["secs"] for r in cpr)
+                ratios[f"{label}: driver-rpc / cp --reflink, median of same-round ratios"] = \
+                    statistics.median(d["secs"] / c["secs"] for d, c in zip(dr, cpr))
     print(f"  load average at start {' '.join(results['loadavg_start'])},"
           f" at end {' '.join(results['loadavg_end'])}")
     for k, v in ratios.items():
