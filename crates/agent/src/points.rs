@@ -93,8 +93,9 @@ pub(crate) async fn set(
             "nothing to set: give --points-every, --keep or --keep-for",
         ));
     }
+    let peer = (!req.peer.is_empty()).then_some(req.peer.as_str());
     svc.replication
-        .set_points(&req.volume, settings)
+        .set_points(&req.volume, peer, settings)
         .await
         .map_err(repl_status)?;
     let status = svc.replication.status(&req.volume).map_err(repl_status)?;
@@ -103,18 +104,20 @@ pub(crate) async fn set(
     }))
 }
 
-/// `EnableReplication` carried point settings: applies them after the
-/// replica exists, and answers with the status after that.
+/// `EnableReplication` carried point settings: applies them to the target
+/// just enabled (`peer`) after it exists, and answers with the status after
+/// that.
 pub(crate) async fn after_enable(
     svc: &ControlService,
     volume: &str,
+    peer: &str,
     points: Option<pb::PointSettings>,
     status: ReplicaStatus,
 ) -> Result<ReplicaStatus, Status> {
     let settings = settings(points);
     if !svc
         .replication
-        .set_points(volume, settings)
+        .set_points(volume, Some(peer), settings)
         .await
         .map_err(repl_status)?
     {

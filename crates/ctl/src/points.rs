@@ -173,6 +173,7 @@ pub(crate) async fn set(
     api: &mut EmberControlClient<Channel>,
     out: Out,
     volume: String,
+    peer: Option<String>,
     points: Option<pb::PointSettings>,
 ) -> anyhow::Result<()> {
     let points = points.context("nothing to set: give --points-every, --keep or --keep-for")?;
@@ -180,6 +181,7 @@ pub(crate) async fn set(
         .set_replication(pb::SetReplicationRequest {
             volume: volume.clone(),
             points: Some(points),
+            peer: peer.unwrap_or_default(),
         })
         .await?
         .into_inner()

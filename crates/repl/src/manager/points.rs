@@ -431,17 +431,26 @@ impl Replication {
     }
 
     /// `replica enable|set … --points-every --keep --keep-for`: changes
-    /// the schedule of a primary replica and restarts its session so the
-    /// secondary learns it at once. Returns whether anything changed.
+    /// the schedule of the primary replica's target at `peer` (`None`:
+    /// every target, first target first; `replica enable --peer X` passes
+    /// X) and restarts that target's session so its secondary learns it at
+    /// once (a paused target learns it when resumed). Returns whether
+    /// anything changed.
     ///
     /// # Errors
-    /// `NotFound`; `FailedPrecondition` on the secondary's site or for a
-    /// peer too old for points.
-    pub async fn set_points(&self, volume: &str, settings: PointSettings) -> Result<bool> {
+    /// `NotFound` (not replicated here, or no target at `peer`);
+    /// `FailedPrecondition` on the secondary's site or for a peer too old
+    /// for points.
+    pub async fn set_points(
+        &self,
+        volume: &str,
+        peer: Option<&str>,
+        settings: PointSettings,
+    ) -> Result<bool> {
         if settings.is_empty() {
             return Ok(false);
         }
-        let Some(link) = self.link(volume) else {
+        if self.link(volume).is_none() {
             if let Some(sv) = self.secondaries.get(volume) {
                 return Err(ReplError::FailedPrecondition(format!(
                     "volume {volume} is a secondary here; set its points on the primary's site {}",
@@ -451,34 +460,42 @@ impl Replication {
             return Err(ReplError::NotFound(format!(
                 "volume {volume} is not replicated on this site"
             )));
-        };
-        let cfg = link.config();
-        let mut next = cfg.points;
-        settings.apply(&mut next);
-        if next == cfg.points {
-            return Ok(false);
         }
-        if next.every_secs > 0 {
-            let version = self.ctx.registry.peer(&cfg.peer).await.map_or(0, |p| p.0);
-            if version < ProtocolVersion::POINTS {
-                return Err(ReplError::FailedPrecondition(format!(
-                    "peer {} was paired at protocol version {version}; re-pair it (emberctl peer add) for recovery points",
-                    cfg.peer
-                )));
+        let mut changed = false;
+        for link in self.chosen_links(volume, peer)? {
+            let cfg = link.config();
+            let mut next = cfg.points;
+            settings.apply(&mut next);
+            if next == cfg.points {
+                continue;
             }
+            if next.every_secs > 0 {
+                let version = self.ctx.registry.peer(&cfg.peer).await.map_or(0, |p| p.0);
+                if version < ProtocolVersion::POINTS {
+                    return Err(ReplError::FailedPrecondition(format!(
+                        "peer {} was paired at protocol version {version}; re-pair it (emberctl peer add) for recovery points",
+                        cfg.peer
+                    )));
+                }
+            }
+            link.update(|c| c.points = next)
+                .map_err(|e| ReplError::Internal(format!("persisting the point schedule: {e}")))?;
+            tracing::info!(
+                volume,
+                peer = %cfg.peer,
+                every_secs = next.every_secs,
+                keep = next.keep,
+                keep_for_secs = next.keep_for_secs,
+                "recovery point schedule set"
+            );
+            // The schedule travels in OpenReplica: a new session carries it.
+            if !cfg.paused {
+                self.stop_session(volume, &cfg.peer).await;
+                self.start_session(volume, &link);
+            }
+            changed = true;
         }
-        link.update(|c| c.points = next)
-            .map_err(|e| ReplError::Internal(format!("persisting the point schedule: {e}")))?;
-        tracing::info!(
-            volume,
-            every_secs = next.every_secs,
-            keep = next.keep,
-            keep_for_secs = next.keep_for_secs,
-            "recovery point schedule set"
-        );
-        // The schedule travels in OpenReplica: a new session carries it.
-        self.restart(volume);
-        Ok(true)
+        Ok(changed)
     }
 }
 
