@@ -2,8 +2,9 @@
 //! issue 14's multi-target volumes), three real agents with data dirs on
 //! one loop-mounted XFS (reflink): `replica enable --peer X --points-every`
 //! sets X's schedule, not the first target's; `replica set --peer X` changes
-//! one target's; a peer the volume does not replicate to is NOT_FOUND
-//! naming its targets.
+//! one target's; `replica points` on the primary lists every target's
+//! points with a `peer` field; a peer the volume does not replicate to is
+//! NOT_FOUND naming its targets.
 
 use std::time::{Duration, Instant};
 
@@ -155,6 +156,48 @@ fn each_target_has_its_own_point_schedule() {
         std::thread::sleep(Duration::from_millis(300));
     }
     wait_points(&sites.b, "site-b");
+
+    // Asked on the primary, `replica points` lists every target's points,
+    // each entry naming its target; each target's own listing has them.
+    let listed = sites.a.ctl_json(&["replica", "points", "vol"]);
+    let listed = listed.as_array().expect("points list is an array").clone();
+    let own = |agent: &Agent| -> Vec<String> {
+        agent
+            .ctl_json(&["replica", "points", "vol"])
+            .as_array()
+            .expect("points list")
+            .iter()
+            .map(|p| {
+                assert!(
+                    p.get("peer").is_none(),
+                    "a secondary's own listing has a peer: {p}"
+                );
+                p["name"].as_str().expect("name").to_owned()
+            })
+            .collect()
+    };
+    let (on_b, on_c) = (own(&sites.b), own(&sites.c));
+    for (peer, names) in [("site-b", &on_b), ("site-c", &on_c)] {
+        let from_a: Vec<&serde_json::Value> = listed.iter().filter(|p| p["peer"] == peer).collect();
+        assert!(
+            !from_a.is_empty(),
+            "no {peer} points in site-a's listing: {listed:?}"
+        );
+        for p in from_a {
+            let name = p["name"].as_str().expect("name");
+            assert!(
+                names.iter().any(|n| n == name),
+                "{name} ({peer}) is not on {peer}: {names:?}"
+            );
+            assert!(p["at"].is_string() && p["kind"] == "scheduled", "{p}");
+        }
+    }
+    assert!(
+        listed
+            .iter()
+            .all(|p| p["peer"] == "site-b" || p["peer"] == "site-c"),
+        "an entry without its target: {listed:?}"
+    );
 
     // An unknown target: NOT_FOUND naming the volume's targets.
     let out = sites

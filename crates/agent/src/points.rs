@@ -16,6 +16,7 @@ fn point_pb(p: PointListing) -> pb::RecoveryPoint {
         kind: p.kind.to_owned(),
         group: p.group,
         pinned_bytes: p.pinned_bytes,
+        peer: p.peer,
     }
 }
 

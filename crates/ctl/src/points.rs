@@ -84,10 +84,16 @@ pub(crate) fn settings(
 }
 
 fn point_json(p: &pb::RecoveryPoint) -> Value {
-    json!({
+    let mut j = json!({
         "name": p.name, "at": rfc3339(p.at_unix_ns), "at_unix_ns": p.at_unix_ns,
         "kind": p.kind, "group": p.group, "pinned_bytes": p.pinned_bytes,
-    })
+    });
+    // Only a primary's listing of several targets says which holds it:
+    // a one-target listing keeps its shape.
+    if !p.peer.is_empty() {
+        j["peer"] = p.peer.clone().into();
+    }
+    j
 }
 
 /// `replica points VOLUME`.
@@ -104,18 +110,27 @@ pub(crate) async fn list(
         out.print_json(&Value::Array(r.points.iter().map(point_json).collect()));
         return Ok(());
     }
+    let several = r.points.iter().any(|p| !p.peer.is_empty());
+    let headers: &[&str] = if several {
+        &["PEER", "NAME", "AT", "KIND", "GROUP", "PINNED"]
+    } else {
+        &["NAME", "AT", "KIND", "GROUP", "PINNED"]
+    };
     table(
-        &["NAME", "AT", "KIND", "GROUP", "PINNED"],
+        headers,
         r.points
             .iter()
             .map(|p| {
-                vec![
-                    p.name.clone(),
-                    rfc3339(p.at_unix_ns).unwrap_or_default(),
-                    p.kind.clone(),
-                    p.group.clone(),
-                    format_size(p.pinned_bytes),
-                ]
+                let peer = several.then(|| p.peer.clone());
+                peer.into_iter()
+                    .chain([
+                        p.name.clone(),
+                        rfc3339(p.at_unix_ns).unwrap_or_default(),
+                        p.kind.clone(),
+                        p.group.clone(),
+                        format_size(p.pinned_bytes),
+                    ])
+                    .collect()
             })
             .collect(),
     );

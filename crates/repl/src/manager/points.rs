@@ -144,6 +144,7 @@ fn report_from_peer(r: pb::PeerListPointsResponse) -> PointsReport {
                 at_unix_ns: p.at_unix_ns,
                 group: p.group,
                 pinned_bytes: p.pinned_bytes,
+                peer: String::new(),
             })
             .collect(),
         every_secs: r.points_every_seconds,
@@ -337,6 +338,7 @@ impl Replication {
             kind: "manual",
             group: cfg.group.unwrap_or_default(),
             pinned_bytes: 0,
+            peer: String::new(),
         })
     }
 
@@ -358,23 +360,52 @@ impl Replication {
     }
 
     /// `replica points VOL` on either site: a secondary held here answers
-    /// from its own state; a primary asks its secondary over the peer
-    /// link (`ListPoints`), as `point create` does, and returns the same
-    /// listing.
+    /// from its own state; a primary asks each target's secondary over the
+    /// peer link (`ListPoints`), as `point create` does. One target: its
+    /// listing as it is. Several: every target's points, target by target
+    /// (first target first, each oldest first), each with its `peer`; the
+    /// schedule fields are the first target's.
     ///
     /// # Errors
     /// As [`Self::list_points`] on the secondary's site; on the primary's,
-    /// `UNAVAILABLE` when the secondary cannot be reached,
+    /// `UNAVAILABLE` when a secondary cannot be reached,
     /// `FAILED_PRECONDITION` for a peer too old to list points, and the
     /// secondary's own refusal (prefixed with its site).
     pub async fn list_points_on_either_site(
         &self,
         volume: &str,
     ) -> std::result::Result<PointsReport, Status> {
-        let Some(link) = self.link(volume) else {
+        if self.link(volume).is_none() {
             return self.secondaries.list_points(volume);
-        };
-        let peer = link.config().peer;
+        }
+        let links = self
+            .chosen_links(volume, None)
+            .map_err(|e| Status::not_found(e.to_string()))?;
+        let several = links.len() > 1;
+        let mut all: Option<PointsReport> = None;
+        for link in links {
+            let peer = link.config().peer;
+            let mut r = self.points_of_target(volume, &peer).await?;
+            if several {
+                for p in &mut r.points {
+                    p.peer.clone_from(&peer);
+                }
+            }
+            match &mut all {
+                None => all = Some(r),
+                Some(a) => a.points.append(&mut r.points),
+            }
+        }
+        Ok(all.expect("a primary replica has a first target"))
+    }
+
+    /// The points of the secondary at `peer` of primary replica `volume`,
+    /// asked over the peer link.
+    async fn points_of_target(
+        &self,
+        volume: &str,
+        peer: &str,
+    ) -> std::result::Result<PointsReport, Status> {
         let too_old = || {
             Status::failed_precondition(format!(
                 "peer {peer} is too old to list recovery points for its primary: ask on site {peer}, or upgrade it"
@@ -383,7 +414,7 @@ impl Replication {
         let (mut client, _, version) = self
             .ctx
             .registry
-            .call_client(&peer)
+            .call_client(peer)
             .await
             .map_err(|e| Status::unavailable(format!("{peer}: {e}")))?;
         if version < ProtocolVersion::POINTS {
@@ -434,8 +465,8 @@ impl Replication {
     /// the schedule of the primary replica's target at `peer` (`None`:
     /// every target, first target first; `replica enable --peer X` passes
     /// X) and restarts that target's session so its secondary learns it at
-    /// once (a paused target learns it when resumed). Returns whether
-    /// anything changed.
+    /// once (a paused further target learns it when resumed). Returns
+    /// whether anything changed.
     ///
     /// # Errors
     /// `NotFound` (not replicated here, or no target at `peer`);
@@ -450,7 +481,8 @@ impl Replication {
         if settings.is_empty() {
             return Ok(false);
         }
-        if self.link(volume).is_none() {
+        let lead_peer = self.link(volume).map(|l| l.config().peer);
+        if lead_peer.is_none() {
             if let Some(sv) = self.secondaries.get(volume) {
                 return Err(ReplError::FailedPrecondition(format!(
                     "volume {volume} is a secondary here; set its points on the primary's site {}",
@@ -489,7 +521,12 @@ impl Replication {
                 "recovery point schedule set"
             );
             // The schedule travels in OpenReplica: a new session carries it.
-            if !cfg.paused {
+            // The first target restarts as it always has (a new link from
+            // its config); a further one restarts its session in place, as
+            // `resume` does.
+            if lead_peer.as_deref() == Some(cfg.peer.as_str()) {
+                self.restart(volume);
+            } else if !cfg.paused {
                 self.stop_session(volume, &cfg.peer).await;
                 self.start_session(volume, &link);
             }
@@ -513,6 +550,7 @@ mod tests {
                     kind: "scheduled",
                     group: "pg".into(),
                     pinned_bytes: 65_536,
+                    peer: String::new(),
                 },
                 PointListing {
                     name: "before-upgrade".into(),
@@ -520,6 +558,7 @@ mod tests {
                     kind: "manual",
                     group: String::new(),
                     pinned_bytes: 0,
+                    peer: String::new(),
                 },
             ],
             every_secs: 300,

@@ -124,6 +124,9 @@ pub struct PointListing {
     /// Estimated bytes it pins (blocks overwritten since it, until the
     /// next point).
     pub pinned_bytes: u64,
+    /// The target site holding it, in a primary's listing of a volume
+    /// with several targets; empty otherwise.
+    pub peer: String,
 }
 
 /// A secondary's points and schedule, for the control API.
@@ -1206,6 +1209,7 @@ impl SecondarySet {
                     at_unix_ns: p.at_unix_ns,
                     kind: p.kind.as_str(),
                     group: p.group,
+                    peer: String::new(),
                 })
                 .collect(),
             every_secs: schedule.every_secs,
@@ -1276,6 +1280,7 @@ impl SecondarySet {
                     at_unix_ns: p.at_unix_ns,
                     kind: p.kind.as_str(),
                     group: p.group,
+                    peer: String::new(),
                 });
             }
             drop(guard);
