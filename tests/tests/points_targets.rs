@@ -3,8 +3,9 @@
 //! one loop-mounted XFS (reflink): `replica enable --peer X --points-every`
 //! sets X's schedule, not the first target's; `replica set --peer X` changes
 //! one target's; `replica points` on the primary lists every target's
-//! points with a `peer` field; a peer the volume does not replicate to is
-//! NOT_FOUND naming its targets.
+//! points with a `peer` field; `replica point create` on the primary takes
+//! a point on every target (or the `--peer` one), saying which; a peer the
+//! volume does not replicate to is NOT_FOUND naming its targets.
 
 use std::time::{Duration, Instant};
 
@@ -197,6 +198,37 @@ fn each_target_has_its_own_point_schedule() {
             .iter()
             .all(|p| p["peer"] == "site-b" || p["peer"] == "site-c"),
         "an entry without its target: {listed:?}"
+    );
+
+    // `point create` on the primary: on every target, each entry naming
+    // its target; with --peer on that target alone.
+    let made = sites
+        .a
+        .ctl_json(&["replica", "point", "create", "vol", "--name", "m1"]);
+    let made = made
+        .as_array()
+        .unwrap_or_else(|| panic!("not a list: {made}"));
+    let mut peers: Vec<&str> = made
+        .iter()
+        .map(|p| p["peer"].as_str().expect("peer"))
+        .collect();
+    peers.sort_unstable();
+    assert_eq!(peers, ["site-b", "site-c"], "{made:?}");
+    assert!(
+        made.iter()
+            .all(|p| p["name"] == "m1" && p["kind"] == "manual"),
+        "{made:?}"
+    );
+    assert!(own(&sites.b).contains(&"m1".to_owned()) && own(&sites.c).contains(&"m1".to_owned()));
+    let made = sites.a.ctl_json(&[
+        "replica", "point", "create", "vol", "--name", "m2", "--peer", "site-c",
+    ]);
+    assert_eq!(made.as_array().map(Vec::len), Some(1), "{made}");
+    assert_eq!(made[0]["peer"], "site-c", "{made}");
+    assert!(own(&sites.c).contains(&"m2".to_owned()));
+    assert!(
+        !own(&sites.b).contains(&"m2".to_owned()),
+        "m2 reached site-b"
     );
 
     // An unknown target: NOT_FOUND naming the volume's targets.

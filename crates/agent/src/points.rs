@@ -56,9 +56,16 @@ pub(crate) async fn create(
     let req = request.into_inner();
     check_volume(&req.volume)?;
     let name = (!req.name.is_empty()).then_some(req.name);
-    let p = svc.replication.create_point(&req.volume, name).await?;
+    let peer = (!req.peer.is_empty()).then_some(req.peer.as_str());
+    let taken = svc
+        .replication
+        .create_point(&req.volume, name, peer)
+        .await?;
+    let several = taken.iter().any(|p| !p.peer.is_empty());
+    let points: Vec<pb::RecoveryPoint> = taken.into_iter().map(point_pb).collect();
     Ok(Response::new(pb::CreatePointResponse {
-        point: Some(point_pb(p)),
+        point: points.first().cloned(),
+        points: if several { points } else { Vec::new() },
     }))
 }
 

@@ -24,6 +24,10 @@ pub(crate) enum PointCmd {
         /// Point name (default: manual-TIME).
         #[arg(long)]
         name: Option<String>,
+        /// On the primary of a volume with several targets: only the
+        /// target at this peer site (default: every connected target).
+        #[arg(long)]
+        peer: Option<String>,
     },
 }
 
@@ -159,24 +163,41 @@ pub(crate) async fn run(
     out: Out,
 ) -> anyhow::Result<()> {
     match cmd {
-        PointCmd::Create { volume, name } => {
-            let p = api
+        PointCmd::Create { volume, name, peer } => {
+            let r = api
                 .create_point(pb::CreatePointRequest {
                     volume: volume.clone(),
                     name: name.unwrap_or_default(),
+                    peer: peer.unwrap_or_default(),
                 })
                 .await?
-                .into_inner()
-                .point
-                .context("agent returned no point")?;
-            if out.json {
-                out.print_json(&point_json(&p));
+                .into_inner();
+            // Several targets: one point per target, each naming its peer
+            // (a list); one target: the object as always.
+            let taken = if r.points.is_empty() {
+                vec![r.point.context("agent returned no point")?]
             } else {
-                outln!(
-                    "recovery point {} of {volume} at {}",
-                    p.name,
-                    rfc3339(p.at_unix_ns).unwrap_or_default()
-                );
+                r.points
+            };
+            if out.json {
+                if taken.len() == 1 && taken[0].peer.is_empty() {
+                    out.print_json(&point_json(&taken[0]));
+                } else {
+                    out.print_json(&Value::Array(taken.iter().map(point_json).collect()));
+                }
+            } else {
+                for p in &taken {
+                    let on = if p.peer.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" on {}", p.peer)
+                    };
+                    outln!(
+                        "recovery point {} of {volume}{on} at {}",
+                        p.name,
+                        rfc3339(p.at_unix_ns).unwrap_or_default()
+                    );
+                }
             }
         }
     }

@@ -10,6 +10,8 @@
 //! record before the image changes — then runs the ordinary forced
 //! promotion, so failback resends those blocks and never the volume.
 
+use std::sync::Arc;
+
 use ember_common::Extent;
 use ember_proto::repl::v1 as pb;
 use tonic::Status;
@@ -20,7 +22,7 @@ use super::roles::PromoteReport;
 use crate::audit::Entry;
 use crate::error::{ReplError, Result};
 use crate::plan::points::Schedule;
-use crate::primary::link::{consumer_name, now_unix_ns};
+use crate::primary::link::{ReplicaLink, consumer_name, now_unix_ns};
 use crate::secondary::points::{PointListing, PointSelector, PointsReport, rfc3339};
 use crate::version::ProtocolVersion;
 
@@ -288,20 +290,61 @@ impl Replication {
         Ok(at)
     }
 
-    /// `replica point create VOL [--name NAME]`: on the secondary's site a
-    /// point at once; on the primary's, asked of the secondary, which takes
-    /// it once it holds the writes acknowledged before the request.
+    /// `replica point create VOL [--name NAME] [--peer X]`: on the
+    /// secondary's site a point at once; on the primary's, asked of the
+    /// secondary, which takes it once it holds the writes acknowledged
+    /// before the request. With several targets: of the one at `peer`, or
+    /// (`None`) of every target, skipping those unreachable now
+    /// (`UNAVAILABLE`; all unreachable: that error); each point then names
+    /// its `peer`.
     ///
     /// # Errors
-    /// The secondary's refusal (no reflink, inconsistent, name taken…).
+    /// The secondary's refusal (no reflink, inconsistent, name taken…);
+    /// `NOT_FOUND` for a `peer` that is no target.
     pub async fn create_point(
         &self,
         volume: &str,
         name: Option<String>,
+        peer: Option<&str>,
+    ) -> std::result::Result<Vec<PointListing>, Status> {
+        if self.link(volume).is_none() {
+            return Ok(vec![self.secondaries.create_point(volume, name, 0).await?]);
+        }
+        let links = self
+            .chosen_links(volume, peer)
+            .map_err(|e| Status::not_found(e.to_string()))?;
+        if self.extra_links(volume).is_empty() {
+            // One target: its point as always, no `peer`.
+            return Ok(vec![self.create_point_on(volume, name, &links[0]).await?]);
+        }
+        let mut taken = Vec::new();
+        let mut unreachable = None;
+        for link in &links {
+            match self.create_point_on(volume, name.clone(), link).await {
+                Ok(mut p) => {
+                    p.peer = link.config().peer;
+                    taken.push(p);
+                }
+                Err(s) if peer.is_none() && s.code() == tonic::Code::Unavailable => {
+                    tracing::warn!(volume, peer = %link.config().peer, error = %s.message(), "recovery point not taken on an unreachable target");
+                    unreachable = Some(s);
+                }
+                Err(s) => return Err(s),
+            }
+        }
+        match (taken.is_empty(), unreachable) {
+            (true, Some(s)) => Err(s),
+            _ => Ok(taken),
+        }
+    }
+
+    /// [`Self::create_point`] on the secondary of one target.
+    async fn create_point_on(
+        &self,
+        volume: &str,
+        name: Option<String>,
+        link: &Arc<ReplicaLink>,
     ) -> std::result::Result<PointListing, Status> {
-        let Some(link) = self.link(volume) else {
-            return self.secondaries.create_point(volume, name, 0).await;
-        };
         let cfg = link.config();
         let (mut client, _, version) = self
             .ctx
