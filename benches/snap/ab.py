@@ -6,6 +6,10 @@ machine is shared and noisy). Reports, per build, the median and best of
 the wall time of `emberctl snapshot create` and of emberd's own time
 (`elapsed_us` of its "snapshot created" log line), next to a bare
 `cp --reflink=always` of the same data file timed in the same round.
+Also what the load does not change much: per snapshot, the CPU time of
+the `emberctl` process and of emberd (all threads, from /proc), and
+emberd's context switches (every thread hand-off is one, and on a loaded
+host each waits for a CPU).
 
 usage: benches/snap/ab.py --a DIR --b DIR [--size 1G] [--rounds 30] [--dir DIR]
   DIR: a directory holding emberd and emberctl (e.g. target/release of two
@@ -13,6 +17,7 @@ usage: benches/snap/ab.py --a DIR --b DIR [--size 1G] [--rounds 30] [--dir DIR]
 """
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -20,6 +25,28 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from compare import GIB, Agent, LoopFs, run, size_arg, timed  # noqa: E402
+
+
+def proc_cost(pid):
+    """(CPU seconds, context switches) of process `pid`, summed over its
+    live threads (`schedstat`: ns on a CPU; `status`: switches)."""
+    cpu, switches = 0.0, 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                cpu += int(f.read().split()[0]) / 1e9
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                        switches += int(line.split()[1])
+        except FileNotFoundError:
+            pass  # a thread that ended meanwhile
+    return cpu, switches
+
+
+def child_cpu():
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def summary(name, rows, key):
@@ -44,6 +71,7 @@ def main():
     agents = {}
     load0 = open("/proc/loadavg").read().split()[:3]
     rows = {"A": [], "B": [], "cp": []}
+    cost = {"A": [0.0, 0, 0.0], "B": [0.0, 0, 0.0]}  # agent CPU s, switches, client CPU s
     try:
         for key, bins in (("A", a.a), ("B", a.b)):
             ag = Agent(bins, key.lower(), os.path.join(xfs.path, key.lower()), tmp)
@@ -54,7 +82,14 @@ def main():
             order = ["A", "B"] if r % 2 == 0 else ["B", "A"]
             for key in order:
                 ag = agents[key]
+                cpu0, sw0 = proc_cost(ag.proc.pid)
+                child0 = child_cpu()
                 secs = timed(ag.ctl_bin, "--api", ag.api, "snapshot", "create", "v", f"s{r}")
+                cpu1, sw1 = proc_cost(ag.proc.pid)
+                c = cost[key]
+                c[0] += cpu1 - cpu0
+                c[1] += sw1 - sw0
+                c[2] += child_cpu() - child0
                 rows[key].append({"ms": secs * 1000, "agent_ms": ag.agent_ms("v", f"s{r}")})
             dst = os.path.join(xfs.path, f"cp{r}.img")
             rows["cp"].append({"ms": timed("cp", "--reflink=always",
@@ -71,6 +106,9 @@ def main():
         print(f"{key} ({bins}):")
         print("  " + summary("end to end", rows[key], "ms"))
         print("  " + summary("agent", rows[key], "agent_ms"))
+        c = cost[key]
+        print(f"  per snapshot: emberd CPU {c[0] / a.rounds * 1000:.2f} ms,"
+              f" emberd context switches {c[1] / a.rounds:.1f}, emberctl CPU {c[2] / a.rounds * 1000:.2f} ms")
     print("  " + summary("bare cp --reflink", rows["cp"], "ms"))
     cp_med = statistics.median(r["ms"] for r in rows["cp"])
     cp_best = min(r["ms"] for r in rows["cp"])

@@ -17,6 +17,11 @@ For each allocated size (default 1G, 4G, 16G):
                 drivers snapshot.
   ember-ext4    `emberctl snapshot create` on an emberd whose data dir is on
                 a loop-mounted ext4 made by this script: snapshot_method copy.
+  driver-rpc    the same snapshot as the Cinder driver takes it: one
+                CreateSnapshot RPC over the driver's long-lived gRPC channel
+                (`ember_cinder.client.AgentClient`, benches/snap/driver_rpc.py
+                run with --driver-python, the shim venv's python): no process
+                start, no connect. Not a CLI number: reported beside it.
 
 Volumes are filled sequentially through NBD from nbdkit's pattern plugin
 (non-zero everywhere), then `sync`ed, so every method starts from data on
@@ -31,7 +36,8 @@ so both see the same load; the report adds a best-of-N ratio. Space is
 the drop in the file system's free bytes (statvfs, after `sync`).
 
 usage: benches/snap/compare.py [--quick] [--bin-dir DIR] [--sizes 1G,4G,16G]
-       [--rounds N] [--dir DIR] [--skip ext4,qcow2,cp]
+       [--rounds N] [--dir DIR] [--skip ext4,qcow2,cp,driver]
+       [--driver-python PY]  (default target/shim-venv/bin/python)
 Needs: root (loop mount), emberd and emberctl (cargo build --release
 --bins), xfsprogs, qemu-utils, libnbd-bin (nbdcopy), nbdkit.
 """
@@ -175,6 +181,30 @@ class Agent:
         self.log.close()
 
 
+class DriverRpc:
+    """benches/snap/driver_rpc.py in the shim venv: a long-lived gRPC
+    channel to `agent`, as the Cinder driver holds one."""
+
+    def __init__(self, python, agent):
+        helper = os.path.join(ROOT, "benches", "snap", "driver_rpc.py")
+        # The venv's installed ember_cinder: it holds the generated stubs
+        # (`_proto`), which the source tree does not.
+        self.proc = subprocess.Popen([python, helper, agent.api], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+
+    def snapshot_ms(self, vol, snap):
+        self.proc.stdin.write(f"{vol} {snap}\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline().strip()
+        if not line or line.startswith("error"):
+            raise RuntimeError(f"driver CreateSnapshot {vol}@{snap}: {line or 'helper exited'}")
+        return float(line)
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(10)
+
+
 def process_floor(agent):
     """Process-start floors measured next to each round: `emberctl
     --version` (no runtime, no connection) and `cp --version`."""
@@ -182,13 +212,14 @@ def process_floor(agent):
             "cp_version_ms": timed("cp", "--version") * 1000}
 
 
-def interleaved_rounds(agent, fs_path, vol, src, rounds, with_cp, delete_between):
+def interleaved_rounds(agent, fs_path, vol, src, rounds, with_cp, delete_between, driver=None):
     """Times `rounds` snapshots of `vol` and, when `with_cp`, the `cp
     --reflink` peers of the same round right next to them, alternating
     which goes first: on a shared 2-vCPU machine the load changes from
     second to second, and a ratio is only fair when both sides saw the
-    same load. Returns {method: {"rounds": [...]}}."""
-    ember, cp, cp_sync = [], [], []
+    same load. With `driver`, the driver's RPC (a snapshot `d<r>`) runs
+    in the same round too. Returns {method: {"rounds": [...]}}."""
+    ember, cp, cp_sync, drv = [], [], [], []
 
     def one_ember(r):
         snap = f"s{r}"
@@ -213,10 +244,20 @@ def interleaved_rounds(agent, fs_path, vol, src, rounds, with_cp, delete_between
             secs = timed("cp", "--reflink=always", src, dst)
         into.append({"secs": secs, "space": before - free_bytes(fs_path)})
 
+    def one_driver(r):
+        before = free_bytes(fs_path)
+        ms = driver.snapshot_ms(vol, f"d{r}")
+        drv.append({"secs": ms / 1000, "space": before - free_bytes(fs_path),
+                    "agent_ms": agent.agent_ms(vol, f"d{r}")})
+        if delete_between:
+            agent.ctl("snapshot", "delete", vol, f"d{r}")
+
     for r in range(rounds):
         steps = [lambda: one_ember(r)]
         if with_cp:
             steps += [lambda: one_cp(r, False, cp), lambda: one_cp(r, True, cp_sync)]
+        if driver is not None:
+            steps.append(lambda: one_driver(r))
         if r % 2:
             steps.reverse()
         for step in steps:
@@ -229,6 +270,8 @@ def interleaved_rounds(agent, fs_path, vol, src, rounds, with_cp, delete_between
     if with_cp:
         out["cp-reflink"] = {"rounds": cp}
         out["cp-reflink+fsync"] = {"rounds": cp_sync}
+    if driver is not None:
+        out["driver-rpc"] = {"rounds": drv}
     return out
 
 
@@ -256,7 +299,9 @@ def main():
     ap.add_argument("--sizes", default="1G,4G,16G")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dir", default=None, help="work dir (default: a temp dir)")
-    ap.add_argument("--skip", default="", help="comma list of: ext4, qcow2, cp")
+    ap.add_argument("--skip", default="", help="comma list of: ext4, qcow2, cp, driver")
+    ap.add_argument("--driver-python", default=os.path.join(ROOT, "target", "shim-venv", "bin", "python"),
+                    help="python with grpcio and ember_cinder (the shim venv) for driver-rpc")
     a = ap.parse_args()
     if a.quick:
         a.sizes, a.rounds = "32M,64M,128M", 1
@@ -267,6 +312,9 @@ def main():
             sys.exit(f"missing tool: {tool}")
     if os.geteuid() != 0:
         sys.exit("needs root to loop-mount XFS")
+    if "driver" not in skip and not os.access(a.driver_python, os.X_OK):
+        sys.exit(f"no {a.driver_python} for driver-rpc: pass --driver-python (the shim venv's"
+                 " python, made by scripts/test-all.sh) or --skip driver")
     tmp = tempfile.mkdtemp(prefix="ember-snap-bench-", dir=a.dir)
     # Room for the largest volume and its qcow2 twin (or copy), and slack.
     fs_size = max(2 * max(sizes) + 2 * GIB, 2 * GIB)
@@ -277,10 +325,12 @@ def main():
         ext4 = LoopFs(tmp, "ext4", fs_size, "mkfs.ext4", "-q", "-F")
         mounts.append(ext4)
     agents = []
+    driver = None
     results = {"sizes": {}, "loadavg_start": open("/proc/loadavg").read().split()[:3]}
     try:
         ax = Agent(a.bin_dir, "xfs", os.path.join(xfs.path, "data"), tmp)
         agents.append(ax)
+        driver = None if "driver" in skip else DriverRpc(a.driver_python, ax)
         ae = None
         if "ext4" not in skip:
             ae = Agent(a.bin_dir, "ext4", os.path.join(ext4.path, "data"), tmp)
@@ -293,7 +343,7 @@ def main():
             ax.fill(vol, size)
             run("sync")
             src = ax.data_file(vol)
-            got = interleaved_rounds(ax, xfs.path, vol, src, a.rounds, "cp" not in skip, False)
+            got = interleaved_rounds(ax, xfs.path, vol, src, a.rounds, "cp" not in skip, False, driver)
             row["ember-xfs"] = got.pop("ember")
             row.update(got)
             if "qcow2" not in skip:
@@ -307,6 +357,8 @@ def main():
                 ae.ctl("volume", "delete", vol)
             results["sizes"][label] = row
     finally:
+        if driver is not None:
+            driver.close()
         for ag in agents:
             ag.stop()
         for m in mounts:
@@ -318,7 +370,7 @@ def main():
 
 
 def report(results, sizes, rounds):
-    methods = ["ember-xfs", "cp-reflink", "cp-reflink+fsync", "qcow2", "ember-ext4"]
+    methods = ["ember-xfs", "driver-rpc", "cp-reflink", "cp-reflink+fsync", "qcow2", "ember-ext4"]
     print(f"medians of {rounds} round(s); time in ms (agent-side ms for ember in brackets), space used")
     print()
     print("| allocated | " + " | ".join(methods) + " |")
@@ -348,6 +400,10 @@ def report(results, sizes, rounds):
     ratios["ember-xfs time, largest / smallest (target <= 2)"] = t(last, "ember-xfs") / t(first, "ember-xfs")
     for label in labels:
         ex = t(label, "ember-xfs")
+        dr = t(label, "driver-rpc")
+        cpt = t(label, "cp-reflink")
+        if dr is not None and cpt is not None:
+            ratios[f"{label}: driver-rpc (long-lived channel, no process) / cp --reflink"] = dr / cpt
         for peer, name in (("cp-reflink", "ember-xfs / cp --reflink (target <= 2)"),
                            ("cp-reflink+fsync", "ember-xfs / cp --reflink + fsync (like for like)"),
                            ("qcow2", "qcow2 snapshot / ember-xfs (target > 1)"),
@@ -377,6 +433,13 @@ def report(results, sizes, rounds):
             paired = [e["secs"] / c["secs"] for e, c in zip(er, row["cp-reflink"]["rounds"])]
             ratios[f"{label}: ember-xfs / cp --reflink, median of same-round ratios"] = \
                 statistics.median(paired)
+            if "driver-rpc" in row:
+                dr = row["driver-rpc"]["rounds"]
+                cpr = row["cp-reflink"]["rounds"]
+                ratios[f"{label}: driver-rpc / cp --reflink, best of {rounds} each"] = \
+                    min(r["secs"] for r in dr) / min(r["secs"] for r in cpr)
+                ratios[f"{label}: driver-rpc / cp --reflink, median of same-round ratios"] = \
+                    statistics.median(d["secs"] / c["secs"] for d, c in zip(dr, cpr))
     print(f"  load average at start {' '.join(results['loadavg_start'])},"
           f" at end {' '.join(results['loadavg_end'])}")
     for k, v in ratios.items():

@@ -482,7 +482,7 @@ impl EmberControl for ControlService {
             (0, ember_repl::Mode::Async) => 30,
             (r, _) => r,
         };
-        let (volume, points) = (req.volume.clone(), req.points);
+        let (volume, peer, points) = (req.volume.clone(), req.peer_site.clone(), req.points);
         let (s, created) = self
             .replication
             .enable(ember_repl::EnableRequest {
@@ -495,7 +495,7 @@ impl EmberControl for ControlService {
             })
             .await
             .map_err(repl_status)?;
-        let s = crate::points::after_enable(self, &volume, points, s).await?;
+        let s = crate::points::after_enable(self, &volume, &peer, points, s).await?;
         Ok(Response::new(pb::EnableReplicationResponse {
             status: Some(replication_pb(s)),
             created,

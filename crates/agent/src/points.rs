@@ -16,6 +16,7 @@ fn point_pb(p: PointListing) -> pb::RecoveryPoint {
         kind: p.kind.to_owned(),
         group: p.group,
         pinned_bytes: p.pinned_bytes,
+        peer: p.peer,
     }
 }
 
@@ -55,9 +56,16 @@ pub(crate) async fn create(
     let req = request.into_inner();
     check_volume(&req.volume)?;
     let name = (!req.name.is_empty()).then_some(req.name);
-    let p = svc.replication.create_point(&req.volume, name).await?;
+    let peer = (!req.peer.is_empty()).then_some(req.peer.as_str());
+    let taken = svc
+        .replication
+        .create_point(&req.volume, name, peer)
+        .await?;
+    let several = taken.iter().any(|p| !p.peer.is_empty());
+    let points: Vec<pb::RecoveryPoint> = taken.into_iter().map(point_pb).collect();
     Ok(Response::new(pb::CreatePointResponse {
-        point: Some(point_pb(p)),
+        point: points.first().cloned(),
+        points: if several { points } else { Vec::new() },
     }))
 }
 
@@ -93,8 +101,9 @@ pub(crate) async fn set(
             "nothing to set: give --points-every, --keep or --keep-for",
         ));
     }
+    let peer = (!req.peer.is_empty()).then_some(req.peer.as_str());
     svc.replication
-        .set_points(&req.volume, settings)
+        .set_points(&req.volume, peer, settings)
         .await
         .map_err(repl_status)?;
     let status = svc.replication.status(&req.volume).map_err(repl_status)?;
@@ -103,18 +112,20 @@ pub(crate) async fn set(
     }))
 }
 
-/// `EnableReplication` carried point settings: applies them after the
-/// replica exists, and answers with the status after that.
+/// `EnableReplication` carried point settings: applies them to the target
+/// just enabled (`peer`) after it exists, and answers with the status after
+/// that.
 pub(crate) async fn after_enable(
     svc: &ControlService,
     volume: &str,
+    peer: &str,
     points: Option<pb::PointSettings>,
     status: ReplicaStatus,
 ) -> Result<ReplicaStatus, Status> {
     let settings = settings(points);
     if !svc
         .replication
-        .set_points(volume, settings)
+        .set_points(volume, Some(peer), settings)
         .await
         .map_err(repl_status)?
     {

@@ -24,6 +24,10 @@ pub(crate) enum PointCmd {
         /// Point name (default: manual-TIME).
         #[arg(long)]
         name: Option<String>,
+        /// On the primary of a volume with several targets: only the
+        /// target at this peer site (default: every connected target).
+        #[arg(long)]
+        peer: Option<String>,
     },
 }
 
@@ -84,10 +88,16 @@ pub(crate) fn settings(
 }
 
 fn point_json(p: &pb::RecoveryPoint) -> Value {
-    json!({
+    let mut j = json!({
         "name": p.name, "at": rfc3339(p.at_unix_ns), "at_unix_ns": p.at_unix_ns,
         "kind": p.kind, "group": p.group, "pinned_bytes": p.pinned_bytes,
-    })
+    });
+    // Only a primary's listing of several targets says which holds it:
+    // a one-target listing keeps its shape.
+    if !p.peer.is_empty() {
+        j["peer"] = p.peer.clone().into();
+    }
+    j
 }
 
 /// `replica points VOLUME`.
@@ -104,18 +114,27 @@ pub(crate) async fn list(
         out.print_json(&Value::Array(r.points.iter().map(point_json).collect()));
         return Ok(());
     }
+    let several = r.points.iter().any(|p| !p.peer.is_empty());
+    let headers: &[&str] = if several {
+        &["PEER", "NAME", "AT", "KIND", "GROUP", "PINNED"]
+    } else {
+        &["NAME", "AT", "KIND", "GROUP", "PINNED"]
+    };
     table(
-        &["NAME", "AT", "KIND", "GROUP", "PINNED"],
+        headers,
         r.points
             .iter()
             .map(|p| {
-                vec![
-                    p.name.clone(),
-                    rfc3339(p.at_unix_ns).unwrap_or_default(),
-                    p.kind.clone(),
-                    p.group.clone(),
-                    format_size(p.pinned_bytes),
-                ]
+                let peer = several.then(|| p.peer.clone());
+                peer.into_iter()
+                    .chain([
+                        p.name.clone(),
+                        rfc3339(p.at_unix_ns).unwrap_or_default(),
+                        p.kind.clone(),
+                        p.group.clone(),
+                        format_size(p.pinned_bytes),
+                    ])
+                    .collect()
             })
             .collect(),
     );
@@ -144,24 +163,41 @@ pub(crate) async fn run(
     out: Out,
 ) -> anyhow::Result<()> {
     match cmd {
-        PointCmd::Create { volume, name } => {
-            let p = api
+        PointCmd::Create { volume, name, peer } => {
+            let r = api
                 .create_point(pb::CreatePointRequest {
                     volume: volume.clone(),
                     name: name.unwrap_or_default(),
+                    peer: peer.unwrap_or_default(),
                 })
                 .await?
-                .into_inner()
-                .point
-                .context("agent returned no point")?;
-            if out.json {
-                out.print_json(&point_json(&p));
+                .into_inner();
+            // Several targets: one point per target, each naming its peer
+            // (a list); one target: the object as always.
+            let taken = if r.points.is_empty() {
+                vec![r.point.context("agent returned no point")?]
             } else {
-                outln!(
-                    "recovery point {} of {volume} at {}",
-                    p.name,
-                    rfc3339(p.at_unix_ns).unwrap_or_default()
-                );
+                r.points
+            };
+            if out.json {
+                if taken.len() == 1 && taken[0].peer.is_empty() {
+                    out.print_json(&point_json(&taken[0]));
+                } else {
+                    out.print_json(&Value::Array(taken.iter().map(point_json).collect()));
+                }
+            } else {
+                for p in &taken {
+                    let on = if p.peer.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" on {}", p.peer)
+                    };
+                    outln!(
+                        "recovery point {} of {volume}{on} at {}",
+                        p.name,
+                        rfc3339(p.at_unix_ns).unwrap_or_default()
+                    );
+                }
             }
         }
     }
@@ -173,6 +209,7 @@ pub(crate) async fn set(
     api: &mut EmberControlClient<Channel>,
     out: Out,
     volume: String,
+    peer: Option<String>,
     points: Option<pb::PointSettings>,
 ) -> anyhow::Result<()> {
     let points = points.context("nothing to set: give --points-every, --keep or --keep-for")?;
@@ -180,6 +217,7 @@ pub(crate) async fn set(
         .set_replication(pb::SetReplicationRequest {
             volume: volume.clone(),
             points: Some(points),
+            peer: peer.unwrap_or_default(),
         })
         .await?
         .into_inner()

@@ -48,6 +48,9 @@ pub(crate) enum ReplicaCmd {
     /// Change a replica's recovery-point schedule and retention.
     Set {
         volume: String,
+        /// Only the target at this peer site (default: every target).
+        #[arg(long)]
+        peer: Option<String>,
         /// Take a recovery point on the secondary this often (0s: none).
         #[arg(long)]
         points_every: Option<String>,
@@ -420,13 +423,14 @@ pub(crate) async fn run(
         }
         ReplicaCmd::Set {
             volume,
+            peer,
             points_every,
             keep,
             keep_for,
         } => {
             let points =
                 crate::points::settings(points_every.as_deref(), keep, keep_for.as_deref())?;
-            crate::points::set(api, out, volume, points).await?;
+            crate::points::set(api, out, volume, peer, points).await?;
         }
         ReplicaCmd::Points { volume } => crate::points::list(api, out, volume).await?,
         ReplicaCmd::Point(cmd) => crate::points::run(cmd, api, out).await?,

@@ -10,11 +10,15 @@
 //! recovery point may expire while the drill lives. A drill pins nothing.
 //!
 //! Which image:
-//! - the newest consistent image: cloned under the secondary's apply lock,
-//!   which is held only between replication frames, so the clone sees the
-//!   image exactly at a committed batch boundary (async) or a write boundary
-//!   (sync, which is in write order). The stream waits for the clone (a few
-//!   milliseconds with reflink) and is never ended or resynced.
+//! - the newest consistent image: held at a committed batch boundary
+//!   (async) or a write boundary (sync, which is in write order) by the
+//!   volume's clone gate, taken between two replication frames
+//!   (`secondary::points::hold_image`), as a recovery point's clone is. The
+//!   stream does not wait for the clone: its batches are staged, made
+//!   durable and acknowledged meanwhile, and applied once the clone is
+//!   done (deferred, `secondary/apply.rs`); direct sync-mode writes wait
+//!   for the `FICLONE`. The clone is fsynced after the gate is given back.
+//!   The stream is never ended or resynced.
 //! - a recovery point (`secondary::points`): its image file is cloned, no
 //!   lock needed (a point's file never changes).
 //!
@@ -52,7 +56,7 @@ use ember_common::MAX_NAME_BYTES;
 use ember_volume::{SnapshotMethod, StoreError, VolumeStore};
 use serde::{Deserialize, Serialize};
 
-use crate::secondary::points::{PointInfo, PointSelector, VolumePoints};
+use crate::secondary::points::{self, PointInfo, PointSelector, VolumePoints};
 use crate::secondary::{SecondarySet, SecondaryVolume};
 
 /// The point name recorded for a drill of the newest consistent image.
@@ -448,7 +452,7 @@ impl Drills {
     /// and publishes it as a volume (the record stays `creating`).
     async fn build(
         &self,
-        sv: &SecondaryVolume,
+        sv: &Arc<SecondaryVolume>,
         rec: &mut DrillRecord,
         point: Option<&PointInfo>,
     ) -> Result<(), DrillError> {
@@ -457,24 +461,26 @@ impl Drills {
             let _ = std::fs::remove_file(&tmp);
             match point {
                 None => {
-                    // Between frames: the image is at a batch boundary.
-                    let _frame = sv.apply_lock.lock().await;
-                    let state = sv.record();
-                    if !state.consistent {
+                    // Held at a batch boundary by the clone gate, as a
+                    // point's clone is: the stream goes on meanwhile, its
+                    // batches acknowledged and deferred (`points::hold`).
+                    let hold = points::hold_image(sv).await;
+                    if !hold.consistent() {
                         return Err(DrillError::FailedPrecondition(format!(
                             "secondary {} is not consistent now (an initial sync or a resync is running); \
                              drill from a recovery point instead, or wait until it is in sync",
                             rec.volume
                         )));
                     }
-                    rec.at_unix_ns = state.consistent_at_unix_ns;
-                    // The clone gate too, like a point's clone: deferred
-                    // batches and direct (sync-mode) writes change the
-                    // image under it, not under the frame lock alone.
-                    let _gate = sv.points.wait_clone().await;
+                    rec.at_unix_ns = hold.at_unix_ns();
                     let held = std::time::Instant::now();
-                    clone(&sv.points, sv.volume.device().path(), &tmp).await?;
-                    tracing::info!(drill = %rec.name, volume = %rec.volume, held_us = held.elapsed().as_micros() as u64, "newest image cloned between two frames");
+                    let cloned = clone_live(&sv.points, sv.volume.device().path(), &tmp).await;
+                    let deferred_bytes = hold.deferred_bytes();
+                    hold.release();
+                    let held_us = held.elapsed().as_micros() as u64;
+                    cloned?;
+                    sync_file(&tmp).await?;
+                    tracing::info!(drill = %rec.name, volume = %rec.volume, held_us, deferred_bytes, "newest image cloned; the stream was deferred, not held");
                 }
                 Some(p) => clone(&sv.points, &p.data_path, &tmp).await.map_err(|e| match e {
                     DrillError::Io { source, .. }
@@ -741,12 +747,40 @@ fn no_reflink() -> DrillError {
 /// clone in the data dir that deletions of expired points step aside for.
 async fn clone(vp: &Arc<VolumePoints>, src: &Path, dst: &Path) -> Result<(), DrillError> {
     let (vp, s, d) = (vp.clone(), src.to_owned(), dst.to_owned());
-    let result = tokio::task::spawn_blocking(move || vp.reflink_stepping_aside(&s, &d))
+    clone_result(blocking(move || vp.reflink_stepping_aside(&s, &d)).await?)
+}
+
+/// As [`clone`] for the live volume file under an `ImageHold`: not
+/// fsynced (the caller syncs `dst` once the hold is released, so the
+/// stream is deferred for the `FICLONE` alone).
+async fn clone_live(vp: &Arc<VolumePoints>, src: &Path, dst: &Path) -> Result<(), DrillError> {
+    let (vp, s, d) = (vp.clone(), src.to_owned(), dst.to_owned());
+    clone_result(blocking(move || vp.reflink_live_stepping_aside(&s, &d)).await?)
+}
+
+/// Makes the clone `path` durable (before it is published as a volume).
+async fn sync_file(path: &Path) -> Result<(), DrillError> {
+    let p = path.to_owned();
+    blocking(move || std::fs::File::open(&p).and_then(|f| f.sync_all()))
+        .await?
+        .map_err(|source| DrillError::Io {
+            what: format!("sync drill image {}", path.display()),
+            source,
+        })
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, DrillError> {
+    tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| DrillError::Io {
             what: "clone task".into(),
             source: std::io::Error::other(e),
-        })?;
+        })
+}
+
+fn clone_result(result: Result<(), StoreError>) -> Result<(), DrillError> {
     match result {
         Ok(()) => Ok(()),
         // The probe said reflink works, yet this clone was refused (another

@@ -242,6 +242,7 @@ mod tests {
             kind: "scheduled",
             group: String::new(),
             pinned_bytes: 0,
+            peer: String::new(),
         };
         let report = |ats: &[i64]| PointsReport {
             points: ats.iter().copied().map(point).collect(),

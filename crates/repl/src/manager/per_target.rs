@@ -24,7 +24,11 @@ impl Replication {
     ///
     /// # Errors
     /// NOT_FOUND: not a primary replica here, or no target at `peer`.
-    fn chosen_links(&self, volume: &str, peer: Option<&str>) -> Result<Vec<Arc<ReplicaLink>>> {
+    pub(super) fn chosen_links(
+        &self,
+        volume: &str,
+        peer: Option<&str>,
+    ) -> Result<Vec<Arc<ReplicaLink>>> {
         let first = self.link(volume).ok_or_else(|| {
             ReplError::NotFound(format!("volume {volume} is not a primary replica here"))
         })?;
@@ -70,7 +74,7 @@ impl Replication {
 
     /// Stops the session of one target (it stays registered and its hook
     /// keeps tracking writes) and waits for it to end.
-    async fn stop_session(&self, volume: &str, peer: &str) {
+    pub(super) async fn stop_session(&self, volume: &str, peer: &str) {
         let taken = self.with_target(volume, peer, |r| {
             let old = std::mem::replace(&mut r.stop, CancellationToken::new());
             (old, r.task.take())
@@ -86,7 +90,7 @@ impl Replication {
 
     /// Starts the session of one target again (it begins with a catch-up
     /// of its whole change set).
-    fn start_session(&self, volume: &str, link: &Arc<ReplicaLink>) {
+    pub(super) fn start_session(&self, volume: &str, link: &Arc<ReplicaLink>) {
         let peer = link.config().peer;
         let buckets = self.buckets(&peer);
         let ctx = self.ctx.clone();

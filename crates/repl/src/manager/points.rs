@@ -10,6 +10,8 @@
 //! record before the image changes — then runs the ordinary forced
 //! promotion, so failback resends those blocks and never the volume.
 
+use std::sync::Arc;
+
 use ember_common::Extent;
 use ember_proto::repl::v1 as pb;
 use tonic::Status;
@@ -20,7 +22,7 @@ use super::roles::PromoteReport;
 use crate::audit::Entry;
 use crate::error::{ReplError, Result};
 use crate::plan::points::Schedule;
-use crate::primary::link::{consumer_name, now_unix_ns};
+use crate::primary::link::{ReplicaLink, consumer_name, now_unix_ns};
 use crate::secondary::points::{PointListing, PointSelector, PointsReport, rfc3339};
 use crate::version::ProtocolVersion;
 
@@ -144,6 +146,7 @@ fn report_from_peer(r: pb::PeerListPointsResponse) -> PointsReport {
                 at_unix_ns: p.at_unix_ns,
                 group: p.group,
                 pinned_bytes: p.pinned_bytes,
+                peer: String::new(),
             })
             .collect(),
         every_secs: r.points_every_seconds,
@@ -287,20 +290,61 @@ impl Replication {
         Ok(at)
     }
 
-    /// `replica point create VOL [--name NAME]`: on the secondary's site a
-    /// point at once; on the primary's, asked of the secondary, which takes
-    /// it once it holds the writes acknowledged before the request.
+    /// `replica point create VOL [--name NAME] [--peer X]`: on the
+    /// secondary's site a point at once; on the primary's, asked of the
+    /// secondary, which takes it once it holds the writes acknowledged
+    /// before the request. With several targets: of the one at `peer`, or
+    /// (`None`) of every target, skipping those unreachable now
+    /// (`UNAVAILABLE`; all unreachable: that error); each point then names
+    /// its `peer`.
     ///
     /// # Errors
-    /// The secondary's refusal (no reflink, inconsistent, name taken…).
+    /// The secondary's refusal (no reflink, inconsistent, name taken…);
+    /// `NOT_FOUND` for a `peer` that is no target.
     pub async fn create_point(
         &self,
         volume: &str,
         name: Option<String>,
+        peer: Option<&str>,
+    ) -> std::result::Result<Vec<PointListing>, Status> {
+        if self.link(volume).is_none() {
+            return Ok(vec![self.secondaries.create_point(volume, name, 0).await?]);
+        }
+        let links = self
+            .chosen_links(volume, peer)
+            .map_err(|e| Status::not_found(e.to_string()))?;
+        if self.extra_links(volume).is_empty() {
+            // One target: its point as always, no `peer`.
+            return Ok(vec![self.create_point_on(volume, name, &links[0]).await?]);
+        }
+        let mut taken = Vec::new();
+        let mut unreachable = None;
+        for link in &links {
+            match self.create_point_on(volume, name.clone(), link).await {
+                Ok(mut p) => {
+                    p.peer = link.config().peer;
+                    taken.push(p);
+                }
+                Err(s) if peer.is_none() && s.code() == tonic::Code::Unavailable => {
+                    tracing::warn!(volume, peer = %link.config().peer, error = %s.message(), "recovery point not taken on an unreachable target");
+                    unreachable = Some(s);
+                }
+                Err(s) => return Err(s),
+            }
+        }
+        match (taken.is_empty(), unreachable) {
+            (true, Some(s)) => Err(s),
+            _ => Ok(taken),
+        }
+    }
+
+    /// [`Self::create_point`] on the secondary of one target.
+    async fn create_point_on(
+        &self,
+        volume: &str,
+        name: Option<String>,
+        link: &Arc<ReplicaLink>,
     ) -> std::result::Result<PointListing, Status> {
-        let Some(link) = self.link(volume) else {
-            return self.secondaries.create_point(volume, name, 0).await;
-        };
         let cfg = link.config();
         let (mut client, _, version) = self
             .ctx
@@ -337,6 +381,7 @@ impl Replication {
             kind: "manual",
             group: cfg.group.unwrap_or_default(),
             pinned_bytes: 0,
+            peer: String::new(),
         })
     }
 
@@ -358,23 +403,52 @@ impl Replication {
     }
 
     /// `replica points VOL` on either site: a secondary held here answers
-    /// from its own state; a primary asks its secondary over the peer
-    /// link (`ListPoints`), as `point create` does, and returns the same
-    /// listing.
+    /// from its own state; a primary asks each target's secondary over the
+    /// peer link (`ListPoints`), as `point create` does. One target: its
+    /// listing as it is. Several: every target's points, target by target
+    /// (first target first, each oldest first), each with its `peer`; the
+    /// schedule fields are the first target's.
     ///
     /// # Errors
     /// As [`Self::list_points`] on the secondary's site; on the primary's,
-    /// `UNAVAILABLE` when the secondary cannot be reached,
+    /// `UNAVAILABLE` when a secondary cannot be reached,
     /// `FAILED_PRECONDITION` for a peer too old to list points, and the
     /// secondary's own refusal (prefixed with its site).
     pub async fn list_points_on_either_site(
         &self,
         volume: &str,
     ) -> std::result::Result<PointsReport, Status> {
-        let Some(link) = self.link(volume) else {
+        if self.link(volume).is_none() {
             return self.secondaries.list_points(volume);
-        };
-        let peer = link.config().peer;
+        }
+        let links = self
+            .chosen_links(volume, None)
+            .map_err(|e| Status::not_found(e.to_string()))?;
+        let several = links.len() > 1;
+        let mut all: Option<PointsReport> = None;
+        for link in links {
+            let peer = link.config().peer;
+            let mut r = self.points_of_target(volume, &peer).await?;
+            if several {
+                for p in &mut r.points {
+                    p.peer.clone_from(&peer);
+                }
+            }
+            match &mut all {
+                None => all = Some(r),
+                Some(a) => a.points.append(&mut r.points),
+            }
+        }
+        Ok(all.expect("a primary replica has a first target"))
+    }
+
+    /// The points of the secondary at `peer` of primary replica `volume`,
+    /// asked over the peer link.
+    async fn points_of_target(
+        &self,
+        volume: &str,
+        peer: &str,
+    ) -> std::result::Result<PointsReport, Status> {
         let too_old = || {
             Status::failed_precondition(format!(
                 "peer {peer} is too old to list recovery points for its primary: ask on site {peer}, or upgrade it"
@@ -383,7 +457,7 @@ impl Replication {
         let (mut client, _, version) = self
             .ctx
             .registry
-            .call_client(&peer)
+            .call_client(peer)
             .await
             .map_err(|e| Status::unavailable(format!("{peer}: {e}")))?;
         if version < ProtocolVersion::POINTS {
@@ -431,17 +505,27 @@ impl Replication {
     }
 
     /// `replica enable|set … --points-every --keep --keep-for`: changes
-    /// the schedule of a primary replica and restarts its session so the
-    /// secondary learns it at once. Returns whether anything changed.
+    /// the schedule of the primary replica's target at `peer` (`None`:
+    /// every target, first target first; `replica enable --peer X` passes
+    /// X) and restarts that target's session so its secondary learns it at
+    /// once (a paused further target learns it when resumed). Returns
+    /// whether anything changed.
     ///
     /// # Errors
-    /// `NotFound`; `FailedPrecondition` on the secondary's site or for a
-    /// peer too old for points.
-    pub async fn set_points(&self, volume: &str, settings: PointSettings) -> Result<bool> {
+    /// `NotFound` (not replicated here, or no target at `peer`);
+    /// `FailedPrecondition` on the secondary's site or for a peer too old
+    /// for points.
+    pub async fn set_points(
+        &self,
+        volume: &str,
+        peer: Option<&str>,
+        settings: PointSettings,
+    ) -> Result<bool> {
         if settings.is_empty() {
             return Ok(false);
         }
-        let Some(link) = self.link(volume) else {
+        let lead_peer = self.link(volume).map(|l| l.config().peer);
+        if lead_peer.is_none() {
             if let Some(sv) = self.secondaries.get(volume) {
                 return Err(ReplError::FailedPrecondition(format!(
                     "volume {volume} is a secondary here; set its points on the primary's site {}",
@@ -451,34 +535,47 @@ impl Replication {
             return Err(ReplError::NotFound(format!(
                 "volume {volume} is not replicated on this site"
             )));
-        };
-        let cfg = link.config();
-        let mut next = cfg.points;
-        settings.apply(&mut next);
-        if next == cfg.points {
-            return Ok(false);
         }
-        if next.every_secs > 0 {
-            let version = self.ctx.registry.peer(&cfg.peer).await.map_or(0, |p| p.0);
-            if version < ProtocolVersion::POINTS {
-                return Err(ReplError::FailedPrecondition(format!(
-                    "peer {} was paired at protocol version {version}; re-pair it (emberctl peer add) for recovery points",
-                    cfg.peer
-                )));
+        let mut changed = false;
+        for link in self.chosen_links(volume, peer)? {
+            let cfg = link.config();
+            let mut next = cfg.points;
+            settings.apply(&mut next);
+            if next == cfg.points {
+                continue;
             }
+            if next.every_secs > 0 {
+                let version = self.ctx.registry.peer(&cfg.peer).await.map_or(0, |p| p.0);
+                if version < ProtocolVersion::POINTS {
+                    return Err(ReplError::FailedPrecondition(format!(
+                        "peer {} was paired at protocol version {version}; re-pair it (emberctl peer add) for recovery points",
+                        cfg.peer
+                    )));
+                }
+            }
+            link.update(|c| c.points = next)
+                .map_err(|e| ReplError::Internal(format!("persisting the point schedule: {e}")))?;
+            tracing::info!(
+                volume,
+                peer = %cfg.peer,
+                every_secs = next.every_secs,
+                keep = next.keep,
+                keep_for_secs = next.keep_for_secs,
+                "recovery point schedule set"
+            );
+            // The schedule travels in OpenReplica: a new session carries it.
+            // The first target restarts as it always has (a new link from
+            // its config); a further one restarts its session in place, as
+            // `resume` does.
+            if lead_peer.as_deref() == Some(cfg.peer.as_str()) {
+                self.restart(volume);
+            } else if !cfg.paused {
+                self.stop_session(volume, &cfg.peer).await;
+                self.start_session(volume, &link);
+            }
+            changed = true;
         }
-        link.update(|c| c.points = next)
-            .map_err(|e| ReplError::Internal(format!("persisting the point schedule: {e}")))?;
-        tracing::info!(
-            volume,
-            every_secs = next.every_secs,
-            keep = next.keep,
-            keep_for_secs = next.keep_for_secs,
-            "recovery point schedule set"
-        );
-        // The schedule travels in OpenReplica: a new session carries it.
-        self.restart(volume);
-        Ok(true)
+        Ok(changed)
     }
 }
 
@@ -496,6 +593,7 @@ mod tests {
                     kind: "scheduled",
                     group: "pg".into(),
                     pinned_bytes: 65_536,
+                    peer: String::new(),
                 },
                 PointListing {
                     name: "before-upgrade".into(),
@@ -503,6 +601,7 @@ mod tests {
                     kind: "manual",
                     group: String::new(),
                     pinned_bytes: 0,
+                    peer: String::new(),
                 },
             ],
             every_secs: 300,

@@ -53,7 +53,9 @@ use crate::plan::points::{self as plan, Blocks, PointMeta, Schedule, SelectError
 pub(crate) use crate::plan::points::{PointKind, PointSelector};
 use crate::primary::link::now_unix_ns;
 
+mod hold;
 mod keep;
+pub(crate) use hold::hold_image;
 pub(crate) use keep::keep_as_snapshots;
 
 const INDEX: &str = "points.json";
@@ -122,6 +124,9 @@ pub struct PointListing {
     /// Estimated bytes it pins (blocks overwritten since it, until the
     /// next point).
     pub pinned_bytes: u64,
+    /// The target site holding it, in a primary's listing of a volume
+    /// with several targets; empty otherwise.
+    pub peer: String,
 }
 
 /// A secondary's points and schedule, for the control API.
@@ -346,9 +351,10 @@ pub(crate) struct VolumePoints {
     /// One point at a time per volume: held from the clone until the
     /// point is recorded (and the next point's head start is made).
     serial: Arc<tokio::sync::Mutex<()>>,
-    /// Held by a point's clone of the volume while it runs, and by every
-    /// change applied to the volume (`apply.rs`): a clone sees no batch
-    /// half-applied, and the stream defers batches while it runs.
+    /// Held by a point's clone of the volume while it runs (and by a
+    /// drill's: `hold.rs`), and by every change applied to the volume
+    /// (`apply.rs`): a clone sees no batch half-applied, and the stream
+    /// defers batches while it runs.
     clone_gate: Arc<tokio::sync::Mutex<()>>,
     ctx: Arc<PointsCtx>,
 }
@@ -1203,6 +1209,7 @@ impl SecondarySet {
                     at_unix_ns: p.at_unix_ns,
                     kind: p.kind.as_str(),
                     group: p.group,
+                    peer: String::new(),
                 })
                 .collect(),
             every_secs: schedule.every_secs,
@@ -1273,6 +1280,7 @@ impl SecondarySet {
                     at_unix_ns: p.at_unix_ns,
                     kind: p.kind.as_str(),
                     group: p.group,
+                    peer: String::new(),
                 });
             }
             drop(guard);
