@@ -48,6 +48,13 @@ smoke() {
   fi
   rm -f "$out"
 }
+# The Cinder driver shim's venv: the real cinder 29.0.0 and the shim
+# installed from source (its gRPC stubs generated from proto/ by the pinned
+# grpcio-tools). Made before the smokes: the snapshot benchmark times the
+# driver's own gRPC path with it.
+venv=target/shim-venv
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/pip" install -q --disable-pip-version-check "./driver-shim[test]"
 smoke repl benches/repl/compare.py
 smoke rpo benches/rpo/adherence.py
 smoke failback benches/rpo/failback.py
@@ -57,12 +64,7 @@ smoke scale benches/scale/scale.py
 smoke three_sites benches/three_sites/latency.py
 smoke three_sites_rehome benches/three_sites/rehome.py
 
-# The Cinder driver shim: a venv with the real cinder 29.0.0 and the shim
-# installed from source (its gRPC stubs generated from proto/ by the pinned
-# grpcio-tools), tested against real agents and a real Cinder.
-venv=target/shim-venv
-[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-"$venv/bin/pip" install -q --disable-pip-version-check "./driver-shim[test]"
+# The Cinder driver shim, tested against real agents and a real Cinder.
 (cd driver-shim/tests && EMBER_BIN_DIR="$PWD/../../target/debug" \
   "../../$venv/bin/python" -m pytest -q -p no:cacheprovider .) 2>&1 | tee -a "$log" || status=$?
 
