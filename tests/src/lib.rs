@@ -10,6 +10,7 @@ mod fsmount;
 pub mod points;
 mod proxy;
 pub mod repl;
+pub mod three_sites;
 
 pub use fsmount::LoopMount;
 pub use proxy::FaultProxy;

@@ -10,68 +10,33 @@
 
 use std::time::{Duration, Instant};
 
-use ember_it::repl::{
-    check_acked_present, read_history, site_config, snapshot_export, stamped_writer, tail,
-};
-use ember_it::{
-    Agent, FaultProxy, assert_same_image, bin, free_port, require_tool, run_ok, tempdir,
-};
+use ember_it::repl::{check_acked_present, read_history, snapshot_export, stamped_writer, tail};
+use ember_it::three_sites::{ThreeSites as Sites, ctl_err};
+use ember_it::{Agent, assert_same_image, require_tool, run_ok};
 
 const MIB: u64 = 1 << 20;
 
-/// site-a, with site-b and site-c paired through one proxy each.
-struct ThreeSites {
-    dir: tempfile::TempDir,
-    a: Agent,
-    b: Agent,
-    c: Agent,
-    to_b: FaultProxy,
-    to_c: FaultProxy,
-    /// site-b → site-a (site-b pairs back, to replicate after a promotion).
-    _to_a: FaultProxy,
+/// The shared three sites ([`ember_it::three_sites`]) with this file's
+/// waits on site-a's volume `vol`.
+struct ThreeSites(Sites);
+
+impl std::ops::Deref for ThreeSites {
+    type Target = Sites;
+
+    fn deref(&self) -> &Sites {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for ThreeSites {
+    fn deref_mut(&mut self) -> &mut Sites {
+        &mut self.0
+    }
 }
 
 impl ThreeSites {
     fn start() -> Self {
-        let dir = tempdir();
-        let pki = dir.path().join("pki");
-        let ctl = bin("emberctl");
-        let ctl = ctl.to_str().expect("utf8");
-        let p = pki.to_str().expect("utf8");
-        run_ok(ctl, &["pki", "init", "--dir", p]);
-        for site in ["site-a", "site-b", "site-c"] {
-            run_ok(ctl, &["pki", "issue", "--dir", p, site]);
-        }
-        let start = |site: &str| {
-            let port = free_port();
-            let cfg = site_config(dir.path(), &pki, site, port, "");
-            let agent = Agent::start_env(&dir.path().join(site), &["--config", &cfg], &[]);
-            let proxy = FaultProxy::start(format!("127.0.0.1:{port}").parse().expect("addr"));
-            (agent, proxy)
-        };
-        let (a, to_a) = start("site-a");
-        let (b, to_b) = start("site-b");
-        let (c, to_c) = start("site-c");
-        // Every site pairs with both others (a promoted site replicates to
-        // them), each site's listener behind its own proxy.
-        let listeners = [("site-a", &to_a), ("site-b", &to_b), ("site-c", &to_c)];
-        for (me, agent) in [("site-a", &a), ("site-b", &b), ("site-c", &c)] {
-            for (site, proxy) in listeners {
-                if site != me {
-                    let addr = proxy.addr.to_string();
-                    agent.ctl_json(&["peer", "add", site, "--address", &addr, "--measure", "1M"]);
-                }
-            }
-        }
-        Self {
-            dir,
-            a,
-            b,
-            c,
-            to_b,
-            to_c,
-            _to_a: to_a,
-        }
+        Self(Sites::start())
     }
 
     fn status(&self) -> serde_json::Value {
@@ -255,12 +220,6 @@ fn scattered(seed: u64, count: u64) -> Vec<String> {
         .collect()
 }
 
-fn ctl_err(agent: &Agent, args: &[&str]) -> String {
-    let out = agent.ctl(args);
-    assert!(!out.status.success(), "emberctl {args:?} succeeded");
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
 #[test]
 fn sync_and_async_targets_converge_and_a_lost_target_degrades_alone() {
     if !require_tool("qemu-img") || !require_tool("qemu-io") {
@@ -421,7 +380,7 @@ fn sync_and_async_targets_converge_and_a_lost_target_degrades_alone() {
     assert_eq!(d["disabled"], true, "{d}");
     let out = sites.a.ctl(&["replica", "status", "vol"]);
     assert!(!out.status.success(), "still replicated");
-    drop(sites.dir);
+    drop(sites);
 }
 
 #[test]
@@ -512,17 +471,9 @@ fn a_target_force_promoted_past_a_live_primary_of_several_targets_takes_both_ove
     identical(&sites.b, &sites.c, "site-b and site-c");
 }
 
-/// `site`'s ring of common marks (`DATA/replicas/secondary/marks/vol.json`).
+/// `site`'s ring of common marks for `vol`.
 fn ring(sites: &ThreeSites, site: &str) -> serde_json::Value {
-    let path = sites
-        .dir
-        .path()
-        .join(site)
-        .join("replicas/secondary/marks/vol.json");
-    std::fs::read(&path)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or(serde_json::Value::Null)
+    sites.ring(site, "vol")
 }
 
 /// Waits until `site` knows the volume's other targets (announced by the

@@ -11,65 +11,15 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ember_it::repl::{BLOCK, site_config, snapshot_export, stamp_at, tail, wait_exit};
-use ember_it::{
-    Agent, FaultProxy, assert_same_image, bin, free_port, require_tool, run_ok, tempdir,
-};
+use ember_it::repl::{BLOCK, snapshot_export, stamp_at, tail, wait_exit};
+use ember_it::three_sites::{ThreeSites as Sites, ctl_err};
+use ember_it::{assert_same_image, require_tool, run_ok};
 
 const VOLUMES: [&str; 2] = ["cg1", "cg2"];
 const BLOCKS: u64 = 2048;
 
-/// Three agents, every two paired, each listener behind its own proxy.
-struct Sites {
-    dir: tempfile::TempDir,
-    a: Agent,
-    b: Agent,
-    c: Agent,
-    _proxies: Vec<FaultProxy>,
-}
-
 fn start_sites() -> Sites {
-    let dir = tempdir();
-    let pki = dir.path().join("pki");
-    let ctl = bin("emberctl");
-    let ctl = ctl.to_str().expect("utf8");
-    let p = pki.to_str().expect("utf8");
-    run_ok(ctl, &["pki", "init", "--dir", p]);
-    for site in ["site-a", "site-b", "site-c"] {
-        run_ok(ctl, &["pki", "issue", "--dir", p, site]);
-    }
-    let start = |site: &str| {
-        let port = free_port();
-        let cfg = site_config(dir.path(), &pki, site, port, "");
-        let agent = Agent::start_env(&dir.path().join(site), &["--config", &cfg], &[]);
-        let proxy = FaultProxy::start(format!("127.0.0.1:{port}").parse().expect("addr"));
-        (agent, proxy)
-    };
-    let (a, to_a) = start("site-a");
-    let (b, to_b) = start("site-b");
-    let (c, to_c) = start("site-c");
-    let listeners = [("site-a", &to_a), ("site-b", &to_b), ("site-c", &to_c)];
-    for (me, agent) in [("site-a", &a), ("site-b", &b), ("site-c", &c)] {
-        for (site, proxy) in listeners {
-            if site != me {
-                let addr = proxy.addr.to_string();
-                agent.ctl_json(&["peer", "add", site, "--address", &addr, "--measure", "1M"]);
-            }
-        }
-    }
-    Sites {
-        dir,
-        a,
-        b,
-        c,
-        _proxies: vec![to_a, to_b, to_c],
-    }
-}
-
-fn ctl_err(agent: &Agent, args: &[&str]) -> String {
-    let out = agent.ctl(args);
-    assert!(!out.status.success(), "{args:?} succeeded");
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    Sites::start()
 }
 
 /// Polls `site`'s `args` (JSON) until `ok`; every site's log on timeout.
@@ -80,11 +30,7 @@ fn wait_json(
     what: &str,
     ok: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
-    let agent = match site {
-        "site-a" => &sites.a,
-        "site-b" => &sites.b,
-        _ => &sites.c,
-    };
+    let agent = sites.agent(site);
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let out = agent.ctl(&[&["--json"], args].concat());
@@ -99,7 +45,8 @@ fn wait_json(
         assert!(
             Instant::now() < deadline,
             "{what} not reached: {v}\nlog tails:\n{}",
-            [&sites.a, &sites.b, &sites.c]
+            sites
+                .all()
                 .iter()
                 .map(|a| tail(&a.log()))
                 .collect::<Vec<_>>()
@@ -115,15 +62,7 @@ fn targets(v: &serde_json::Value) -> Vec<serde_json::Value> {
 
 /// The volume's marks ring on `site` (what a forced re-homing runs on).
 fn ring(sites: &Sites, site: &str, volume: &str) -> serde_json::Value {
-    let path = sites
-        .dir
-        .path()
-        .join(site)
-        .join(format!("replicas/secondary/marks/{volume}.json"));
-    std::fs::read(&path)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or(serde_json::Value::Null)
+    sites.ring(site, volume)
 }
 
 /// Waits until every target of every member knows its sibling and holds
@@ -623,7 +562,7 @@ fn a_rehoming_resumes_after_the_new_primary_is_killed_twice_during_it() {
     }
     // site-c lags behind a writer over 16 MiB when site-a dies.
     let region = 16 * MIB;
-    sites._proxies[2].set_rate(MIB);
+    sites.to_c.set_rate(MIB);
     let history = sites.dir.path().join("r.history");
     let mut writer =
         ember_it::repl::stamped_writer(&uri, &history, region / BLOCK, 1_000_000, false);
@@ -632,7 +571,7 @@ fn a_rehoming_resumes_after_the_new_primary_is_killed_twice_during_it() {
     let _ = writer.wait();
 
     // site-c unreachable: the promotion's re-homing record waits on disk.
-    sites._proxies[2].cut();
+    sites.to_c.cut();
     let p = sites.b.ctl_json(&["replica", "promote", "r", "--force"]);
     assert_eq!(p["forced"], true, "{p}");
     let record = sites.dir.path().join("site-b/replicas/rehome/r.json");
@@ -647,8 +586,8 @@ fn a_rehoming_resumes_after_the_new_primary_is_killed_twice_during_it() {
     sites.b.restart();
     // site-c reachable but slow: killed again while the resend runs (or
     // just after the re-homing was decided).
-    sites._proxies[2].restore();
-    sites._proxies[2].set_rate(MIB / 2);
+    sites.to_c.restore();
+    sites.to_c.set_rate(MIB / 2);
     let deadline = Instant::now() + Duration::from_secs(60);
     while !sites.b.log().contains("since common mark") {
         assert!(
@@ -660,7 +599,7 @@ fn a_rehoming_resumes_after_the_new_primary_is_killed_twice_during_it() {
     }
     sites.b.kill9();
     sites.b.restart();
-    sites._proxies[2].set_rate(0);
+    sites.to_c.set_rate(0);
 
     let s = target_in_sync(&sites, "site-b", "r", "site-c");
     let c = targets(&s)

@@ -16,6 +16,7 @@ mod drills;
 mod forced_rehome;
 mod group_targets;
 mod groups;
+mod idle_marks;
 mod per_target;
 mod points;
 mod rehome;

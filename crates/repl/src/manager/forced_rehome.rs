@@ -35,6 +35,7 @@ use ember_volume::ReplicationHook;
 use serde::{Deserialize, Serialize};
 
 use super::Replication;
+use super::idle_marks::Backoff;
 use super::rehome::rehome_target;
 use crate::audit::Entry;
 use crate::error::{ReplError, Result};
@@ -102,13 +103,8 @@ struct Announced {
     sites: Vec<String>,
     /// Every target answered that it holds `mark`.
     held_by_all: bool,
-}
-
-/// Whether an idle volume's targets are asked for an empty commit this
-/// tick: only while idle (writes move the points anyway) and while some
-/// target holds no mark yet (nothing changes otherwise).
-fn should_nudge(idle: bool, held_by_all: bool) -> bool {
-    idle && !held_by_all
+    /// The back-off of empty commits while some target holds no mark.
+    backoff: Backoff,
 }
 
 /// Asks `link`'s session for a commit with nothing in it, so the target's
@@ -248,8 +244,9 @@ impl Replication {
     /// when it first heard of marks (`secondary/marks.rs`): so while some
     /// target does not hold the newest mark and every target is caught up
     /// and idle, each async target is asked for an empty commit
-    /// ([`nudge`]), at most once per tick, and never again once every
-    /// target holds a mark and nothing was written since. A forced
+    /// ([`nudge`]), at most once per tick and backing off to once a
+    /// minute while some target never holds one (`idle_marks`), and never
+    /// again once every target holds a mark and nothing was written since. A forced
     /// promotion of a volume never written since its targets were added
     /// then re-homes by that mark: nothing compared, nothing resent.
     async fn announce_marks(&self, announced: &mut HashMap<String, Announced>) {
@@ -276,7 +273,8 @@ impl Replication {
             };
             if mark == 0 && sites == last_sites {
                 let idle = streaming && links.iter().all(|l| l.lag() == (0.0, 0));
-                if should_nudge(idle, last.held_by_all) {
+                let entry = announced.entry(cfg.volume.clone()).or_default();
+                if entry.backoff.tick(idle, entry.held_by_all) {
                     for l in &links {
                         nudge(l);
                     }
@@ -322,6 +320,10 @@ impl Replication {
                     }
                 }
             }
+            // Announced without a newer mark: the targets changed, and a
+            // new one holds nothing yet.
+            let held_by_all = mark > 0 && held_by_all && all_ok;
+            let targets_changed = sites != last_sites;
             // A target that missed the list hears it again next tick.
             let sites = if all_ok { sites } else { Vec::new() };
             announced.insert(
@@ -329,9 +331,8 @@ impl Replication {
                 Announced {
                     mark: mark.max(last_mark),
                     sites,
-                    // Announced without a newer mark: the targets changed,
-                    // and a new one holds nothing yet.
-                    held_by_all: mark > 0 && held_by_all && all_ok,
+                    held_by_all,
+                    backoff: last.backoff.announced(held_by_all || targets_changed),
                 },
             );
         }
@@ -692,20 +693,6 @@ impl Replication {
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn an_idle_volume_is_nudged_only_until_every_target_holds_a_mark() {
-        // (idle, every target holds the newest mark) → nudge
-        let rows = [
-            ((true, false), true),
-            ((true, true), false),
-            ((false, false), false),
-            ((false, true), false),
-        ];
-        for ((idle, held), want) in rows {
-            assert_eq!(should_nudge(idle, held), want, "idle {idle}, held {held}");
-        }
-    }
-
     #[test]
     fn a_record_is_dropped_only_when_another_promotion_owns_the_volume_or_it_went_away() {
         use super::{RecordFate::*, record_fate};

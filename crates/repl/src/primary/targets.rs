@@ -8,7 +8,8 @@
 //!
 //! A volume with a single target installs that link directly, exactly as
 //! before several targets existed: the fan-out costs a copy of each
-//! change per extra target, so it is only there when there is one.
+//! change per extra target (the last target takes the write's own), so it
+//! is only there when there is one.
 
 use std::sync::Arc;
 
@@ -64,11 +65,14 @@ impl ReplicationHook for Targets {
     }
 
     fn completed(&self, change: Change, fua: bool) -> Option<AckWait> {
-        let waits = self
-            .links
-            .iter()
-            .filter_map(|l| l.completed(change.clone(), fua))
-            .collect();
+        // Each link journals its own copy; the last takes the write's own
+        // buffer, so n targets cost n - 1 copies, not n.
+        let mut waits = Vec::new();
+        let (last, others) = self.links.split_last()?;
+        for l in others {
+            waits.extend(l.completed(change.clone(), fua));
+        }
+        waits.extend(last.completed(change, fua));
         join(waits)
     }
 
