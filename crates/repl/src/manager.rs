@@ -505,15 +505,7 @@ impl Replication {
                     .await?;
                 return self.enable_another(req, &cfg);
             }
-            if cfg.group.is_some() {
-                groups::check_member_rules(
-                    &req.volume,
-                    &req.peer,
-                    req.mode,
-                    req.rpo_policy,
-                    req.on_peer_loss,
-                )?;
-            }
+            groups::check_enable_in_group(&req, cfg.group.as_deref())?;
             cfg.mode = req.mode;
             cfg.rpo_seconds = req.rpo_seconds;
             cfg.rpo_policy = req.rpo_policy;

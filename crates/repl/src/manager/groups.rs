@@ -23,8 +23,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::Replication;
 use super::group_targets::GroupTargetStatus;
+use super::{EnableRequest, Replication};
 use crate::audit::Entry;
 use crate::error::{ReplError, Result};
 use crate::primary::group::{self, Members};
@@ -618,6 +618,21 @@ pub(crate) fn check_member_rules(
     Ok(())
 }
 
+/// The group rules for an `enable` of `req`'s target, when that link is
+/// or joins a member of `group`; a link outside any group has none.
+pub(crate) fn check_enable_in_group(req: &EnableRequest, group: Option<&str>) -> Result<()> {
+    if group.is_none() {
+        return Ok(());
+    }
+    check_member_rules(
+        &req.volume,
+        &req.peer,
+        req.mode,
+        req.rpo_policy,
+        req.on_peer_loss,
+    )
+}
+
 /// Whether a secondary group's members are at one point, and which:
 /// members following an async primary link hold the group's committed
 /// point; members of a sync link are each at their newest image, which is
@@ -641,4 +656,46 @@ pub(super) fn secondary_group_point(
             .iter()
             .all(|r| r.consistent && r.consistent_at_unix_ns == committed);
     (consistent, committed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(mode: Mode, policy: RpoPolicy, on_peer_loss: PeerLossPolicy) -> EnableRequest {
+        EnableRequest {
+            volume: "v".into(),
+            peer: "site-b".into(),
+            mode,
+            rpo_seconds: 30,
+            rpo_policy: policy,
+            on_peer_loss,
+        }
+    }
+
+    #[test]
+    fn an_enable_obeys_the_member_rules_only_inside_a_group() {
+        use {Mode::*, PeerLossPolicy::*, RpoPolicy::*};
+        // (grouped, mode, policy, peer loss, refused)
+        let table = [
+            (false, Sync, Alert, Degrade, false),
+            (false, Async, Escalate, Degrade, false),
+            (true, Sync, Alert, Degrade, true),
+            (true, Sync, Alert, Suspend, false),
+            (true, Async, Escalate, Degrade, true),
+            (true, Async, Throttle, Degrade, false),
+            (true, Async, Alert, Degrade, false),
+        ];
+        for (grouped, mode, policy, loss, refused) in table {
+            let got = check_enable_in_group(&req(mode, policy, loss), grouped.then_some("cg"));
+            assert_eq!(
+                matches!(got, Err(ReplError::FailedPrecondition(_))),
+                refused,
+                "grouped {grouped}, {mode:?} {policy:?} {loss:?}: {got:?}"
+            );
+            if !refused {
+                assert!(got.is_ok(), "{got:?}");
+            }
+        }
+    }
 }

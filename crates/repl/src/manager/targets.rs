@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use ember_volume::Volume;
 
+use super::groups::check_enable_in_group;
 use super::{
     EnableRequest, ReplicaStatus, Replication, Running, TargetStatus, internal, primary_status,
 };
@@ -275,15 +276,7 @@ impl Replication {
             .into_iter()
             .find(|l| l.config().peer == req.peer)
         {
-            if link.config().group.is_some() {
-                super::groups::check_member_rules(
-                    &req.volume,
-                    &req.peer,
-                    req.mode,
-                    req.rpo_policy,
-                    req.on_peer_loss,
-                )?;
-            }
+            check_enable_in_group(&req, link.config().group.as_deref())?;
             link.update(|c| {
                 c.mode = req.mode;
                 c.rpo_seconds = req.rpo_seconds;
@@ -297,15 +290,7 @@ impl Replication {
         // that target (`group create NAME --peer SITE` adds it once every
         // member replicates there).
         let group = self.group_of_new_target(first.group.as_deref(), &req.peer);
-        if group.is_some() {
-            super::groups::check_member_rules(
-                &req.volume,
-                &req.peer,
-                req.mode,
-                req.rpo_policy,
-                req.on_peer_loss,
-            )?;
-        }
+        check_enable_in_group(&req, group.as_deref())?;
         // The volume's generation is one for all its targets: a target
         // added after a failover fences with the same number.
         let config = ReplicaConfig {
