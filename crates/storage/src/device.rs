@@ -166,15 +166,7 @@ impl FileDevice {
     /// the bulk already on its way to disk. Advisory: errors are ignored
     /// (the flush that matters reports them).
     pub fn start_writeback(&self, offset: u64, len: u64) {
-        // SAFETY: sync_file_range on our own open fd; no memory is passed.
-        unsafe {
-            libc::sync_file_range(
-                self.file.as_raw_fd(),
-                offset as i64,
-                len as i64,
-                libc::SYNC_FILE_RANGE_WRITE,
-            );
-        }
+        crate::writeback::start_writeback(&*self.file, offset, len);
     }
 
     /// Zeroes `[offset, offset+len)`; deallocates it unless `keep_allocated`.

@@ -7,7 +7,9 @@ mod device;
 mod engine;
 mod error;
 mod uring;
+mod writeback;
 
 pub use device::{AllocationRun, FileDevice};
 pub use engine::{EngineChoice, IoEngine};
 pub use error::{Result, StorageError};
+pub use writeback::start_writeback;

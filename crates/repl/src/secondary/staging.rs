@@ -41,6 +41,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
+use ember_storage::start_writeback;
 
 use crate::budget::{Account, memory_budget};
 
@@ -237,23 +238,6 @@ fn write_all_vectored_at(file: &mut File, pieces: &[Piece], at: u64) -> std::io:
         }
     }
     Ok(())
-}
-
-/// Asks the kernel to start writing `[offset, offset + len)` of `file`
-/// back (`sync_file_range(WRITE)`: no wait, no durability promise; the
-/// commit's fdatasync is what makes it durable). A failure only loses
-/// the head start.
-fn start_writeback(file: &File, offset: u64, len: u64) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: sync_file_range on our own open descriptor; no memory passed.
-    let _ = unsafe {
-        libc::sync_file_range(
-            file.as_raw_fd(),
-            offset as i64,
-            len as i64,
-            libc::SYNC_FILE_RANGE_WRITE,
-        )
-    };
 }
 
 impl StagingLog {
