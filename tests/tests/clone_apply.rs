@@ -7,10 +7,8 @@
 use std::os::unix::fs::MetadataExt;
 use std::time::Duration;
 
-use ember_it::repl::{
-    TwoSites, check_prefix_spans, read_span_history, snapshot_export, stamped_writer_with,
-};
-use ember_it::{LoopMount, fio_load, require_tool};
+use ember_it::repl::{HistoryKind, TwoSites, assert_prefix_at_every_cut, stamped_writer_with};
+use ember_it::{LoopMount, require_tool};
 
 const MIB: u64 = 1 << 20;
 const CLONING: &str = "applying staged writes by clone";
@@ -40,43 +38,24 @@ fn a_cloning_secondary_is_always_a_prefix_of_the_write_history() {
         "replica", "enable", "vol", "--peer", "site-b", "--mode", "async",
     ]);
     sites.wait_caught_up("vol", Duration::from_secs(60));
-    sites.proxy.set_delay(Duration::from_millis(3));
+    let delay = Duration::from_millis(3);
+    sites.proxy.set_delay(delay);
 
     // Half the writes are 64 KiB aligned (cloned), half 4 KiB (written):
     // a batch interleaves both, and their order must hold. A 2 MiB region
     // (32 clone slots), so a batch often writes into a range it cloned.
     let blocks = 2 * MIB / 4096;
     let history = sites.a.data_dir.with_extension("history");
-    let mut writer = stamped_writer_with(&a_uri, &history, blocks, 1_000_000, &["span=16"]);
-    let mut checked = Vec::new();
-    for round in 0..5u64 {
-        std::thread::sleep(Duration::from_millis(700 + round * 231));
-        sites.proxy.cut();
-        std::thread::sleep(Duration::from_millis(500));
-        let image = snapshot_export(
-            &sites.b.uri("vol"),
-            &sites.dir.path().join(format!("cut{round}.img")),
-        );
-        std::thread::sleep(Duration::from_millis(100));
-        let hist = read_span_history(&history);
-        match check_prefix_spans(&image, blocks, &hist) {
-            Ok(p) => checked.push((p, hist.len())),
-            Err(e) => panic!("cut {round}: {e}"),
-        }
-        sites.proxy.restore();
-        sites.proxy.set_delay(Duration::from_millis(3));
-    }
-    let _ = writer.kill();
-    let _ = writer.wait();
-    let nonempty = checked.iter().filter(|(p, _)| *p > 0).count();
-    assert!(nonempty >= 3, "secondary never progressed: {checked:?}");
-    assert!(
-        checked.windows(2).all(|w| w[0].0 <= w[1].0),
-        "consistent points went backwards: {checked:?}"
+    let writer = stamped_writer_with(&a_uri, &history, blocks, 1_000_000, &["span=16"]);
+    assert_prefix_at_every_cut(
+        &sites,
+        "vol",
+        writer,
+        &history,
+        HistoryKind::Spans,
+        blocks,
+        delay,
     );
-    sites.proxy.restore();
-    sites.wait_caught_up("vol", Duration::from_secs(60));
-    sites.assert_identical("vol");
     assert!(
         sites.b.log().contains(CLONING),
         "the secondary never applied a write by clone"
@@ -99,17 +78,7 @@ fn kill9_of_either_side_while_cloning_converges_and_the_log_space_is_freed() {
     sites.wait_caught_up("vol", Duration::from_secs(60));
 
     // 256 KiB writes: staged aligned and cloned.
-    let mut fio = fio_load(&a_uri, &["--size=256M", "--bs=256k", "--rate=16m"]);
-    std::thread::sleep(Duration::from_millis(1500));
-    sites.b.kill9();
-    std::thread::sleep(Duration::from_millis(800));
-    sites.b.restart();
-    std::thread::sleep(Duration::from_millis(1500));
-    sites.a.kill9();
-    let _ = fio.kill();
-    let _ = fio.wait();
-    sites.a.restart();
-    let s = sites.wait_caught_up("vol", Duration::from_secs(120));
+    let s = sites.kill9_both_under_load("vol", &["--size=256M", "--bs=256k", "--rate=16m"]);
     assert!(
         u(&s, "resync_bytes_sent") <= 96 * MIB,
         "the restarted primary resent too much: {s}"

@@ -6,10 +6,10 @@
 use std::time::{Duration, Instant};
 
 use ember_it::repl::{
-    TwoSites, check_acked_present, check_prefix, read_history, snapshot_export, stamped_writer,
-    tail,
+    HistoryKind, TwoSites, assert_prefix_at_every_cut, check_acked_present, read_history,
+    snapshot_export, stamped_writer, tail,
 };
-use ember_it::{fio_load, require_tool, run, run_ok};
+use ember_it::{require_tool, run, run_ok};
 
 const MIB: u64 = 1 << 20;
 
@@ -203,41 +203,21 @@ fn async_secondary_is_always_a_prefix_of_the_write_history() {
     ]);
     sites.wait_caught_up("vol", Duration::from_secs(60));
     // Latency on the link so the secondary trails the writer.
-    sites.proxy.set_delay(Duration::from_millis(3));
+    let delay = Duration::from_millis(3);
+    sites.proxy.set_delay(delay);
 
     let blocks = 16 * MIB / 4096;
     let history = sites.a.data_dir.with_extension("history");
-    let mut writer = stamped_writer(&a_uri, &history, blocks, 1_000_000, false);
-    let mut checked = Vec::new();
-    for round in 0..5u64 {
-        std::thread::sleep(Duration::from_millis(700 + round * 231));
-        sites.proxy.cut();
-        // Let a commit in progress finish; then the secondary is still.
-        std::thread::sleep(Duration::from_millis(500));
-        let image = snapshot_export(
-            &sites.b.uri("vol"),
-            &sites.dir.path().join(format!("cut{round}.img")),
-        );
-        std::thread::sleep(Duration::from_millis(100));
-        let hist = read_history(&history);
-        match check_prefix(&image, blocks, &hist) {
-            Ok(p) => checked.push((p, hist.len())),
-            Err(e) => panic!("cut {round}: {e}"),
-        }
-        sites.proxy.restore();
-        sites.proxy.set_delay(Duration::from_millis(3));
-    }
-    let _ = writer.kill();
-    let _ = writer.wait();
-    let nonempty = checked.iter().filter(|(p, _)| *p > 0).count();
-    assert!(nonempty >= 3, "secondary never progressed: {checked:?}");
-    assert!(
-        checked.windows(2).all(|w| w[0].0 <= w[1].0),
-        "consistent points went backwards: {checked:?}"
+    let writer = stamped_writer(&a_uri, &history, blocks, 1_000_000, false);
+    assert_prefix_at_every_cut(
+        &sites,
+        "vol",
+        writer,
+        &history,
+        HistoryKind::Blocks,
+        blocks,
+        delay,
     );
-    sites.proxy.restore();
-    sites.wait_caught_up("vol", Duration::from_secs(60));
-    sites.assert_identical("vol");
 }
 
 #[test]
@@ -342,28 +322,17 @@ fn kill9_of_either_side_under_load_then_resync_converges() {
     // An 8-extent (32 MiB) activity log: a primary crash resends at most
     // that window plus what the secondary had not acknowledged.
     let mut sites = TwoSites::start_with_config(&[], &[], "[tracking]\nal_extents = 8\n");
-    let a_uri = sites.a.create_volume("vol", "256M");
+    sites.a.create_volume("vol", "256M");
     sites.a.ctl_json(&[
         "replica", "enable", "vol", "--peer", "site-b", "--mode", "async",
     ]);
     sites.wait_caught_up("vol", Duration::from_secs(60));
 
     // Secondary killed mid-stream: its staging log replays or drops the
-    // batch in flight; the primary catches up after the restart.
+    // batch in flight; the primary catches up after the restart. Then the
+    // primary killed under load: its activity-log window is resent.
     // Rate-limited so the change set stays far smaller than the volume.
-    let mut fio = fio_load(&a_uri, &["--size=256M", "--bs=64k", "--rate=8m"]);
-    std::thread::sleep(Duration::from_millis(1500));
-    sites.b.kill9();
-    std::thread::sleep(Duration::from_millis(800));
-    sites.b.restart();
-    std::thread::sleep(Duration::from_millis(1500));
-
-    // Primary killed under load: its activity-log window is resent.
-    sites.a.kill9();
-    let _ = fio.kill();
-    let _ = fio.wait();
-    sites.a.restart();
-    let s = sites.wait_caught_up("vol", Duration::from_secs(120));
+    let s = sites.kill9_both_under_load("vol", &["--size=256M", "--bs=64k", "--rate=8m"]);
     let resent = u(&s, "resync_bytes_sent");
     assert!(
         resent <= 96 * MIB,
