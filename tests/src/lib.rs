@@ -7,6 +7,7 @@
 //! `EMBER_IT_ALLOW_SKIP=1` locally to skip instead (CI never does).
 
 mod fsmount;
+pub mod group_writer;
 pub mod points;
 mod proxy;
 pub mod repl;

@@ -2,8 +2,10 @@
 //! mutual TLS, each site's peer listener behind its own [`FaultProxy`]:
 //! the setup the three-site tests (`tests/three_sites*.rs`) share.
 
-use crate::repl::site_config;
-use crate::{Agent, FaultProxy, bin, free_port, run_ok, tempdir};
+use std::time::{Duration, Instant};
+
+use crate::repl::{lab_pki, site_config, tail};
+use crate::{Agent, FaultProxy, free_port, tempdir};
 
 /// The three sites' names, in order.
 pub const SITES: [&str; 3] = ["site-a", "site-b", "site-c"];
@@ -36,13 +38,7 @@ impl ThreeSites {
     pub fn start() -> Self {
         let dir = tempdir();
         let pki = dir.path().join("pki");
-        let ctl = bin("emberctl");
-        let ctl = ctl.to_str().expect("utf8");
-        let p = pki.to_str().expect("utf8");
-        run_ok(ctl, &["pki", "init", "--dir", p]);
-        for site in SITES {
-            run_ok(ctl, &["pki", "issue", "--dir", p, site]);
-        }
+        lab_pki(&pki, &SITES);
         let start = |site: &str| {
             let port = free_port();
             let cfg = site_config(dir.path(), &pki, site, port, "");
@@ -110,4 +106,78 @@ pub fn ctl_err(agent: &Agent, args: &[&str]) -> String {
     let out = agent.ctl(args);
     assert!(!out.status.success(), "emberctl {args:?} succeeded");
     String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Polls `agent`'s `emberctl --json ARGS` until `ok` holds, for up to
+/// `timeout`; an error answer (mid role change a volume is briefly
+/// neither role) is polled again. On timeout it fails with the log tails
+/// of `agent` and of `others`: a re-homing's evidence is on the target as
+/// much as on the new primary.
+pub fn wait_json(
+    agent: &Agent,
+    others: &[&Agent],
+    args: &[&str],
+    what: &str,
+    timeout: Duration,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let out = agent.ctl(&[&["--json"], args].concat());
+        let v = if out.status.success() {
+            serde_json::from_slice(&out.stdout).expect("emberctl prints JSON")
+        } else {
+            serde_json::Value::String(String::from_utf8_lossy(&out.stderr).into_owned())
+        };
+        if out.status.success() && ok(&v) {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} not reached: {v}\nlog tail: {}\nother sites' log tails: {}",
+            tail(&agent.log()),
+            others
+                .iter()
+                .map(|o| tail(&o.log()))
+                .collect::<Vec<_>>()
+                .join("\n----\n")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits (90 s) until `primary` is the primary of `volume` with its target
+/// `peer` in sync and nothing pending (after a promotion: `peer` re-homed
+/// and caught up); `others`' log tails too on timeout. Returns the status.
+pub fn target_in_sync(
+    primary: &Agent,
+    others: &[&Agent],
+    volume: &str,
+    peer: &str,
+) -> serde_json::Value {
+    wait_json(
+        primary,
+        others,
+        &["replica", "status", volume],
+        &format!("{volume}: {peer} in sync"),
+        Duration::from_secs(90),
+        |s| {
+            s["role"] == "primary"
+                && s["targets"].as_array().is_some_and(|ts| {
+                    ts.iter().any(|t| {
+                        t["peer"] == peer && t["state"] == "in-sync" && t["lag_bytes"] == 0
+                    })
+                })
+        },
+    )
+}
+
+/// `status`'s target `peer` (`replica status` or `group status`); fails
+/// naming the status when it lists none.
+pub fn target(status: &serde_json::Value, peer: &str) -> serde_json::Value {
+    status["targets"]
+        .as_array()
+        .and_then(|ts| ts.iter().find(|t| t["peer"] == peer))
+        .cloned()
+        .unwrap_or_else(|| panic!("no target {peer} in {status}"))
 }

@@ -7,9 +7,10 @@
 //! replicates back, grouped, to the old primary.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
+use ember_it::group_writer::read_group_history;
 use ember_it::repl::{BLOCK, TwoSites, snapshot_export, stamp_at, wait_exit, wait_status};
 use ember_it::{Agent, require_tool};
 
@@ -21,38 +22,8 @@ fn tools() -> bool {
 }
 
 fn group_writer(sites: &TwoSites, history: &Path) -> Child {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("py/group_writer.py");
-    let mut cmd = Command::new("/usr/bin/python3");
-    cmd.arg(script)
-        .arg(history)
-        .arg(BLOCKS.to_string())
-        .arg("10000000")
-        .arg("11");
-    for v in VOLUMES {
-        cmd.arg(sites.a.uri(v));
-    }
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start the group writer")
-}
-
-/// (seq, volume index, offset, ack unix ns) per acknowledged write.
-fn read_group_history(path: &Path) -> Vec<(u64, usize, u64, i64)> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let mut it = l.split_whitespace();
-            Some((
-                it.next()?.parse().ok()?,
-                it.next()?.parse().ok()?,
-                it.next()?.parse().ok()?,
-                it.next()?.parse().ok()?,
-            ))
-        })
-        .collect()
+    let uris = VOLUMES.map(|v| sites.a.uri(v));
+    ember_it::group_writer::group_writer(&uris, history, BLOCKS, 10_000_000, 11)
 }
 
 /// Checks that the images (one per volume) together equal the state after

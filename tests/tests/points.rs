@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use ember_it::group_writer::{group_writer, read_group_history};
 use ember_it::points::{at, index, points};
 use ember_it::repl::{
     TwoSites, check_prefix, read_history, read_timed_history, snapshot_export, stamp_at,
@@ -635,24 +636,6 @@ fn kill9_of_the_secondary_while_points_are_made_leaves_nothing_half_made() {
 const GROUP: [&str; 2] = ["pg1", "pg2"];
 const GROUP_BLOCKS: u64 = 2048;
 
-/// (seq, member index, offset, ack unix ns) per acknowledged write of
-/// tests/py/group_writer.py.
-fn read_group_history(path: &Path) -> Vec<(u64, usize, u64, i64)> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let mut it = l.split_whitespace();
-            Some((
-                it.next()?.parse().ok()?,
-                it.next()?.parse().ok()?,
-                it.next()?.parse().ok()?,
-                it.next()?.parse().ok()?,
-            ))
-        })
-        .collect()
-}
-
 /// The first block (member, block, held, expected) where `stamps` (per
 /// member, the seq each block holds) is not the prefix of `hist` up to
 /// seq `upto` (every block holding its last write among seqs <= `upto`);
@@ -745,19 +728,8 @@ fn a_group_promoted_to_a_point_lands_every_member_on_that_one_point() {
         });
     }
     let history = s.dir.path().join("history");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("py/group_writer.py");
-    let mut writer = std::process::Command::new("/usr/bin/python3")
-        .arg(script)
-        .arg(&history)
-        .arg(GROUP_BLOCKS.to_string())
-        .arg("10000000")
-        .arg("5")
-        .args(GROUP.map(|v| s.a.uri(v)))
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start the group writer");
+    let uris = GROUP.map(|v| s.a.uri(v));
+    let mut writer = group_writer(&uris, &history, GROUP_BLOCKS, 10_000_000, 5);
     // Group points come at the group's cadence, which a loaded machine
     // stretches (5 s apart were seen in CI with `--points-every 1s`): keep
     // writing until two group points have landed since the writer started,

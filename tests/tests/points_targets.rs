@@ -9,8 +9,8 @@
 
 use std::time::{Duration, Instant};
 
-use ember_it::repl::{site_config, tail};
-use ember_it::{Agent, LoopMount, bin, free_port, require_tool, run_ok, tempdir};
+use ember_it::repl::{lab_pki, site_config, tail};
+use ember_it::{Agent, LoopMount, free_port, require_tool, tempdir};
 
 struct Sites {
     a: Agent,
@@ -29,13 +29,7 @@ fn sites() -> Option<Sites> {
     let fs = LoopMount::xfs(2 << 30)?;
     let dir = tempdir();
     let pki = dir.path().join("pki");
-    let ctl = bin("emberctl");
-    let ctl = ctl.to_str().expect("utf8");
-    let p = pki.to_str().expect("utf8");
-    run_ok(ctl, &["pki", "init", "--dir", p]);
-    for site in ["site-a", "site-b", "site-c"] {
-        run_ok(ctl, &["pki", "issue", "--dir", p, site]);
-    }
+    lab_pki(&pki, &["site-a", "site-b", "site-c"]);
     let start = |site: &str| {
         let port = free_port();
         let cfg = site_config(dir.path(), &pki, site, port, "");

@@ -11,7 +11,7 @@
 use std::time::{Duration, Instant};
 
 use ember_it::repl::{check_acked_present, read_history, snapshot_export, stamped_writer, tail};
-use ember_it::three_sites::{ThreeSites as Sites, ctl_err};
+use ember_it::three_sites::{ThreeSites as Sites, ctl_err, target, target_in_sync, wait_json};
 use ember_it::{Agent, assert_same_image, require_tool, run_ok};
 
 const MIB: u64 = 1 << 20;
@@ -114,52 +114,20 @@ fn wait_on(
     wait_on_logged(agent, &[], what, pred)
 }
 
-/// [`wait_on`] that also shows the log tails of `others` on failure: a
-/// re-homing's evidence is on the target as much as on the new primary.
+/// [`wait_on`] that also shows the log tails of `others` on failure.
 fn wait_on_logged(
     agent: &Agent,
     others: &[&Agent],
     what: &str,
     pred: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let out = agent.ctl(&["replica", "status", "vol", "--json"]);
-        let s: serde_json::Value = if out.status.success() {
-            serde_json::from_slice(&out.stdout).expect("emberctl prints JSON")
-        } else {
-            serde_json::Value::String(String::from_utf8_lossy(&out.stderr).into_owned())
-        };
-        if out.status.success() && pred(&s) {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what} not reached: {s}\nlog tail: {}\nother sites' log tails: {}",
-            tail(&agent.log()),
-            others
-                .iter()
-                .map(|o| tail(&o.log()))
-                .collect::<Vec<_>>()
-                .join("\n----\n")
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Waits until `primary` is the primary of `vol` with its re-homed target
-/// `peer` (the agent `target`) in sync; both logs on failure.
-fn rehomed_in_sync(primary: &Agent, target: &Agent, peer: &str) -> serde_json::Value {
-    wait_on_logged(
-        primary,
-        &[target],
-        &format!("{peer} re-homed and in sync"),
-        |s| {
-            s["role"] == "primary"
-                && targets(s)
-                    .iter()
-                    .any(|t| t["peer"] == peer && t["state"] == "in-sync" && t["lag_bytes"] == 0)
-        },
+    wait_json(
+        agent,
+        others,
+        &["replica", "status", "vol"],
+        what,
+        Duration::from_secs(60),
+        pred,
     )
 }
 
@@ -182,13 +150,6 @@ fn targets(s: &serde_json::Value) -> Vec<serde_json::Value> {
         .as_array()
         .unwrap_or_else(|| panic!("status has no targets: {s}"))
         .clone()
-}
-
-fn target(s: &serde_json::Value, peer: &str) -> serde_json::Value {
-    targets(s)
-        .into_iter()
-        .find(|t| t["peer"] == peer)
-        .unwrap_or_else(|| panic!("no target {peer} in {s}"))
 }
 
 fn peers(s: &serde_json::Value) -> Vec<String> {
@@ -304,10 +265,7 @@ fn sync_and_async_targets_converge_and_a_lost_target_degrades_alone() {
     });
     assert_eq!(s["state"], "disconnected", "the top shows the worst: {s}");
     assert_eq!(s["peer"], "site-c", "{s}");
-    sites.wait("site-b in sync", |s| {
-        let b = target(s, "site-b");
-        b["state"] == "in-sync" && b["lag_bytes"] == 0
-    });
+    target_in_sync(&sites.a, &[], "vol", "site-b");
     sites.assert_identical(&sites.b, "site-b");
     sites.c.restart();
     let after = sites.wait_all_caught_up();
@@ -338,10 +296,7 @@ fn sync_and_async_targets_converge_and_a_lost_target_degrades_alone() {
         started.elapsed() < Duration::from_secs(5),
         "writes stalled with the sync target degraded"
     );
-    sites.wait("site-c in sync", |s| {
-        let c = target(s, "site-c");
-        c["state"] == "in-sync" && c["lag_bytes"] == 0
-    });
+    target_in_sync(&sites.a, &[], "vol", "site-c");
     sites.assert_identical(&sites.c, "site-c");
     sites.to_b.restore();
     let back = sites.wait_all_caught_up();
@@ -559,7 +514,7 @@ fn a_forced_promotion_of_the_sync_target_rehomes_the_async_one_by_its_changes() 
     // the newest common mark (all in the writer's region): no activity-log
     // window is involved (the marks' sets are exact in memory; only a
     // crash of the target itself widens them, by 256 blocks per run).
-    let s = rehomed_in_sync(&sites.b, &sites.c, "site-c");
+    let s = target_in_sync(&sites.b, &[&sites.c], "vol", "site-c");
     let resent = sent(&s, "site-c");
     assert!(
         resent <= region,
@@ -580,11 +535,7 @@ fn a_forced_promotion_of_the_sync_target_rehomes_the_async_one_by_its_changes() 
     // promotion plus site-a's, widened by its activity-log window of hot
     // extents after the crash: 4 MiB extents around a 16 MiB region).
     sites.a.restart();
-    let s = wait_on(&sites.b, "site-a back as a target", |s| {
-        targets(s)
-            .iter()
-            .any(|t| t["peer"] == "site-a" && t["state"] == "in-sync" && t["lag_bytes"] == 0)
-    });
+    let s = target_in_sync(&sites.b, &[&sites.a], "vol", "site-a");
     let back = sent(&s, "site-a");
     assert!(
         back < 128 * MIB,
@@ -619,7 +570,7 @@ fn a_forced_promotion_of_the_lagging_target_rehomes_the_sync_one_by_the_union() 
     // union of both sets, not site-c's alone.
     let p = sites.c.ctl_json(&["replica", "promote", "vol", "--force"]);
     assert_eq!(p["generation"], 2, "{p}");
-    let s = rehomed_in_sync(&sites.c, &sites.b, "site-b");
+    let s = target_in_sync(&sites.c, &[&sites.b], "vol", "site-b");
     let resent = sent(&s, "site-b");
     assert!(
         resent <= region,
@@ -659,7 +610,7 @@ fn a_targets_marks_survive_its_kill_9_and_the_union_still_covers_what_it_applied
     // site-b lacks are only in site-c's persisted set since the mark.
     let p = sites.c.ctl_json(&["replica", "promote", "vol", "--force"]);
     assert_eq!(p["generation"], 2, "{p}");
-    rehomed_in_sync(&sites.c, &sites.b, "site-b");
+    target_in_sync(&sites.c, &[&sites.b], "vol", "site-b");
     assert!(
         sites.c.log().contains("since common mark"),
         "site-c did not re-home site-b by the common mark: {}",
@@ -696,7 +647,7 @@ fn a_half_synced_target_is_refused_promotion_and_rehomed_instead() {
     assert!(err.contains("inconsistent"), "{err}");
     let p = sites.b.ctl_json(&["replica", "promote", "vol", "--force"]);
     assert_eq!(p["generation"], 2, "{p}");
-    rehomed_in_sync(&sites.b, &sites.c, "site-c");
+    target_in_sync(&sites.b, &[&sites.c], "vol", "site-c");
     let log = sites.b.log();
     assert!(
         log.contains("full blake3 comparison (Inconsistent)"),
@@ -896,9 +847,7 @@ fn verify_and_pause_act_on_each_target() {
         .ctl_json(&["replica", "pause", "vol", "--peer", "site-c"]);
     assert_eq!(p["changed"], true, "{p}");
     qemu_io(&a_uri, &["write -P 0x77 4M 2M"]);
-    let s = sites.wait("site-b caught up while site-c is paused", |s| {
-        target(s, "site-b")["state"] == "in-sync" && target(s, "site-b")["lag_bytes"] == 0
-    });
+    let s = target_in_sync(&sites.a, &[], "vol", "site-b");
     assert_eq!(target(&s, "site-c")["state"], "paused", "{s}");
     assert_eq!(
         s["state"], "paused",

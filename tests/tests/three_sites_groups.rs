@@ -8,12 +8,13 @@
 //! points to site-c.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
+use ember_it::group_writer::read_group_history;
 use ember_it::repl::{BLOCK, snapshot_export, stamp_at, tail, wait_exit};
-use ember_it::three_sites::{ThreeSites as Sites, ctl_err};
-use ember_it::{assert_same_image, require_tool, run_ok};
+use ember_it::three_sites::{self, SITES, ThreeSites as Sites, ctl_err, target};
+use ember_it::{Agent, assert_same_image, require_tool, run_ok};
 
 const VOLUMES: [&str; 2] = ["cg1", "cg2"];
 const BLOCKS: u64 = 2048;
@@ -30,30 +31,29 @@ fn wait_json(
     what: &str,
     ok: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
-    let agent = sites.agent(site);
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let out = agent.ctl(&[&["--json"], args].concat());
-        let v = if out.status.success() {
-            serde_json::from_slice(&out.stdout).expect("emberctl prints JSON")
-        } else {
-            serde_json::Value::String(String::from_utf8_lossy(&out.stderr).into_owned())
-        };
-        if out.status.success() && ok(&v) {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what} not reached: {v}\nlog tails:\n{}",
-            sites
-                .all()
-                .iter()
-                .map(|a| tail(&a.log()))
-                .collect::<Vec<_>>()
-                .join("\n----\n")
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    three_sites::wait_json(
+        sites.agent(site),
+        &others(sites, site),
+        args,
+        what,
+        Duration::from_secs(90),
+        ok,
+    )
+}
+
+/// The agents of the sites other than `site`.
+fn others<'a>(sites: &'a Sites, site: &str) -> Vec<&'a Agent> {
+    SITES
+        .iter()
+        .filter(|s| **s != site)
+        .map(|s| sites.agent(s))
+        .collect()
+}
+
+/// Waits until `site` is the primary of `volume` with `peer` an in-sync
+/// target with nothing pending; every site's log on timeout.
+fn target_in_sync(sites: &Sites, site: &str, volume: &str, peer: &str) -> serde_json::Value {
+    three_sites::target_in_sync(sites.agent(site), &others(sites, site), volume, peer)
 }
 
 fn targets(v: &serde_json::Value) -> Vec<serde_json::Value> {
@@ -93,37 +93,8 @@ fn wait_for_marks(sites: &Sites) {
 }
 
 fn group_writer(sites: &Sites, history: &Path) -> Child {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("py/group_writer.py");
-    let mut cmd = Command::new("/usr/bin/python3");
-    cmd.arg(script)
-        .arg(history)
-        .arg(BLOCKS.to_string())
-        .arg("10000000")
-        .arg("7");
-    for v in VOLUMES {
-        cmd.arg(sites.a.uri(v));
-    }
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start the group writer")
-}
-
-/// (seq, volume index, offset) per acknowledged write.
-fn read_history(path: &Path) -> Vec<(u64, usize, u64)> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let mut it = l.split_whitespace();
-            Some((
-                it.next()?.parse().ok()?,
-                it.next()?.parse().ok()?,
-                it.next()?.parse().ok()?,
-            ))
-        })
-        .collect()
+    let uris = VOLUMES.map(|v| sites.a.uri(v));
+    ember_it::group_writer::group_writer(&uris, history, BLOCKS, 10_000_000, 7)
 }
 
 /// Checks that the images together hold exactly the whole acknowledged
@@ -132,11 +103,11 @@ fn read_history(path: &Path) -> Vec<(u64, usize, u64)> {
 /// at most one was applied but not acknowledged).
 fn check_every_acked_write(
     images: &[Vec<u8>],
-    history: &[(u64, usize, u64)],
+    history: &[(u64, usize, u64, i64)],
 ) -> Result<(), String> {
     let n = history.len() as u64;
     let mut expected = vec![vec![None; BLOCKS as usize]; images.len()];
-    for &(seq, v, off) in history {
+    for &(seq, v, off, _) in history {
         expected[v][(off / BLOCK) as usize] = Some(seq);
     }
     let mut in_flight = 0;
@@ -211,6 +182,38 @@ fn grouped_three_sites() -> Sites {
         .a
         .ctl_json(&["group", "create", "cg", "--peer", "site-c"]);
     assert_eq!(targets(&added).len(), 2, "{added}");
+    // A member's grouped link, enabled again, keeps the group's rules: the
+    // sync one with degrade, the async one with escalate, both refused.
+    let refused = ctl_err(
+        &sites.a,
+        &[
+            "replica", "enable", "cg1", "--peer", "site-b", "--mode", "sync",
+        ],
+    );
+    assert!(
+        refused.contains("--on-peer-loss suspend"),
+        "a grouped sync link took degrade: {refused}"
+    );
+    let refused = ctl_err(
+        &sites.a,
+        &[
+            "replica",
+            "enable",
+            "cg2",
+            "--peer",
+            "site-c",
+            "--mode",
+            "async",
+            "--rpo",
+            "60s",
+            "--rpo-policy",
+            "escalate",
+        ],
+    );
+    assert!(
+        refused.contains("escalate RPO policy"),
+        "a grouped async link took escalate: {refused}"
+    );
 
     let g = wait_json(
         &sites,
@@ -281,7 +284,7 @@ fn a_group_with_two_targets_force_promoted_on_the_sync_one_rehomes_the_other() {
             )
         })
         .collect();
-    let hist = read_history(&history);
+    let hist = read_group_history(&history);
     eprintln!("{} acknowledged writes across both members", hist.len());
     assert!(hist.len() > 10, "the writer wrote {} blocks", hist.len());
     check_every_acked_write(&images, &hist).unwrap();
@@ -289,22 +292,8 @@ fn a_group_with_two_targets_force_promoted_on_the_sync_one_rehomes_the_other() {
     // site-c follows site-b for every member, by the changes only, and
     // holds site-b's images.
     for v in VOLUMES {
-        let s = wait_json(
-            &sites,
-            "site-b",
-            &["replica", "status", v],
-            &format!("{v}: site-c re-homed and in sync"),
-            |s| {
-                s["role"] == "primary"
-                    && targets(s).iter().any(|t| {
-                        t["peer"] == "site-c" && t["state"] == "in-sync" && t["lag_bytes"] == 0
-                    })
-            },
-        );
-        let c = targets(&s)
-            .into_iter()
-            .find(|t| t["peer"] == "site-c")
-            .expect("site-c");
+        let s = target_in_sync(&sites, "site-b", v, "site-c");
+        let c = target(&s, "site-c");
         let sent = c["resync_bytes_sent"].as_u64().expect("bytes sent");
         eprintln!("{v}: site-c re-homed, {sent} bytes resent");
         assert!(
@@ -343,6 +332,23 @@ fn a_group_with_two_targets_force_promoted_on_the_sync_one_rehomes_the_other() {
     eprintln!("site-b group: {g}\nsite-c group: {c}");
 }
 
+/// Waits until site-a's `volume` has two targets, both in sync with
+/// nothing pending.
+fn both_targets_in_sync(sites: &Sites, volume: &str) {
+    wait_json(
+        sites,
+        "site-a",
+        &["replica", "status", volume],
+        "both targets in sync",
+        |s| {
+            targets(s).len() == 2
+                && targets(s)
+                    .iter()
+                    .all(|t| t["state"] == "in-sync" && t["lag_bytes"] == 0)
+        },
+    );
+}
+
 /// Waits until `volume`'s ring on `site` knows both targets and holds a
 /// common mark, without writing anything.
 fn wait_for_mark_idle(sites: &Sites, site: &str, volume: &str) {
@@ -378,40 +384,15 @@ fn an_idle_volume_force_promoted_rehomes_its_other_target_by_a_mark_resending_no
     sites.a.ctl_json(&[
         "replica", "enable", "idle", "--peer", "site-c", "--mode", "async", "--rpo", "60s",
     ]);
-    wait_json(
-        &sites,
-        "site-a",
-        &["replica", "status", "idle"],
-        "both targets in sync",
-        |s| {
-            targets(s).len() == 2
-                && targets(s)
-                    .iter()
-                    .all(|t| t["state"] == "in-sync" && t["lag_bytes"] == 0)
-        },
-    );
+    both_targets_in_sync(&sites, "idle");
     for site in ["site-b", "site-c"] {
         wait_for_mark_idle(&sites, site, "idle");
     }
     sites.a.kill9();
     let p = sites.b.ctl_json(&["replica", "promote", "idle", "--force"]);
     assert_eq!(p["forced"], true, "{p}");
-    let s = wait_json(
-        &sites,
-        "site-b",
-        &["replica", "status", "idle"],
-        "site-c re-homed and in sync",
-        |s| {
-            s["role"] == "primary"
-                && targets(s).iter().any(|t| {
-                    t["peer"] == "site-c" && t["state"] == "in-sync" && t["lag_bytes"] == 0
-                })
-        },
-    );
-    let c = targets(&s)
-        .into_iter()
-        .find(|t| t["peer"] == "site-c")
-        .expect("site-c");
+    let s = target_in_sync(&sites, "site-b", "idle", "site-c");
+    let c = target(&s, "site-c");
     assert_eq!(c["resync_bytes_sent"], 0, "re-homing resent data: {s}");
     let log = sites.b.log();
     assert!(
@@ -445,18 +426,7 @@ fn demoting_a_volume_of_two_targets_is_a_switchover_and_discard_local_is_refused
     sites.a.ctl_json(&[
         "replica", "enable", "dem", "--peer", "site-c", "--mode", "async",
     ]);
-    wait_json(
-        &sites,
-        "site-a",
-        &["replica", "status", "dem"],
-        "both targets in sync",
-        |s| {
-            targets(s).len() == 2
-                && targets(s)
-                    .iter()
-                    .all(|t| t["state"] == "in-sync" && t["lag_bytes"] == 0)
-        },
-    );
+    both_targets_in_sync(&sites, "dem");
     // Outside the planned handover, site-c would follow nobody: refused,
     // naming the targets and the ways out; nothing changed.
     let refused = ctl_err(&sites.a, &["replica", "demote", "dem", "--discard-local"]);
@@ -519,23 +489,6 @@ fn demoting_a_volume_of_two_targets_is_a_switchover_and_discard_local_is_refused
         &sites.a.uri("dem"),
         "site-b and site-a",
     );
-}
-
-/// Waits until `site`'s status of `volume` shows `peer` as an in-sync
-/// target with nothing pending.
-fn target_in_sync(sites: &Sites, site: &str, volume: &str, peer: &str) -> serde_json::Value {
-    wait_json(
-        sites,
-        site,
-        &["replica", "status", volume],
-        &format!("{volume} on {site}: {peer} in sync"),
-        |s| {
-            s["role"] == "primary"
-                && targets(s)
-                    .iter()
-                    .any(|t| t["peer"] == peer && t["state"] == "in-sync" && t["lag_bytes"] == 0)
-        },
-    )
 }
 
 #[test]
@@ -602,10 +555,7 @@ fn a_rehoming_resumes_after_the_new_primary_is_killed_twice_during_it() {
     sites.to_c.set_rate(0);
 
     let s = target_in_sync(&sites, "site-b", "r", "site-c");
-    let c = targets(&s)
-        .into_iter()
-        .find(|t| t["peer"] == "site-c")
-        .expect("site-c");
+    let c = target(&s, "site-c");
     let sent = c["resync_bytes_sent"].as_u64().expect("bytes sent");
     eprintln!(
         "site-c re-homed after two kills of site-b: {sent} bytes resent since the last restart"
