@@ -103,7 +103,8 @@ mod tests {
     #[test]
     fn join_table() {
         let m = 256 * K;
-        let rows: [(Option<(u64, u64)>, u64, u64, Join); 7] = [
+        type Row = (Option<(u64, u64)>, u64, u64, Join);
+        let rows: [Row; 7] = [
             (None, 0, 64 * K, Join::Append),
             (None, 12345, 1, Join::Append),
             (Some((0, 64 * K)), 64 * K, 64 * K, Join::Append),
