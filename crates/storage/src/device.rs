@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use crate::engine::{IoEngine, blocking};
 use crate::error::{Result, StorageError};
+use std::io::IoSlice;
 
 /// One run of [`FileDevice::allocation`]: `length` bytes that are a hole or data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,6 +145,45 @@ impl FileDevice {
             if durable {
                 file.sync_data()?;
             }
+            Ok(())
+        })
+        .await
+        .map_err(|e| StorageError::from_io("write", e))
+    }
+
+    /// Writes `pieces` back to back from `offset` straight from the
+    /// caller's buffers (received `bytes::Bytes`, say), with one vectored
+    /// write per [`IOV_MAX`] pieces on the blocking pool, then starts their
+    /// writeback like [`Self::start_writeback`]. One hop to the pool and one
+    /// writeback call for the whole run instead of one per piece: on a VM
+    /// each writeback call is a doorbell to the virtual disk.
+    ///
+    /// # Errors
+    /// [`StorageError::NoSpace`] when the file system is full, else `Io`.
+    pub async fn write_run_from<B>(&self, offset: u64, pieces: Vec<B>) -> Result<()>
+    where
+        B: AsRef<[u8]> + Send + 'static,
+    {
+        let file = self.file.clone();
+        blocking(move || {
+            let mut at = offset;
+            for group in pieces.chunks(IOV_MAX) {
+                let mut slices: Vec<IoSlice<'_>> =
+                    group.iter().map(|p| IoSlice::new(p.as_ref())).collect();
+                let mut rest = &mut slices[..];
+                while !rest.is_empty() {
+                    match nix::sys::uio::pwritev(file.as_ref(), rest, at as libc::off_t) {
+                        Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                        Ok(n) => {
+                            at += n as u64;
+                            IoSlice::advance_slices(&mut rest, n);
+                        }
+                        Err(nix::errno::Errno::EINTR) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+            crate::writeback::start_writeback(&*file, offset, at - offset);
             Ok(())
         })
         .await
@@ -291,3 +331,6 @@ impl FileDevice {
         Ok(end as u64)
     }
 }
+
+/// Slices per vectored write (Linux's `IOV_MAX`).
+const IOV_MAX: usize = 1024;

@@ -24,6 +24,7 @@ use ember_storage::StorageError;
 use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
+use super::bulk_run::{self, BulkRun, Join};
 use super::clone_apply::{self, CloneRange, Way};
 use super::staging::{CommittedBatch, StagedChange};
 use super::{SecondaryVolume, group};
@@ -370,6 +371,8 @@ struct Stream {
     sv: Arc<SecondaryVolume>,
     session: u64,
     acks: AckTx,
+    /// Unordered bulk writes received and not written yet (`bulk_run.rs`).
+    run: std::sync::Mutex<BulkRun>,
 }
 
 impl Stream {
@@ -411,6 +414,10 @@ impl Stream {
                 .stage_write(w.offset, &w.data)
                 .map_err(|e| Status::internal(format!("staging a write: {e}")));
         }
+        if joins_run(&w) {
+            return self.gather(w).await;
+        }
+        self.write_run().await?;
         settle(&self.sv).await?;
         let _gate = self.sv.points.wait_clone().await;
         if w.unordered {
@@ -436,6 +443,59 @@ impl Stream {
         }
         self.sv.applied_bytes.fetch_add(len, Ordering::Relaxed);
         if w.ack { self.ack(w.seq).await } else { Ok(()) }
+    }
+
+    /// Adds an unordered write to the open run (see `bulk_run.rs`): the
+    /// same steps as a write up to the write itself, which waits for the
+    /// run to be written out.
+    async fn gather(&self, w: pb::BlockWrite) -> Result<(), Status> {
+        let len = w.data.len() as u64;
+        let span = self.run.lock().expect("run lock poisoned").span();
+        if bulk_run::join(span, w.offset, len, bulk_run::RUN_MAX) == Join::WriteOutFirst {
+            self.write_run().await?;
+        }
+        settle(&self.sv).await?;
+        drop(self.sv.points.wait_clone().await);
+        self.mark_unordered()?;
+        self.sv.points.note([(w.offset, len)])?;
+        self.sv.note_marks(&[(w.offset, len)])?;
+        let full = self
+            .run
+            .lock()
+            .expect("run lock poisoned")
+            .push(w.offset, w.data);
+        if full { self.write_run().await } else { Ok(()) }
+    }
+
+    /// Ends the stream on a frame (or run) the secondary could not take:
+    /// the open batch is dropped and the primary told why. The caller
+    /// holds the `apply_lock`.
+    async fn refuse(&self, status: Status) {
+        tracing::warn!(volume = %self.sv.record().volume, error = %status, "replication frame refused; staged batch dropped");
+        let _ = self
+            .sv
+            .staging
+            .lock()
+            .expect("staging lock poisoned")
+            .reset();
+        let _ = self.acks.send(Err(status)).await;
+    }
+
+    /// Writes the open run out, if any.
+    async fn write_run(&self) -> Result<(), Status> {
+        let Some(run) = self.run.lock().expect("run lock poisoned").take() else {
+            return Ok(());
+        };
+        settle(&self.sv).await?;
+        let _gate = self.sv.points.wait_clone().await;
+        self.sv
+            .volume
+            .device()
+            .write_run_from(run.offset, run.pieces)
+            .await
+            .map_err(|e| storage_status("applying a write", &e))?;
+        self.sv.applied_bytes.fetch_add(run.len, Ordering::Relaxed);
+        Ok(())
     }
 
     async fn zero(&self, z: pb::BlockZero) -> Result<(), Status> {
@@ -561,6 +621,11 @@ impl Stream {
     }
 
     async fn handle(&self, kind: Kind) -> Result<(), Status> {
+        // Every frame but a write that may join the open run comes after
+        // the run: write it out first.
+        if !matches!(&kind, Kind::Write(w) if joins_run(w)) {
+            self.write_run().await?;
+        }
         match kind {
             Kind::Open(_) => Err(Status::invalid_argument("a stream opens only once")),
             Kind::Write(w) => self.write(w).await,
@@ -583,6 +648,13 @@ impl Stream {
             }
         }
     }
+}
+
+/// Whether a write frame may wait in the open run: unordered (no order
+/// to keep until the next barrier), applied directly, and with nothing
+/// waiting on it (no acknowledgement, no FUA).
+fn joins_run(w: &pb::BlockWrite) -> bool {
+    w.unordered && !w.staged && !w.ack && !w.fua
 }
 
 /// Serves one `Replicate` stream until the primary ends it, a newer stream
@@ -614,13 +686,18 @@ pub(crate) async fn run_stream(
         let _ = acks.send(Err(status)).await;
         return;
     }
-    let stream = Stream { sv, session, acks };
+    let stream = Stream {
+        sv,
+        session,
+        acks,
+        run: Default::default(),
+    };
     tracing::info!(volume = %name, session, "replication stream opened");
     loop {
-        let frame = match frames.message().await {
-            Ok(Some(frame)) => frame,
-            Ok(None) => break,
-            Err(status) => {
+        let frame = match next_frame(&stream, &mut frames).await {
+            Next::Frame(frame) => frame,
+            Next::End | Next::Refused => break,
+            Next::Broke(status) => {
                 tracing::info!(volume = %name, error = %status, "replication stream broke");
                 break;
             }
@@ -638,16 +715,66 @@ pub(crate) async fn run_stream(
             break;
         };
         if let Err(status) = stream.handle(kind).await {
-            tracing::warn!(volume = %name, error = %status, "replication frame refused; staged batch dropped");
-            let _ = stream
-                .sv
-                .staging
-                .lock()
-                .expect("staging lock poisoned")
-                .reset();
-            let _ = stream.acks.send(Err(status)).await;
+            stream.refuse(status).await;
             break;
         }
     }
     stream.sv.leave_group();
+}
+
+/// What [`next_frame`] found.
+enum Next {
+    Frame(pb::ReplFrame),
+    /// The primary ended the stream.
+    End,
+    /// The stream broke.
+    Broke(Status),
+    /// Writing the open run out failed; the primary was told.
+    Refused,
+}
+
+/// The stream's next frame; the open run is written out first when no
+/// frame comes within [`bulk_run::RUN_WAIT`] (nothing else would write it
+/// before the primary's next frame, which may be a while).
+async fn next_frame(stream: &Stream, frames: &mut Streaming<pb::ReplFrame>) -> Next {
+    let mut next = std::pin::pin!(frames.message());
+    let waker = std::task::Waker::noop();
+    let ready = next
+        .as_mut()
+        .poll(&mut std::task::Context::from_waker(waker));
+    let received = match ready {
+        std::task::Poll::Ready(r) => r,
+        std::task::Poll::Pending => {
+            let has_run = stream
+                .run
+                .lock()
+                .expect("run lock poisoned")
+                .span()
+                .is_some();
+            match has_run {
+                false => next.await,
+                // The sender is usually just behind: give the run a moment
+                // to grow before writing it out.
+                true => match tokio::time::timeout(bulk_run::RUN_WAIT, next.as_mut()).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        let guard = stream.sv.apply_lock.lock().await;
+                        if stream.sv.session.load(Ordering::SeqCst) == stream.session
+                            && let Err(status) = stream.write_run().await
+                        {
+                            stream.refuse(status).await;
+                            return Next::Refused;
+                        }
+                        drop(guard);
+                        next.await
+                    }
+                },
+            }
+        }
+    };
+    match received {
+        Ok(Some(frame)) => Next::Frame(frame),
+        Ok(None) => Next::End,
+        Err(status) => Next::Broke(status),
+    }
 }

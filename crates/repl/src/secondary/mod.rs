@@ -10,6 +10,7 @@
 //! never reports a torn image as consistent.
 
 mod apply;
+mod bulk_run;
 mod clone_apply;
 pub(crate) mod group;
 pub(crate) mod marks;
