@@ -35,13 +35,21 @@ fn async_replica_syncs_streams_and_refuses_client_writes() {
     }
     let sites = TwoSites::start(&[], &[]);
     let a_uri = sites.a.create_volume("vol", "256M");
-    // 9 MiB of data in a 256 MiB volume: the initial sync must skip holes.
+    // 9.4 MiB of data in a 256 MiB volume: the initial sync must skip holes.
+    // The last five writes leave a hole and a zeroed block *inside* one
+    // MiB: the receiver gathers contiguous frames into runs, and a run must
+    // never close such a gap (the data after it would land too early).
     qemu_io(
         &a_uri,
         &[
             "write -P 0x5a 0 8M",
             "write -P 0x33 100M 1M",
             "write -z 120M 1M",
+            "write -P 0x44 130M 192k",
+            "write -P 0x45 136839168 128k",
+            "write -P 0x46 140M 64k",
+            "write -z 146866176 64k",
+            "write -P 0x47 146931712 64k",
         ],
     );
     let s = sites.a.ctl_json(&[
