@@ -193,6 +193,29 @@ fn each_target_has_its_own_point_schedule() {
             .all(|p| p["peer"] == "site-b" || p["peer"] == "site-c"),
         "an entry without its target: {listed:?}"
     );
+    // `--peer` keeps one target's points; a site that is no target is an
+    // error naming the targets.
+    for peer in ["site-b", "site-c"] {
+        let only = sites
+            .a
+            .ctl_json(&["replica", "points", "vol", "--peer", peer]);
+        let only = only.as_array().expect("points list is an array");
+        let all_of_peer = listed.iter().filter(|p| p["peer"] == peer).count();
+        assert!(
+            only.len() >= all_of_peer && only.iter().all(|p| p["peer"] == peer),
+            "--peer {peer}: {only:?} (all: {listed:?})"
+        );
+    }
+    let wrong = sites
+        .a
+        .ctl(&["--json", "replica", "points", "vol", "--peer", "site-x"]);
+    let err = String::from_utf8_lossy(&wrong.stderr);
+    assert!(
+        !wrong.status.success()
+            && err.contains("no replication link to site-x")
+            && err.contains("site-b, site-c"),
+        "--peer site-x: {err}"
+    );
 
     // `point create` on the primary: on every target, each entry naming
     // its target; with --peer on that target alone.

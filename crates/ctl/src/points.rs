@@ -100,16 +100,61 @@ fn point_json(p: &pb::RecoveryPoint) -> Value {
     j
 }
 
-/// `replica points VOLUME`.
+/// Which of a volume's points belong to the target at `peer`: a volume
+/// with several targets labels each point with its target; one with a
+/// single target (or a secondary, whose points are its own) labels none,
+/// and then every point is that one link's. `links` are the sites the
+/// volume replicates with (its targets, or its primary on a secondary).
+fn points_of_peer(
+    points: Vec<pb::RecoveryPoint>,
+    peer: &str,
+    links: &[String],
+) -> Result<Vec<pb::RecoveryPoint>, String> {
+    if !links.iter().any(|l| l == peer) {
+        return Err(format!(
+            "no replication link to {peer} (links: {})",
+            if links.is_empty() {
+                "none".to_owned()
+            } else {
+                links.join(", ")
+            }
+        ));
+    }
+    if points.iter().all(|p| p.peer.is_empty()) {
+        return Ok(points);
+    }
+    Ok(points.into_iter().filter(|p| p.peer == peer).collect())
+}
+
+/// `replica points VOLUME [--peer SITE]`.
 pub(crate) async fn list(
     api: &mut EmberControlClient<Channel>,
     out: Out,
     volume: String,
+    peer: Option<String>,
 ) -> anyhow::Result<()> {
-    let r = api
-        .list_points(pb::ListPointsRequest { volume })
+    let mut r = api
+        .list_points(pb::ListPointsRequest {
+            volume: volume.clone(),
+        })
         .await?
         .into_inner();
+    if let Some(peer) = peer {
+        let s = api
+            .get_replication_status(pb::GetReplicationStatusRequest {
+                volume: volume.clone(),
+            })
+            .await?
+            .into_inner()
+            .status
+            .context("agent returned no status")?;
+        let links: Vec<String> = match s.targets.is_empty() {
+            true => vec![s.peer_site],
+            false => s.targets.into_iter().map(|t| t.peer_site).collect(),
+        };
+        r.points = points_of_peer(std::mem::take(&mut r.points), &peer, &links)
+            .map_err(|e| anyhow::anyhow!("{volume}: {e}"))?;
+    }
     if out.json {
         out.print_json(&Value::Array(r.points.iter().map(point_json).collect()));
         return Ok(());
@@ -251,6 +296,64 @@ mod tests {
         );
         assert!(parse_at("2026-13-04T10:22:33Z").is_err());
         assert!(parse_at("").is_err());
+    }
+
+    #[test]
+    fn points_of_a_peer() {
+        let point = |name: &str, peer: &str| pb::RecoveryPoint {
+            name: name.to_owned(),
+            peer: peer.to_owned(),
+            ..Default::default()
+        };
+        let names = |r: Result<Vec<pb::RecoveryPoint>, String>| {
+            r.map(|ps| ps.into_iter().map(|p| p.name).collect::<Vec<_>>())
+        };
+        let bc = ["site-b".to_owned(), "site-c".to_owned()];
+        let b = ["site-b".to_owned()];
+        let labelled = || {
+            vec![
+                point("p1", "site-b"),
+                point("p2", "site-c"),
+                point("p3", "site-b"),
+            ]
+        };
+        // (points, peer, links, wanted)
+        type Row<'a> = (
+            Vec<pb::RecoveryPoint>,
+            &'a str,
+            &'a [String],
+            Result<Vec<&'a str>, &'a str>,
+        );
+        let rows: Vec<Row<'_>> = vec![
+            (labelled(), "site-b", &bc, Ok(vec!["p1", "p3"])),
+            (labelled(), "site-c", &bc, Ok(vec!["p2"])),
+            // a target with no points yet
+            (vec![point("p1", "site-b")], "site-c", &bc, Ok(vec![])),
+            // one target: points carry no label
+            (
+                vec![point("p1", ""), point("p2", "")],
+                "site-b",
+                &b,
+                Ok(vec!["p1", "p2"]),
+            ),
+            (
+                vec![point("p1", "")],
+                "site-c",
+                &b,
+                Err("no replication link to site-c (links: site-b)"),
+            ),
+            (
+                vec![],
+                "site-b",
+                &[],
+                Err("no replication link to site-b (links: none)"),
+            ),
+        ];
+        for (i, (points, peer, links, want)) in rows.into_iter().enumerate() {
+            let got = names(points_of_peer(points, peer, links));
+            let want = want.map(|v| v.into_iter().map(str::to_owned).collect::<Vec<_>>());
+            assert_eq!(got, want.map_err(str::to_owned), "row {i}");
+        }
     }
 
     #[test]

@@ -63,7 +63,13 @@ pub(crate) enum ReplicaCmd {
     },
     /// Recovery points of a replica, oldest first (either site: on the
     /// primary's, the agent asks the secondary).
-    Points { volume: String },
+    Points {
+        volume: String,
+        /// Only the points of the target at this peer site (a volume with
+        /// several targets keeps points per target).
+        #[arg(long)]
+        peer: Option<String>,
+    },
     /// Recovery points: take one.
     #[command(subcommand)]
     Point(crate::points::PointCmd),
@@ -432,7 +438,7 @@ pub(crate) async fn run(
                 crate::points::settings(points_every.as_deref(), keep, keep_for.as_deref())?;
             crate::points::set(api, out, volume, peer, points).await?;
         }
-        ReplicaCmd::Points { volume } => crate::points::list(api, out, volume).await?,
+        ReplicaCmd::Points { volume, peer } => crate::points::list(api, out, volume, peer).await?,
         ReplicaCmd::Point(cmd) => crate::points::run(cmd, api, out).await?,
         ReplicaCmd::Demote {
             volume,
