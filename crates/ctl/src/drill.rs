@@ -14,6 +14,7 @@ use crate::output::{Out, outln, table};
 use crate::replica::rfc3339;
 
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub(crate) enum DrillCmd {
     /// Make a writable volume from a consistent image of secondary VOLUME
     /// (asked on the secondary's site). Replication goes on; the drill is
@@ -38,6 +39,7 @@ pub(crate) enum DrillCmd {
 }
 
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub(crate) enum GroupDrillCmd {
     /// One drill per member of secondary group GROUP (asked on the
     /// secondary's site), all from one group recovery point; members are

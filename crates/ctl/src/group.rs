@@ -12,6 +12,7 @@ use crate::output::{Out, outln, table};
 use crate::replica::rfc3339;
 
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub(crate) enum GroupCmd {
     /// Create a group on this (primary) site replicating to a paired site;
     /// for an existing group, add another target (every member must

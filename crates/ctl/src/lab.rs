@@ -40,6 +40,7 @@ fn demo_targets(sites: usize) -> &'static [(&'static str, bool)] {
 }
 
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub(crate) enum LabCmd {
     /// Start the lab (foreground with a live view, or --detach).
     Up {

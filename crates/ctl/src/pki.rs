@@ -18,6 +18,7 @@ use rcgen::{
 };
 
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub(crate) enum PkiCmd {
     /// Create a CA in DIR (refuses to overwrite one).
     Init {

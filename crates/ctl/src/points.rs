@@ -16,6 +16,7 @@ use crate::replica::{rfc3339, status_json};
 
 /// `emberctl replica point …`.
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub(crate) enum PointCmd {
     /// Take a manual recovery point of VOLUME on its secondary (asked on
     /// the primary's site: at the secondary's next committed batch).

@@ -14,6 +14,7 @@ use tonic::transport::Channel;
 use crate::output::{Out, outln, table};
 
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub(crate) enum ReplicaCmd {
     /// Replicate VOLUME to a paired site (creates the secondary there).
     Enable {

@@ -34,7 +34,9 @@ use crate::output::Out;
 /// How often the key reader looks at its stop flag between key polls.
 const KEY_POLL: Duration = Duration::from_millis(100);
 
-/// `emberctl top` arguments.
+// `emberctl top` arguments. A plain comment on purpose: `Command` defers
+// building its subcommands, so a doc comment here would be applied after the
+// `Top` variant's and replace its about text in `emberctl top --help`.
 #[derive(Debug, Args)]
 pub(crate) struct TopArgs {
     /// Time between refreshes, e.g. 1s or 500ms.
