@@ -100,6 +100,32 @@ class CpuMeter:
         return {name: cpu_seconds(pid) - self.t0[name] for name, pid in self.pids.items()}
 
 
+def run_seconds(pid):
+    """Seconds process `pid`'s live threads have run so far, to the
+    nanosecond (/proc/PID/task/*/schedstat, field 1): for phases too short
+    for the 10 ms ticks of `cpu_seconds`. Threads that ended are not
+    counted (tokio keeps its blocking threads 10 s after their last job)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return total / 1e9
+
+
+class RunMeter(CpuMeter):
+    """As CpuMeter, counted with `run_seconds`."""
+
+    def start(self):
+        self.t0 = {name: run_seconds(pid) for name, pid in self.pids.items()}
+        return self
+
+    def stop(self):
+        return {name: run_seconds(pid) - self.t0[name] for name, pid in self.pids.items()}
+
+
 class Profiler:
     """`perf record -g` of each agent during a measured phase, when
     --perf-dir is given (numbers taken with it on are not comparable with
@@ -533,10 +559,14 @@ def bench_resync(lab, tmp, size):
         args += ["-c", f"write -P {c % 250 + 1} {c * MIB} 1M"]
     run("qemu-io", "-f", "raw", *args, lab.uri("site-a", vol))
     run("sync")
+    # CPU-seconds of both agents over the resync: steadier than its wall
+    # time on a shared machine (the wall time includes the status polls).
+    cpu = RunMeter(lab.cpu_meter().pids).start()
     t0 = time.time()
     lab.ctl("site-a", "replica", "resume", vol)
     s = lab.wait_in_sync(vol)
     ember = time.time() - t0
+    used = cpu.stop()
     resent = s["resync_bytes_sent"] - before
     t0 = time.time()
     run("rsync", "--inplace", "--no-whole-file", "--ignore-times",
@@ -546,8 +576,10 @@ def bench_resync(lab, tmp, size):
     os.remove(old)
     print(f"resync after changing {len(changed)} MiB of {size >> 20} MiB: ember {ember:.2f} s "
           f"(resent {resent >> 20} MiB)  rsync {rsync:.2f} s  ratio rsync/ember "
-          f"{rsync / ember:.1f}x  (target >= 30x)")
-    return {"ember_s": ember, "rsync_s": rsync, "resent": resent, "ratio": rsync / ember}
+          f"{rsync / ember:.1f}x  (target >= 30x)  CPU-s site-a {used['site-a']:.3f} "
+          f"site-b {used['site-b']:.3f}")
+    return {"ember_s": ember, "rsync_s": rsync, "resent": resent, "ratio": rsync / ember,
+            "cpu_s": used}
 
 
 def main():
@@ -563,6 +595,9 @@ def main():
     ap.add_argument("--dir", default=None, help="work dir (default: a temp dir)")
     ap.add_argument("--placement", choices=["sites", "shared"], default="sites",
                     help="sites: a CPU per site (default); shared: the kernel places all")
+    ap.add_argument("--keep-logs", default=None,
+                    help="copy both agents' logs into this dir before the lab is removed "
+                         "(with RUST_LOG=info,ember_repl=debug they time a resync's phases)")
     ap.add_argument("--perf-dir", default=None,
                     help="perf record both agents during the first initial sync and the "
                          "stream into this dir (slows them: not for comparing numbers)")
@@ -590,6 +625,12 @@ def main():
             results["resync"] = bench_resync(lab, tmp, size_arg(a.resync_size))
     finally:
         lab.down()
+        if a.keep_logs:
+            os.makedirs(a.keep_logs, exist_ok=True)
+            for site in ("site-a", "site-b"):
+                log = os.path.join(lab.dir, f"{site}.log")
+                if os.path.exists(log):
+                    shutil.copy(log, a.keep_logs)
         shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(results, indent=1, default=str))
 
