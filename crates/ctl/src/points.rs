@@ -141,14 +141,7 @@ pub(crate) async fn list(
         .await?
         .into_inner();
     if let Some(peer) = peer {
-        let s = api
-            .get_replication_status(pb::GetReplicationStatusRequest {
-                volume: volume.clone(),
-            })
-            .await?
-            .into_inner()
-            .status
-            .context("agent returned no status")?;
+        let s = crate::replica::status(api, &volume).await?;
         let links: Vec<String> = match s.targets.is_empty() {
             true => vec![s.peer_site],
             false => s.targets.into_iter().map(|t| t.peer_site).collect(),

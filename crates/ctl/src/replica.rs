@@ -153,6 +153,20 @@ pub(crate) fn rfc3339(unix_ns: i64) -> Option<String> {
     })
 }
 
+/// `GetReplicationStatus` of `volume`.
+pub(crate) async fn status(
+    api: &mut EmberControlClient<Channel>,
+    volume: &str,
+) -> anyhow::Result<pb::ReplicationStatus> {
+    api.get_replication_status(pb::GetReplicationStatusRequest {
+        volume: volume.to_owned(),
+    })
+    .await?
+    .into_inner()
+    .status
+    .context("agent returned no status")
+}
+
 pub(crate) fn status_json(s: &pb::ReplicationStatus) -> Value {
     json!({
         "volume": s.volume, "role": s.role, "peer": s.peer_site, "mode": s.mode,
@@ -406,14 +420,7 @@ pub(crate) async fn run(
             }
         }
         ReplicaCmd::Status { volume, watch } => loop {
-            let s = api
-                .get_replication_status(pb::GetReplicationStatusRequest {
-                    volume: volume.clone(),
-                })
-                .await?
-                .into_inner()
-                .status
-                .context("agent returned no status")?;
+            let s = status(api, &volume).await?;
             if out.json {
                 out.print_json(&status_json(&s));
             } else {
