@@ -1,6 +1,7 @@
 //! [`FileDevice`]: a volume's bytes in a sparse file (or a raw block device).
 
 use std::fs::{File, OpenOptions};
+use std::io::IoSlice;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -8,7 +9,6 @@ use std::sync::Arc;
 
 use crate::engine::{IoEngine, blocking};
 use crate::error::{Result, StorageError};
-use std::io::IoSlice;
 
 /// One run of [`FileDevice::allocation`]: `length` bytes that are a hole or data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

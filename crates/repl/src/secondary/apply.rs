@@ -738,37 +738,29 @@ enum Next {
 /// before the primary's next frame, which may be a while).
 async fn next_frame(stream: &Stream, frames: &mut Streaming<pb::ReplFrame>) -> Next {
     let mut next = std::pin::pin!(frames.message());
-    let waker = std::task::Waker::noop();
-    let ready = next
-        .as_mut()
-        .poll(&mut std::task::Context::from_waker(waker));
-    let received = match ready {
-        std::task::Poll::Ready(r) => r,
-        std::task::Poll::Pending => {
-            let has_run = stream
-                .run
-                .lock()
-                .expect("run lock poisoned")
-                .span()
-                .is_some();
-            match has_run {
-                false => next.await,
-                // The sender is usually just behind: give the run a moment
-                // to grow before writing it out.
-                true => match tokio::time::timeout(bulk_run::RUN_WAIT, next.as_mut()).await {
-                    Ok(r) => r,
-                    Err(_) => {
-                        let guard = stream.sv.apply_lock.lock().await;
-                        if stream.sv.session.load(Ordering::SeqCst) == stream.session
-                            && let Err(status) = stream.write_run().await
-                        {
-                            stream.refuse(status).await;
-                            return Next::Refused;
-                        }
-                        drop(guard);
-                        next.await
-                    }
-                },
+    let has_run = stream
+        .run
+        .lock()
+        .expect("run lock poisoned")
+        .span()
+        .is_some();
+    let received = if !has_run {
+        next.await
+    } else {
+        // The sender is usually just behind: give the run a moment to grow
+        // before writing it out (a frame already waiting returns at once).
+        match tokio::time::timeout(bulk_run::RUN_WAIT, next.as_mut()).await {
+            Ok(r) => r,
+            Err(_) => {
+                let guard = stream.sv.apply_lock.lock().await;
+                if stream.sv.session.load(Ordering::SeqCst) == stream.session
+                    && let Err(status) = stream.write_run().await
+                {
+                    stream.refuse(status).await;
+                    return Next::Refused;
+                }
+                drop(guard);
+                next.await
             }
         }
     };
