@@ -176,6 +176,10 @@ def measure(lab, rounds, runtime):
     for r in range(rounds):
         order = list(VOLUMES) if r % 2 == 0 else list(reversed(VOLUMES))
         for vol in order:
+            # Each run starts with nothing left to ship anywhere: a backlog
+            # from the run before would be charged to this one.
+            for v in VOLUMES:
+                lab.wait_in_sync(v)
             cpu = lab.cpu_meter().start()
             p50, p99, iops = fio_lat(lab.uri(vol), runtime, lab.placement)
             used = cpu.stop()
