@@ -114,9 +114,10 @@ class Lab3:
     def status(self, vol):
         return self.ctl("site-a", "replica", "status", vol)
 
-    def wait_in_sync(self, vol, timeout=120):
+    def wait_in_sync(self, vol, timeout=120, paused=()):
         """Waits until every one of `vol`'s expected targets is in sync with
-        nothing left to ship; returns the status."""
+        nothing left to ship (a peer in `paused` only has to be paused);
+        returns the status."""
         want = {peer: mode for peer, mode in VOLUMES[vol]}
         deadline = time.time() + timeout
         s = None
@@ -125,8 +126,9 @@ class Lab3:
             got = {t["peer"]: t for t in s.get("targets", [])}
             if (set(got) == set(want)
                     and all(got[p]["mode"] == m for p, m in want.items())
-                    and all(t["state"] == "in-sync" and t["lag_bytes"] == 0
-                            for t in got.values())):
+                    and all(t["state"] == "paused" if p in paused
+                            else t["state"] == "in-sync" and t["lag_bytes"] == 0
+                            for p, t in got.items())):
                 return s
             time.sleep(0.05)
         raise RuntimeError(f"{vol}: targets {want} not all in sync within {timeout} s: {s}")
@@ -163,7 +165,7 @@ def set_idle_policy(pid):
             pass
 
 
-def measure(lab, rounds, runtime):
+def measure(lab, rounds, runtime, paused=()):
     """Interleaved rounds; returns per volume a list of
     (p50_us, p99_us, iops, {site: cpu_s}), the RTT samples and each
     volume's bytes shipped before the rounds."""
@@ -179,7 +181,7 @@ def measure(lab, rounds, runtime):
             # Each run starts with nothing left to ship anywhere: a backlog
             # from the run before would be charged to this one.
             for v in VOLUMES:
-                lab.wait_in_sync(v)
+                lab.wait_in_sync(v, paused=paused if v == "two" else ())
             cpu = lab.cpu_meter().start()
             p50, p99, iops = fio_lat(lab.uri(vol), runtime, lab.placement)
             used = cpu.stop()
@@ -258,7 +260,8 @@ def main():
             lab.ctl("site-a", "replica", "pause", "two", "--peer", "site-c")
         elif a.async_target == "idle-cpu":
             set_idle_policy(lab.pid("site-c"))
-        samples, rtt, shipped_before = measure(lab, a.rounds, a.runtime)
+        paused = ("site-c",) if a.async_target == "paused" else ()
+        samples, rtt, shipped_before = measure(lab, a.rounds, a.runtime, paused)
         if a.async_target == "paused":
             lab.ctl("site-a", "replica", "resume", "two", "--peer", "site-c")
         check_replicas(lab, shipped_before)
