@@ -10,8 +10,11 @@ reported as ratios (this machine is noisy; ratios travel, absolutes don't).
                 (/proc/PID/stat) beside nbdcopy's and both qemu-nbd's, and
                 the ratio of the totals.
   latency       4 KiB QD1 random writes (fio, ioengine=nbd): p50/p99 with
-                replication off, async and sync, rounds interleaved; the
-                link RTT (median of pings) for the sync budget. Measured
+                replication off, async and sync, rounds interleaved, each
+                run starting with nothing left to ship (the async volume's
+                lag as its runs end is printed: shipping that fell behind
+                shows there); the link RTT (median of pings) for the sync
+                budget. Measured
                 with the sites on CPUs of their own (the targets) and with
                 everything on shared CPUs, in the same run.
 

@@ -2,7 +2,9 @@
 """Issue 14's fan-out benchmark: 4 KiB QD1 write latency (fio,
 ioengine=nbd, randwrite) of a volume with one sync target against a
 volume with one sync + one async target, on the same primary, in the same
-run, rounds interleaved (each round alternates which volume goes first).
+run, rounds interleaved (each round alternates which volume goes first),
+each run starting once every target of both volumes has nothing left to
+ship (a backlog of the run before would otherwise be charged to it).
 
   one   site-a -> site-b sync
   two   site-a -> site-b sync + site-a -> site-c async
