@@ -20,6 +20,7 @@ if EVENTLET:
 
 import subprocess  # noqa: E402
 import threading  # noqa: E402
+import time  # noqa: E402
 
 from oslo_concurrency import processutils  # noqa: E402
 
@@ -39,20 +40,23 @@ def rpc_loop():
             client.raw("ListVolumes", pb.ListVolumesRequest())
             client.raw("GetCapabilities", pb.GetCapabilitiesRequest())
             rpcs[0] += 2
+            # Patched, this yields to the other green threads (a blocking
+            # gRPC call does not); unpatched, it is a no-op.
+            time.sleep(0)
     except Exception as e:  # reported, not raised: the main thread decides
         errors.append(repr(e))
     finally:
         client.close()
 
 
-if EVENTLET:
-    # Green threads cannot overlap a blocking gRPC call with the fork; run
-    # the RPCs in real OS threads through eventlet's pool, as a driver's
-    # blocking calls end up under cinder-volume.
-    from eventlet import tpool
-    workers = [threading.Thread(target=tpool.execute, args=(rpc_loop,)) for _ in range(3)]
-else:
-    workers = [threading.Thread(target=rpc_loop) for _ in range(3)]
+# Patched, these are green threads on the main OS thread: how cinder-volume
+# runs the driver's calls (ember_cinder does not push them to eventlet's
+# tpool). They interleave with the forks while the main green thread waits
+# for each child, and gRPC's own core threads are live across every fork.
+# An earlier version ran the loops in tpool's OS threads: grpcio then mixed
+# green locks across OS threads ("cannot switch to a different thread") and
+# the run hung now and then, in a set-up the driver never uses.
+workers = [threading.Thread(target=rpc_loop) for _ in range(3)]
 for w in workers:
     w.start()
 

@@ -111,7 +111,11 @@ def test_a_replicated_type_goes_to_every_device_in_its_mode(lab3, ctx):
     got = targets_of(drv._primary, vol.name)
     assert sorted(got) == ["site-b", "site-c"]
     assert got["site-b"].mode == "sync" and got["site-c"].mode == "async"
-    # Both secondaries exist, each on its own site.
+    # Both secondaries exist, each on its own site. Enabling returns once
+    # the targets are recorded; each target's session then creates its
+    # secondary on its own (an async one can be a moment behind), so wait
+    # for both to be in sync before asking the sites.
+    wait_in_sync(drv._primary, vol.name)
     for site in ("site-b", "site-c"):
         s = drv._clients[site].raw("GetReplicationStatus",
                                    pb.GetReplicationStatusRequest(volume=vol.name)).status
