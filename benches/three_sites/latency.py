@@ -16,7 +16,8 @@ round of each volume, and the peers' RTT.
 Placement `sites` (as benches/repl/compare.py, whose helpers this reuses):
 CPU 0 runs site-a's agent and fio, CPU 1 runs site-b's and site-c's agents
 (the secondaries, which in production run on hosts of their own; this VM
-has two CPUs, so the two secondaries share one).
+has two CPUs, so the two secondaries share one). Each agent starts on one
+CPU, so it sizes its runtime for the one CPU its site has.
 
 Three agents come from `emberctl lab up --sites 3 --detach` (every pair of
 sites paired over mutual TLS); its demo volume is left alone.
@@ -85,8 +86,16 @@ class Lab3:
         self.dir = os.path.join(tmp, "lab")
         self.placement = placement
         self.up = False
-        # `lab up` starts emberd from the directory emberctl lives in.
-        run(self.ctl_bin, "lab", "up", "--sites", "3", "--dir", self.dir, "--detach",
+        # `lab up` starts emberd from the directory emberctl lives in. In
+        # `sites` placement every site has one CPU, and an agent sizes its
+        # runtime from the CPUs it may use when it starts: start the agents
+        # on one CPU (as an operator starts emberd with the affinity it
+        # keeps, docs/operations.md), then move each to its site's CPU.
+        # Started on both CPUs and pinned afterwards, each agent ran two
+        # runtime workers on one CPU (session 12: sync p50 125 -> 102 us).
+        start = ("taskset", "-c", str(placement.SITE_CPU["site-a"])) \
+            if placement.mode == "sites" else ()
+        run(*start, self.ctl_bin, "lab", "up", "--sites", "3", "--dir", self.dir, "--detach",
             "--size", "16M")
         self.up = True
         with open(os.path.join(self.dir, "lab.json")) as f:
