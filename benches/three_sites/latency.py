@@ -192,7 +192,7 @@ def measure(lab, rounds, runtime, paused=()):
             # Each run starts with nothing left to ship anywhere: a backlog
             # from the run before would be charged to this one.
             for v in VOLUMES:
-                lab.wait_in_sync(v, paused=paused if v == "two" else ())
+                lab.wait_in_sync(v, paused=paused)
             cpu = lab.cpu_meter().start()
             p50, p99, iops = fio_lat(lab.uri(vol), runtime, lab.placement)
             used = cpu.stop()
