@@ -304,6 +304,24 @@ impl FileDevice {
         runs
     }
 
+    /// The first byte at or after `pos` that may hold data (`SEEK_DATA`),
+    /// `None` when only hole follows. One call whose cost does not depend
+    /// on how much data follows `pos`: unlike `SEEK_HOLE`, which on tmpfs
+    /// (and in XFS's unwritten extents) walks the page cache up to the next
+    /// hole, so asking it once per small piece of a large written range is
+    /// quadratic. Where the file system cannot tell, `pos` itself.
+    pub fn data_at_or_after(&self, pos: u64) -> Option<u64> {
+        // SAFETY: lseek on a descriptor we own.
+        let data = unsafe { libc::lseek(self.file.as_raw_fd(), pos as i64, libc::SEEK_DATA) };
+        if data >= 0 {
+            return Some(data as u64);
+        }
+        match std::io::Error::last_os_error().raw_os_error() {
+            Some(libc::ENXIO) => None,
+            _ => Some(pos),
+        }
+    }
+
     /// Bytes allocated on disk.
     pub fn allocated_bytes(&self) -> u64 {
         self.file.metadata().map(|m| m.blocks() * 512).unwrap_or(0)
@@ -393,6 +411,35 @@ mod tests {
         assert!(image[8192..8704].iter().all(|&b| b == 0x77));
         assert!(image[65536..65536 + (128 << 10)].iter().all(|&b| b == 0x33));
         assert!(image[..4096].iter().all(|&b| b == 0));
+    }
+
+    #[tokio::test]
+    async fn data_at_or_after_skips_holes_and_ends_with_none() {
+        // A sparse file on the test's temp dir (ext4, XFS or tmpfs: each
+        // reports holes at page granularity or finer).
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("v.img");
+        let dev = FileDevice::create(
+            &path,
+            4 << 20,
+            IoEngine::new(Default::default()).expect("engine"),
+        )
+        .expect("create");
+        assert_eq!(
+            dev.data_at_or_after(0),
+            None,
+            "an empty sparse file is all hole"
+        );
+        dev.write(1 << 20, vec![0x5a; 64 << 10], false)
+            .await
+            .expect("write");
+        assert_eq!(dev.data_at_or_after(0), Some(1 << 20));
+        assert_eq!(
+            dev.data_at_or_after((1 << 20) + 4096),
+            Some((1 << 20) + 4096)
+        );
+        assert_eq!(dev.data_at_or_after(2 << 20), None);
+        assert_eq!(dev.data_at_or_after(8 << 20), None, "past the end");
     }
 
     #[tokio::test]

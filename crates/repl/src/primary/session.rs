@@ -690,9 +690,12 @@ impl Session<'_> {
     /// Ships one piece of a catch-up scan as a staged frame.
     async fn scan_piece(&mut self, offset: u64, len: u64) -> Result<(), SessionError> {
         let device = self.link.volume.device();
-        let in_hole = hashes::hole_map(&self.link.volume, offset, offset + len)
-            .iter()
-            .any(|&(s, e)| s <= offset && offset + len <= e);
+        // Only "is the whole piece a hole?" matters here; `SEEK_DATA` alone
+        // answers it at a cost that does not grow with the data after the
+        // piece (see `data_at_or_after`).
+        let in_hole = device
+            .data_at_or_after(offset)
+            .is_none_or(|data| data >= offset + len);
         self.buckets.resync.take(len).await;
         // Data read from disk takes its memory from the budget until the
         // stream pulls it; a hole is not read and holds nothing.
