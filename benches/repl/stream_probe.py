@@ -14,11 +14,18 @@ disk is not the secondary's (this VM has one disk), so the secondary's
 disk carries only the stream. With it the primary outruns the secondary,
 the journal overflows and the catch-up scan's cost shows.
 
+--random-for S writes random 1 MiB blocks over the volume for S seconds
+instead of one sequential pass (an overload that does not end by itself:
+whether the secondary still reaches consistent points, from the lag
+samples with `lag_seconds` beside them, and how long it takes once the
+writer stops).
+
 usage: benches/repl/stream_probe.py [--bin-dir DIR] [--size 2G]
-       [--primary-on-tmpfs]
+       [--primary-on-tmpfs] [--random-for S]
 Needs what compare.py needs; root for /proc/PID/io of the agents.
 """
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -63,6 +70,7 @@ def main():
     ap.add_argument("--bin-dir", default=os.path.join(C.ROOT, "target", "release"))
     ap.add_argument("--size", default="2G")
     ap.add_argument("--primary-on-tmpfs", action="store_true")
+    ap.add_argument("--random-for", type=int, default=0, metavar="S")
     a = ap.parse_args()
     size = C.size_arg(a.size)
     dev = root_disk()
@@ -85,15 +93,21 @@ def main():
 
         def sample():
             while not done.is_set():
-                lags.append(lab.status(vol)["lag_bytes"])
+                s = lab.status(vol)
+                lags.append((s["lag_bytes"], s["lag_seconds"]))
                 time.sleep(0.25)
 
-        sampler = threading.Thread(target=sample)
+        sampler = threading.Thread(target=sample, daemon=True)
         t0 = time.time()
         sampler.start()
-        C.run(*lab.placement.cmd("site-a", "fio", "--name=s", "--ioengine=nbd",
-                                 f"--uri={lab.uri('site-a', vol)}", "--rw=write", "--bs=1m",
-                                 "--iodepth=8", f"--size={size}", "--refill_buffers"))
+        pattern = ["--rw=randwrite", "--time_based", f"--runtime={a.random_for}"] \
+            if a.random_for else ["--rw=write"]
+        out = C.run(*lab.placement.cmd("site-a", "fio", "--name=s", "--ioengine=nbd",
+                                       f"--uri={lab.uri('site-a', vol)}", *pattern, "--bs=1m",
+                                       "--iodepth=8", f"--size={size}", "--refill_buffers",
+                                       "--output-format=json"))
+        # fio's nbd engine may print notices before the JSON.
+        written = json.loads(out[out.find("{"):])["jobs"][0]["write"]["io_bytes"]
         t1 = time.time()
         lab.wait_in_sync(vol)
         t2 = time.time()
@@ -103,13 +117,15 @@ def main():
         d1, w1 = disk_written(dev), {s: agent_written(p) for s, p in pids.items()}
         with open(os.path.join(lab.dir, "site-a.log")) as f:
             overflows = sum("journal overflow" in line for line in f)
-        print(f"primary took the writes in {t1 - t0:.2f} s ({size / MIB / (t1 - t0):.0f} MiB/s); "
-              f"secondary in sync after {t2 - t0:.2f} s ({size / MIB / (t2 - t0):.0f} MiB/s)")
+        print(f"primary took {written / MIB:.0f} MiB in {t1 - t0:.2f} s "
+              f"({written / MIB / (t1 - t0):.0f} MiB/s); secondary in sync after {t2 - t0:.2f} s "
+              f"({written / MIB / (t2 - t0):.0f} MiB/s), {t2 - t1:.2f} s after the writer stopped")
         print(f"disk {dev} wrote {(d1 - d0) / MIB:.0f} MiB; agents wrote "
               + ", ".join(f"{s} {(w1[s] - w0[s]) / MIB:.0f} MiB" for s in pids))
         print("CPU-seconds: " + ", ".join(f"{s} {v:.2f}" for s, v in used.items()))
         print(f"journal overflows: {overflows}")
-        print("lag MiB every 0.25 s: " + " ".join(str(round(x / MIB)) for x in lags))
+        print("lag MiB every 0.25 s: " + " ".join(str(round(b / MIB)) for b, _ in lags))
+        print("lag_seconds every 0.25 s: " + " ".join(f"{x:.1f}" for _, x in lags))
     finally:
         lab.down()
         shutil.rmtree(tmp, ignore_errors=True)
