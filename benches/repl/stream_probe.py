@@ -81,6 +81,7 @@ def main():
         shm = tempfile.mkdtemp(prefix="ember-stream-probe-a-", dir="/dev/shm")
         os.symlink(shm, os.path.join(tmp, "lab", "site-a"))
     lab = C.Lab(a.bin_dir, tmp, C.Placement("sites"))
+    done = threading.Event()
     try:
         vol = "stream"
         lab.ctl("site-a", "volume", "create", vol, "--size", str(size))
@@ -89,7 +90,7 @@ def main():
         pids = {s: lab.lab["sites"][s]["pid"] for s in ("site-a", "site-b")}
         d0, w0 = disk_written(dev), {s: agent_written(p) for s, p in pids.items()}
         cpu = lab.cpu_meter().start()
-        lags, done = [], threading.Event()
+        lags = []
 
         def sample():
             while not done.is_set():
@@ -127,6 +128,7 @@ def main():
         print("lag MiB every 0.25 s: " + " ".join(str(round(b / MIB)) for b, _ in lags))
         print("lag_seconds every 0.25 s: " + " ".join(f"{x:.1f}" for _, x in lags))
     finally:
+        done.set()
         lab.down()
         shutil.rmtree(tmp, ignore_errors=True)
         if shm:
