@@ -7,7 +7,9 @@ volume, then
   - bytes the disk wrote (/proc/diskstats) and each agent wrote
     (/proc/PID/io), i.e. how many times the stream hit the disk;
   - each agent's CPU-seconds;
-  - journal overflows (site-a's log) and the lag sampled every 0.25 s.
+  - journal overflows (site-a's log) and the lag sampled every 0.25 s;
+  - at the end, whether the replica equals the primary byte for byte
+    (exit status 1 when not).
 
 --primary-on-tmpfs puts site-a's data dir on /dev/shm: a primary whose
 disk is not the secondary's (this VM has one disk), so the secondary's
@@ -20,8 +22,11 @@ whether the secondary still reaches consistent points, from the lag
 samples with `lag_seconds` beside them, and how long it takes once the
 writer stops).
 
+--rpo R --rpo-policy P are passed to `replica enable` (e.g. 10s and
+throttle: the writer is slowed to the link instead of the lag growing).
+
 usage: benches/repl/stream_probe.py [--bin-dir DIR] [--size 2G]
-       [--primary-on-tmpfs] [--random-for S]
+       [--primary-on-tmpfs] [--random-for S] [--rpo R] [--rpo-policy P]
 Needs what compare.py needs; root for /proc/PID/io of the agents.
 """
 import argparse
@@ -71,6 +76,8 @@ def main():
     ap.add_argument("--size", default="2G")
     ap.add_argument("--primary-on-tmpfs", action="store_true")
     ap.add_argument("--random-for", type=int, default=0, metavar="S")
+    ap.add_argument("--rpo", default=None)
+    ap.add_argument("--rpo-policy", default=None, choices=["alert", "throttle", "escalate"])
     a = ap.parse_args()
     size = C.size_arg(a.size)
     dev = root_disk()
@@ -85,7 +92,9 @@ def main():
     try:
         vol = "stream"
         lab.ctl("site-a", "volume", "create", vol, "--size", str(size))
-        lab.ctl("site-a", "replica", "enable", vol, "--peer", "site-b", "--mode", "async")
+        policy = (["--rpo", a.rpo] if a.rpo else []) + \
+            (["--rpo-policy", a.rpo_policy] if a.rpo_policy else [])
+        lab.ctl("site-a", "replica", "enable", vol, "--peer", "site-b", "--mode", "async", *policy)
         lab.wait_in_sync(vol)
         pids = {s: lab.lab["sites"][s]["pid"] for s in ("site-a", "site-b")}
         d0, w0 = disk_written(dev), {s: agent_written(p) for s, p in pids.items()}
@@ -127,6 +136,12 @@ def main():
         print(f"journal overflows: {overflows}")
         print("lag MiB every 0.25 s: " + " ".join(str(round(b / MIB)) for b, _ in lags))
         print("lag_seconds every 0.25 s: " + " ".join(f"{x:.1f}" for _, x in lags))
+        # In sync with the writer stopped: the replica must equal the primary.
+        same = subprocess.run(["cmp", "-s", lab.data_file("site-a", vol),
+                               lab.data_file("site-b", vol)]).returncode == 0
+        print("replica identical to the primary" if same else "REPLICA DIFFERS FROM THE PRIMARY")
+        if not same:
+            sys.exit(1)
     finally:
         done.set()
         lab.down()
