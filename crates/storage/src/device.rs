@@ -264,22 +264,9 @@ impl FileDevice {
         let mut runs = Vec::new();
         let mut pos = offset;
         while pos < end {
-            // SAFETY: lseek on a descriptor we own.
-            let data = unsafe { libc::lseek(fd, pos as i64, libc::SEEK_DATA) };
-            let next_data = if data < 0 {
-                match std::io::Error::last_os_error().raw_os_error() {
-                    Some(libc::ENXIO) => end, // no data after pos: all hole
-                    _ => {
-                        runs.push(AllocationRun {
-                            length: end - pos,
-                            hole: false,
-                        });
-                        break;
-                    }
-                }
-            } else {
-                (data as u64).min(end)
-            };
+            // No data after pos: all hole. A file system that cannot tell
+            // answers `pos` (data), and its `SEEK_HOLE` fails too: all data.
+            let next_data = self.data_at_or_after(pos).map_or(end, |d| d.min(end));
             if next_data > pos {
                 runs.push(AllocationRun {
                     length: next_data - pos,
@@ -288,7 +275,7 @@ impl FileDevice {
                 pos = next_data;
                 continue;
             }
-            // SAFETY: as above.
+            // SAFETY: lseek on a descriptor we own.
             let hole = unsafe { libc::lseek(fd, pos as i64, libc::SEEK_HOLE) };
             let next_hole = if hole < 0 {
                 end
@@ -383,6 +370,15 @@ fn writes_inline(len: usize, durable: bool) -> bool {
 mod tests {
     use super::*;
 
+    fn sparse_device(path: &Path, size: u64) -> FileDevice {
+        FileDevice::create(
+            path,
+            size,
+            IoEngine::new(Default::default()).expect("engine"),
+        )
+        .expect("create")
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn small_writes_run_inline_on_a_multi_thread_runtime_and_land() {
         assert!(writes_inline(4096, false));
@@ -391,12 +387,7 @@ mod tests {
         assert!(!writes_inline(4096, true), "FUA goes to the engine");
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("v.img");
-        let dev = FileDevice::create(
-            &path,
-            1 << 20,
-            IoEngine::new(Default::default()).expect("engine"),
-        )
-        .expect("create");
+        let dev = sparse_device(&path, 1 << 20);
         dev.write(4096, vec![0x5a; 4096], false)
             .await
             .expect("inline write");
@@ -418,13 +409,7 @@ mod tests {
         // A sparse file on the test's temp dir (ext4, XFS or tmpfs: each
         // reports holes at page granularity or finer).
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("v.img");
-        let dev = FileDevice::create(
-            &path,
-            4 << 20,
-            IoEngine::new(Default::default()).expect("engine"),
-        )
-        .expect("create");
+        let dev = sparse_device(&dir.path().join("v.img"), 4 << 20);
         assert_eq!(
             dev.data_at_or_after(0),
             None,
