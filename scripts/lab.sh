@@ -3,5 +3,5 @@
 # a local lab (emberd + a demo volume), with a live status view. Ctrl-C stops.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --bins --locked
+./scripts/build-release.sh
 exec ./target/release/emberctl lab up --dir "${EMBER_LAB_DIR:-lab}" "$@"

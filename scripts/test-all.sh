@@ -68,6 +68,26 @@ smoke three_sites_rehome benches/three_sites/rehome.py
 (cd driver-shim/tests && EMBER_BIN_DIR="$PWD/../../target/debug" \
   "../../$venv/bin/python" -m pytest -q -p no:cacheprovider .) 2>&1 | tee -a "$log" || status=$?
 
+# The installed emberctl is static-pie (scripts/build-release.sh). Built the
+# same way at the dev profile, it must have no program interpreter and work:
+# a version, a refused connection, a host name through glibc's NSS.
+static_cli() {
+  local ctl=target/debug/emberctl out
+  EMBER_PROFILE=dev ./scripts/build-release.sh >/dev/null 2>&1 || return 1
+  if readelf -l "$ctl" | grep -q INTERP; then echo "$ctl is dynamically linked"; return 1; fi
+  "$ctl" --version | grep -q '^ember-ctl ' || return 1
+  out=$("$ctl" --api unix:/nonexistent/api.sock status 2>&1) && return 1
+  grep -q 'cannot reach the agent' <<<"$out" || { echo "$out"; return 1; }
+  out=$("$ctl" --api http://localhost:1 status 2>&1) && return 1
+  grep -q 'cannot reach the agent at http://localhost:1' <<<"$out" || { echo "$out"; return 1; }
+}
+if static_cli; then
+  echo "static emberctl: 1 passed" | tee -a "$log"
+else
+  echo "static emberctl: 1 failed" | tee -a "$log"
+  status=1
+fi
+
 passed=$(grep -Eo '[0-9]+ passed' "$log" | awk '{s+=$1} END {print s+0}')
 failed=$(grep -Eo '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')
 rm -f "$log"

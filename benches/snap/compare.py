@@ -38,8 +38,10 @@ the drop in the file system's free bytes (statvfs, after `sync`).
 usage: benches/snap/compare.py [--quick] [--bin-dir DIR] [--sizes 1G,4G,16G]
        [--rounds N] [--dir DIR] [--skip ext4,qcow2,cp,driver]
        [--driver-python PY]  (default target/shim-venv/bin/python)
-Needs: root (loop mount), emberd and emberctl (cargo build --release
---bins), xfsprogs, qemu-utils, libnbd-bin (nbdcopy), nbdkit.
+Needs: root (loop mount), emberd and emberctl (scripts/build-release.sh:
+emberctl static-pie, as installed; the report's `emberctl_link` says which
+one ran, and a dynamically linked one pays ~0.3 ms more per call), xfsprogs,
+qemu-utils, libnbd-bin (nbdcopy), nbdkit.
 """
 import argparse
 import json
@@ -292,6 +294,23 @@ def median(rows, key):
     return statistics.median(vals) if vals else None
 
 
+def elf_link(path):
+    """`static` when the ELF file at `path` has no program interpreter
+    (PT_INTERP: no dynamic loader runs at exec), else `dynamic`."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+        if head[:4] != b"\x7fELF" or head[4] != 2:
+            raise SystemExit(f"{path}: not a 64-bit ELF file")
+        order = "little" if head[5] == 1 else "big"
+        phoff = int.from_bytes(head[32:40], order)
+        phentsize = int.from_bytes(head[54:56], order)
+        phnum = int.from_bytes(head[56:58], order)
+        f.seek(phoff)
+        table = f.read(phentsize * phnum)
+    types = [int.from_bytes(table[i * phentsize:i * phentsize + 4], order) for i in range(phnum)]
+    return "dynamic" if 3 in types else "static"  # 3 = PT_INTERP
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the script works")
@@ -326,7 +345,11 @@ def main():
         mounts.append(ext4)
     agents = []
     driver = None
-    results = {"sizes": {}, "loadavg_start": open("/proc/loadavg").read().split()[:3]}
+    results = {"sizes": {}, "loadavg_start": open("/proc/loadavg").read().split()[:3],
+               "emberctl_link": elf_link(os.path.join(a.bin_dir, "emberctl"))}
+    if results["emberctl_link"] != "static":
+        print("note: this emberctl is dynamically linked; scripts/build-release.sh builds the"
+              " static-pie one that is installed", file=sys.stderr)
     try:
         ax = Agent(a.bin_dir, "xfs", os.path.join(xfs.path, "data"), tmp)
         agents.append(ax)
@@ -440,6 +463,7 @@ def report(results, sizes, rounds):
                     min(r["secs"] for r in dr) / min(r["secs"] for r in cpr)
                 ratios[f"{label}: driver-rpc / cp --reflink, median of same-round ratios"] = \
                     statistics.median(d["secs"] / c["secs"] for d, c in zip(dr, cpr))
+    print(f"  emberctl linked {results['emberctl_link']}")
     print(f"  load average at start {' '.join(results['loadavg_start'])},"
           f" at end {' '.join(results['loadavg_end'])}")
     for k, v in ratios.items():
