@@ -24,14 +24,22 @@ sites paired over mutual TLS); its demo volume is left alone.
 
 usage: benches/three_sites/latency.py [--quick] [--rounds N] [--runtime S]
        [--bin-dir DIR] [--placement sites|shared] [--site-c-cpu 0|1]
-       [--async-target normal|paused|idle-cpu] [--dir DIR]
+       [--async-target normal|paused|idle-cpu|own-host] [--dir DIR]
 --async-target (a diagnosis of where the second target's cost is):
 `paused` pauses site-c's target of `two` over the rounds (`replica pause`:
 each write still goes through the fan-out and the async link's hook, but
 nothing is shipped or applied), `idle-cpu` runs site-c's agent under
 SCHED_IDLE (it then takes CPU 1 only when site-b leaves it idle, as on a
-host of its own, while site-a still ships everything to it). Both resume
-normally before the replicas are compared.
+host of its own, while site-a still ships everything to it), `own-host`
+does that and also puts site-c's data dir on tmpfs (no fsync of site-c's
+reaches the disk site-a and site-b write to): what is left of the cost is
+site-a's own work for its second target, and the loopback's receive
+processing, which runs on the sender's CPU. All resume normally before the
+replicas are compared.
+
+Besides the ratio of the medians, `ratio_p50_paired` is the median of each
+round's two/one ratio (the two volumes of a round run back to back, so
+drift between rounds cancels out of it).
 
 --quick (a CI smoke; works with debug binaries): one short round, then
 asserts that both volumes have all their targets in sync, that fio wrote
@@ -78,7 +86,7 @@ class Placement3(Placement):
 class Lab3:
     """A detached three-site lab (`emberctl lab up --sites 3`)."""
 
-    def __init__(self, bins, tmp, placement):
+    def __init__(self, bins, tmp, placement, site_c_dir=None):
         self.ctl_bin = os.path.join(bins, "emberctl")
         for b in (self.ctl_bin, os.path.join(bins, "emberd")):
             if not os.access(b, os.X_OK):
@@ -95,6 +103,10 @@ class Lab3:
         # runtime workers on one CPU (session 12: sync p50 125 -> 102 us).
         start = ("taskset", "-c", str(placement.SITE_CPU["site-a"])) \
             if placement.mode == "sites" else ()
+        if site_c_dir is not None:
+            # `lab up` keeps each site's data in DIR/SITE: site-c's is elsewhere.
+            os.makedirs(self.dir)
+            os.symlink(site_c_dir, os.path.join(self.dir, "site-c"))
         run(*start, self.ctl_bin, "lab", "up", "--sites", "3", "--dir", self.dir, "--detach",
             "--size", "16M")
         self.up = True
@@ -249,9 +261,11 @@ def main():
     ap.add_argument("--site-c-cpu", type=int, choices=[0, 1], default=1,
                     help="diagnosis: the CPU of site-c's agent under --placement sites "
                          "(0: beside site-a and fio instead of beside the sync secondary)")
-    ap.add_argument("--async-target", choices=["normal", "paused", "idle-cpu"], default="normal",
+    ap.add_argument("--async-target", choices=["normal", "paused", "idle-cpu", "own-host"],
+                    default="normal",
                     help="diagnosis: pause site-c's target of `two` during the rounds, or run "
-                         "site-c's agent under SCHED_IDLE (as if on a CPU of its own)")
+                         "site-c's agent under SCHED_IDLE (as if on a CPU of its own), "
+                         "own-host: that and site-c's data on tmpfs (as if on a disk of its own)")
     ap.add_argument("--dir", default=None, help="parent of the temp work dir")
     a = ap.parse_args()
     if a.quick:
@@ -264,12 +278,14 @@ def main():
     placement.SITE_CPU = {**Placement3.SITE_CPU, "site-c": a.site_c_cpu}
     tmp = tempfile.mkdtemp(prefix="ember-three-sites-lat-", dir=a.dir)
     lab = None
+    site_c_dir = tempfile.mkdtemp(prefix="ember-site-c-", dir="/dev/shm") \
+        if a.async_target == "own-host" else None
     try:
-        lab = Lab3(os.path.abspath(a.bin_dir), tmp, placement)
+        lab = Lab3(os.path.abspath(a.bin_dir), tmp, placement, site_c_dir)
         setup(lab)
         if a.async_target == "paused":
             lab.ctl("site-a", "replica", "pause", "two", "--peer", "site-c")
-        elif a.async_target == "idle-cpu":
+        elif a.async_target in ("idle-cpu", "own-host"):
             set_idle_policy(lab.pid("site-c"))
         paused = ("site-c",) if a.async_target == "paused" else ()
         samples, rtt, shipped_before = measure(lab, a.rounds, a.runtime, paused)
@@ -281,6 +297,8 @@ def main():
         if lab is not None:
             lab.down()
         shutil.rmtree(tmp, ignore_errors=True)
+        if site_c_dir is not None:
+            shutil.rmtree(site_c_dir, ignore_errors=True)
     where = placement.mode
     if placement.mode == "sites" and a.site_c_cpu != 1:
         where += f", site-c on CPU {a.site_c_cpu}"
@@ -295,16 +313,19 @@ def main():
               f"CPU-s per {a.runtime} s round: {cpu}")
     ratio50 = med["two"]["p50_us"] / med["one"]["p50_us"]
     ratio99 = med["two"]["p99_us"] / med["one"]["p99_us"]
+    paired = statistics.median(t / o for o, t in zip(med["one"]["rounds_p50_us"],
+                                                      med["two"]["rounds_p50_us"]))
     met = ratio50 <= P50_TARGET
     diagnosis = a.quick or a.async_target != "normal"
     verdict = "not judged (--quick or a diagnosis)" if diagnosis else ("met" if met else "MISSED")
     print(f"latency [{where}]: two/one p50 {ratio50:.3f}x (target <= {P50_TARGET}x: {verdict}), "
-          f"p99 {ratio99:.3f}x; RTT median " + ", ".join(f"{s} {v} us" for s, v in rtt_med.items()))
+          f"p99 {ratio99:.3f}x; median of the rounds' two/one p50 {paired:.3f}x; RTT median " + ", ".join(f"{s} {v} us" for s, v in rtt_med.items()))
     print(f"load after: {os.getloadavg()}")
     print(json.dumps({"placement": placement.mode, "site_c_cpu": a.site_c_cpu,
                       "async_target": a.async_target,
                       "rounds": a.rounds, "runtime_s": a.runtime, "volumes": med,
                       "rtt_us": rtt_med, "ratio_p50": ratio50, "ratio_p99": ratio99,
+                      "ratio_p50_paired": paired,
                       "target_met": met}, indent=1))
     if not diagnosis and not met:
         print("FAIL: issue-14 latency target missed (two/one p50 > 1.05x)", file=sys.stderr)
