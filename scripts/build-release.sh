@@ -6,7 +6,7 @@
 # admin or script call, and on this class of machine loading its three shared
 # libraries costs more than its own work — `emberctl --version` takes 0.60 ms
 # of CPU dynamically linked and 0.31 ms static-pie, and a whole
-# `emberctl snapshot create` falls from ~2.0x to ~1.6x a `cp --reflink`
+# `emberctl snapshot create` falls from ~1.9x to ~1.5x a `cp --reflink`
 # (benches/RESULTS.md, issue 13, "Run 12"). emberd is long-running and stays
 # dynamically linked.
 #

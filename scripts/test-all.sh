@@ -73,9 +73,10 @@ smoke three_sites_rehome benches/three_sites/rehome.py
 # a version, a refused connection, a host name through glibc's NSS.
 static_cli() {
   local ctl=target/debug/emberctl out
-  EMBER_PROFILE=dev ./scripts/build-release.sh >/dev/null 2>&1 || return 1
+  out=$(EMBER_PROFILE=dev ./scripts/build-release.sh 2>&1) || { echo "$out"; return 1; }
   if readelf -l "$ctl" | grep -q INTERP; then echo "$ctl is dynamically linked"; return 1; fi
-  "$ctl" --version | grep -q '^ember-ctl ' || return 1
+  out=$("$ctl" --version) || return 1
+  [[ $out == "ember-ctl "* ]] || { echo "$out"; return 1; }
   out=$("$ctl" --api unix:/nonexistent/api.sock status 2>&1) && return 1
   grep -q 'cannot reach the agent' <<<"$out" || { echo "$out"; return 1; }
   out=$("$ctl" --api http://localhost:1 status 2>&1) && return 1
