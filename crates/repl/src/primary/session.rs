@@ -33,6 +33,7 @@ use crate::service::Identity;
 use crate::throttle::TokenBucket;
 use crate::version::ProtocolVersion;
 
+mod change_set;
 mod hold;
 mod initial_sync;
 mod pieces;
@@ -815,10 +816,8 @@ impl Session<'_> {
         Ok((cp.id, entries, j.last_seq(), at))
     }
 
-    fn finish_cut(&self, cut: &Cut, persist: bool) -> Result<(), SessionError> {
-        match self
-            .tracker
-            .consumer_clear(&self.consumer, cut.checkpoint, None, persist)
+    async fn finish_cut(&self, cut: &Cut, persist: bool) -> Result<(), SessionError> {
+        match change_set::clear(&self.tracker, &self.consumer, cut.checkpoint, None, persist).await
         {
             // A newer checkpoint (a rescan) superseded this one: the bits
             // stay until a later cut clears them, which is safe.
@@ -893,7 +892,7 @@ impl Session<'_> {
             let acked = *self.acks.borrow();
             if let Some(c) = cut.as_ref().filter(|c| acked >= c.frame) {
                 let persist = last_persist.elapsed() >= PERSIST_EVERY;
-                self.finish_cut(c, persist)?;
+                self.finish_cut(c, persist).await?;
                 if persist {
                     last_persist = Instant::now();
                 }

@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 use ember_storage::StorageError;
 use tokio::task::JoinHandle;
 
-use super::{HASH_BLOCK, PIECE, Session, SessionError, tracking};
+use super::{HASH_BLOCK, PIECE, Session, SessionError, change_set, tracking};
 use crate::hashes::{self, Hash};
 use crate::primary::link::Phase;
 
@@ -167,9 +167,15 @@ impl Session<'_> {
         (seq, start, end): (u64, u64, u64),
     ) -> Result<(), SessionError> {
         self.wait_ack(seq).await?;
-        self.tracker
-            .consumer_clear(&self.consumer, checkpoint, Some((start, end)), true)
-            .map_err(tracking)?;
+        change_set::clear(
+            &self.tracker,
+            &self.consumer,
+            checkpoint,
+            Some((start, end)),
+            true,
+        )
+        .await
+        .map_err(tracking)?;
         Ok(())
     }
 
