@@ -90,7 +90,9 @@ mod tests {
         // Persisted: a reopened tracker finds the consumer clean.
         drop(t);
         let again = Tracker::open(dir.path(), 64 * MIB, TrackingConfig::default()).expect("reopen");
-        again.add_consumer(dir.path(), "repl-b", true).expect("consumer");
+        again
+            .add_consumer(dir.path(), "repl-b", true)
+            .expect("consumer");
         assert_eq!(again.consumer_dirty_bytes("repl-b"), Some(0));
     }
 
