@@ -30,7 +30,6 @@ usage: benches/repl/stream_probe.py [--bin-dir DIR] [--size 2G]
 Needs what compare.py needs; root for /proc/PID/io of the agents.
 """
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -112,12 +111,10 @@ def main():
         sampler.start()
         pattern = ["--rw=randwrite", "--time_based", f"--runtime={a.random_for}"] \
             if a.random_for else ["--rw=write"]
-        out = C.run(*lab.placement.cmd("site-a", "fio", "--name=s", "--ioengine=nbd",
-                                       f"--uri={lab.uri('site-a', vol)}", *pattern, "--bs=1m",
-                                       "--iodepth=8", f"--size={size}", "--refill_buffers",
-                                       "--output-format=json"))
-        # fio's nbd engine may print notices before the JSON.
-        written = json.loads(out[out.find("{"):])["jobs"][0]["write"]["io_bytes"]
+        fio = C.fio_json(lab.placement, "--name=s", "--ioengine=nbd",
+                         f"--uri={lab.uri('site-a', vol)}", *pattern, "--bs=1m", "--iodepth=8",
+                         f"--size={size}", "--refill_buffers")
+        written = fio["jobs"][0]["write"]["io_bytes"]
         t1 = time.time()
         lab.wait_in_sync(vol)
         t2 = time.time()
