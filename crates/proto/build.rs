@@ -20,6 +20,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // receive buffer instead of copying every payload into a Vec.
         .bytes(".ember.repl.v1.BlockWrite.data")
         .bytes(".ember.repl.v1.SinkChunk.data")
+        // prost's codec with each message's length reserved up front
+        // (src/codec.rs): a block's data is not copied twice.
+        .codec_path("crate::codec::ExactCodec")
         .build_server(true)
         .build_client(true)
         .compile_fds(descriptors)?;

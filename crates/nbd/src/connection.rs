@@ -153,10 +153,8 @@ where
                     None
                 };
                 let payload = if header.command == proto::CMD_WRITE {
-                    let mut data = vec![0u8; header.length as usize];
                     // A client vanishing mid-payload ends here: nothing was applied.
-                    rd.read_exact(&mut data).await?;
-                    Some(data)
+                    Some(read_payload(rd, header.length as usize).await?)
                 } else {
                     None
                 };
@@ -171,6 +169,22 @@ where
             }
         }
     }
+}
+
+/// Reads a write's `len` payload bytes into a buffer that is not zeroed
+/// first: `read_buf` fills only the spare capacity it is given and counts
+/// what it filled, so no byte is exposed before the socket wrote it. A
+/// zeroed 1 MiB buffer per write was 3 % of a replicating primary's CPU
+/// (benches/RESULTS.md, issue 16 "Session 16").
+async fn read_payload<R: AsyncRead + Unpin>(rd: &mut R, len: usize) -> std::io::Result<Vec<u8>> {
+    let mut data = Vec::with_capacity(len);
+    while data.len() < len {
+        let want = (len - data.len()) as u64;
+        if (&mut *rd).take(want).read_buf(&mut data).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(data)
 }
 
 async fn skip<R: AsyncRead + Unpin>(rd: &mut R, mut len: u64) -> Result<(), NbdError> {
@@ -356,4 +370,41 @@ async fn write_replies<W: AsyncWrite + Unpin>(wr: W, mut rx: mpsc::Receiver<Outg
         }
     }
     let _ = wr.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::read_payload;
+
+    /// The payload arrives in 7-byte pieces; exactly its bytes are taken
+    /// and what follows it (the next request) stays in the stream.
+    #[tokio::test]
+    async fn a_payload_is_read_whole_and_nothing_past_it() {
+        let payload: Vec<u8> = (0..10_000u32).map(|i| (i * 7 + 3) as u8).collect();
+        let (mut tx, mut rx) = tokio::io::duplex(7);
+        let sent = payload.clone();
+        let writer = tokio::spawn(async move {
+            tx.write_all(&sent).await.unwrap();
+            tx.write_all(b"next").await.unwrap();
+        });
+        let got = read_payload(&mut rx, payload.len()).await.expect("payload");
+        assert_eq!(got, payload);
+        let mut next = [0u8; 4];
+        rx.read_exact(&mut next).await.expect("the bytes after it");
+        assert_eq!(&next, b"next");
+        writer.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_client_gone_mid_payload_is_an_unexpected_eof() {
+        let short = [1u8; 100];
+        let err = read_payload(&mut &short[..], 4096).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
+        assert_eq!(
+            read_payload(&mut &short[..], 0).await.unwrap(),
+            Vec::<u8>::new()
+        );
+    }
 }

@@ -1,7 +1,10 @@
 //! Generated code for Ember's gRPC APIs, compiled from `proto/` at build
-//! time. Nothing hand-written lives here: conversions to domain types belong
-//! to the crates that own those types.
+//! time, and the codec it uses ([`codec`]). Nothing else hand-written lives
+//! here: conversions to domain types belong to the crates that own those
+//! types.
 #![allow(missing_docs, unreachable_pub, clippy::all)]
+
+pub mod codec;
 
 /// `ember.control.v1`: the agent's control API.
 pub mod control {

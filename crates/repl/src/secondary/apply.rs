@@ -411,7 +411,11 @@ impl Stream {
                 .staging
                 .lock()
                 .expect("staging lock poisoned")
-                .stage_write(w.offset, &w.data)
+                .stage_write(
+                    w.offset,
+                    &w.data,
+                    frame::data_crc(w.offset, w.data.len() as u64, w.crc32),
+                )
                 .map_err(|e| Status::internal(format!("staging a write: {e}")));
         }
         if joins_run(&w) {

@@ -212,6 +212,17 @@ fn header_fields(kind: u32, a: u64, b: u64) -> [u8; HEADER as usize] {
     h
 }
 
+/// A write record's header from the crc of its `len` data bytes alone
+/// (the same crc as [`header`] over the data, without reading it again).
+fn write_header(kind: u32, a: u64, b: u64, data_crc: u32, len: u64) -> [u8; HEADER as usize] {
+    let mut h = header_fields(kind, a, b);
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&h[..24]);
+    crc.combine(&crc32fast::Hasher::new_with_initial_len(data_crc, len));
+    h[24..28].copy_from_slice(&crc.finalize().to_le_bytes());
+    h
+}
+
 fn header(kind: u32, a: u64, b: u64, data: &[u8]) -> [u8; HEADER as usize] {
     let mut h = header_fields(kind, a, b);
     let mut crc = crc32fast::Hasher::new();
@@ -415,12 +426,19 @@ impl StagingLog {
     /// The payload is kept as received, never copied. A write staged
     /// block-aligned is applied by clone, from the file: it is not kept in
     /// memory, and one that continues the log's last aligned record
-    /// extends it.
-    pub(crate) fn stage_write(&mut self, offset: u64, data: &Bytes) -> std::io::Result<()> {
+    /// extends it. `data_crc` is the crc32 of `data`, which the caller
+    /// has from the frame it verified ([`crate::frame::data_crc`]): the
+    /// payload is not hashed a second time.
+    pub(crate) fn stage_write(
+        &mut self,
+        offset: u64,
+        data: &Bytes,
+        data_crc: u32,
+    ) -> std::io::Result<()> {
         let len = data.len() as u64;
         if !stage_aligned(self.reflink, offset, len) {
             self.run = None;
-            let h = header(KIND_WRITE, offset, len, data);
+            let h = write_header(KIND_WRITE, offset, len, data_crc, len);
             let log_pos = self.end + HEADER;
             self.hold(log_pos, data);
             self.append([Piece::Header(h), Piece::Data(data.clone())])?;
@@ -432,7 +450,8 @@ impl StagingLog {
             .as_mut()
             .filter(|r| r.offset + r.len == offset && r.len + len <= RUN_MAX)
         {
-            run.data_crc.update(data);
+            run.data_crc
+                .combine(&crc32fast::Hasher::new_with_initial_len(data_crc, len));
             run.len += len;
             let (at, h) = (run.header_pos, run.header());
             self.rewrite_header(at, h)?;
@@ -445,13 +464,11 @@ impl StagingLog {
         }
         let header_pos = self.end;
         let log_pos = data_pos(KIND_WRITE_ALIGNED, header_pos);
-        let mut data_crc = crc32fast::Hasher::new();
-        data_crc.update(data);
         let run = Run {
             header_pos,
             offset,
             len,
-            data_crc,
+            data_crc: crc32fast::Hasher::new_with_initial_len(data_crc, len),
         };
         let gap = (log_pos - header_pos - HEADER) as usize;
         let pieces = [
@@ -604,13 +621,53 @@ mod tests {
         Bytes::from(vec![byte; len])
     }
 
+    impl StagingLog {
+        /// Stages `data` with its crc computed here (the agent derives it
+        /// from the frame it verified).
+        fn stage(&mut self, offset: u64, data: &Bytes) -> std::io::Result<()> {
+            self.stage_write(offset, data, crc32fast::hash(data))
+        }
+    }
+
+    /// Records staged with the crc the agent derives from each verified
+    /// frame (not from the data) are the records recovery reads back and
+    /// trusts: plain and aligned, and a run extended by later frames.
+    #[test]
+    fn records_staged_with_a_crc_from_the_frame_are_recovered() {
+        for reflink in [false, true] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("v.staging");
+            let mut log = StagingLog::open(&path, reflink).expect("open");
+            let frames = [
+                (0u64, data(1, 512)),
+                (8192, data(2, 65536)),
+                (73728, data(3, 65536)),
+            ];
+            for (offset, d) in &frames {
+                let frame_crc = crate::frame::write_crc(*offset, d);
+                let derived = crate::frame::data_crc(*offset, d.len() as u64, frame_crc);
+                log.stage_write(*offset, d, derived).expect("stage");
+            }
+            let batch = log.commit(4, 40).expect("commit");
+            drop(log);
+            let mut reopened = StagingLog::open(&path, reflink).expect("reopen");
+            let found = reopened.recover().expect("recover");
+            assert_eq!(
+                found.len(),
+                1,
+                "reflink {reflink}: the committed batch is trusted"
+            );
+            assert_eq!(found[0].changes, batch.changes, "reflink {reflink}");
+        }
+    }
+
     #[test]
     fn only_a_fully_intact_committed_batch_is_recovered() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("v.staging");
         let mut log = StagingLog::open(&path, false).expect("open");
         assert_eq!(log.recover().expect("recover"), vec![]);
-        log.stage_write(4096, &data(7u8, 4096)).expect("stage");
+        log.stage(4096, &data(7u8, 4096)).expect("stage");
         log.stage_zero(0, 4096).expect("stage");
         // Uncommitted: a restart drops it.
         drop(log);
@@ -618,7 +675,7 @@ mod tests {
         assert_eq!(log.recover().expect("recover"), vec![]);
         assert_eq!(std::fs::metadata(&path).expect("stat").len(), 0);
 
-        log.stage_write(8192, &data(9u8, 4096)).expect("stage");
+        log.stage(8192, &data(9u8, 4096)).expect("stage");
         log.stage_zero(0, 4096).expect("stage");
         let batch = log.commit(5, 1234).expect("commit");
         assert_eq!(batch.changes.len(), 2);
@@ -643,7 +700,7 @@ mod tests {
         let block = 1 << 20;
         let count = MEMORY_MAX as usize / block + 8;
         for i in 0..count {
-            log.stage_write((i * block) as u64, &data(i as u8, block))
+            log.stage((i * block) as u64, &data(i as u8, block))
                 .expect("stage");
         }
         let batch = log.commit(6, 99).expect("commit");
@@ -669,7 +726,7 @@ mod tests {
             vec![(count - 1) as u8; block]
         );
         log.reset().expect("reset");
-        log.stage_write(8192, &data(9u8, 4096)).expect("stage");
+        log.stage(8192, &data(9u8, 4096)).expect("stage");
         log.stage_zero(0, 4096).expect("stage");
         log.commit(7, 1).expect("commit");
         drop(log);
@@ -690,11 +747,11 @@ mod tests {
         let path = dir.path().join("v.staging");
         let mut log = StagingLog::open(&path, false).expect("open");
         assert_eq!(log.recover().expect("recover"), vec![]);
-        log.stage_write(0, &data(1u8, 4096)).expect("stage");
+        log.stage(0, &data(1u8, 4096)).expect("stage");
         let a = log.commit(1, 100).expect("commit");
         assert_eq!(a.bytes, 4096);
         log.defer(a.clone());
-        log.stage_write(4096, &data(2u8, 8192)).expect("stage");
+        log.stage(4096, &data(2u8, 8192)).expect("stage");
         log.stage_zero(0, 4096).expect("stage");
         let b = log.commit(2, 200).expect("commit");
         assert_eq!(b.bytes, 12288);
@@ -702,7 +759,7 @@ mod tests {
         assert_eq!(log.deferred_bytes(), 16384);
         // An open batch, then a stream breaks: reset drops only the open
         // batch; the deferred ones stay, readable.
-        log.stage_write(8192, &data(3u8, 4096)).expect("stage");
+        log.stage(8192, &data(3u8, 4096)).expect("stage");
         assert!(log.has_open());
         log.reset().expect("reset");
         assert!(!log.has_open());
@@ -713,7 +770,7 @@ mod tests {
         };
         assert_eq!(log.read(log_pos, len).expect("read"), vec![2u8; 8192]);
         // Staging goes on after the kept batches.
-        log.stage_write(0, &data(4u8, 4096)).expect("stage");
+        log.stage(0, &data(4u8, 4096)).expect("stage");
         let c = log.commit(3, 300).expect("commit");
         drop(log);
         let mut log = StagingLog::open(&path, false).expect("open");
@@ -754,7 +811,7 @@ mod tests {
         assert_eq!(log.recover().expect("recover"), vec![]);
         let block = 256 << 10;
         for i in 0..16 {
-            log.stage_write((i * block) as u64, &data(i as u8, block))
+            log.stage((i * block) as u64, &data(i as u8, block))
                 .expect("stage");
             assert!(budget.usage().used_bytes <= 1 << 20);
         }
@@ -785,19 +842,19 @@ mod tests {
         assert_eq!(log.recover().expect("recover"), vec![]);
         let piece = 64 << 10;
         // A small write first, so the aligned record does not start at 0.
-        log.stage_write(0, &data(1, 512)).expect("stage");
+        log.stage(0, &data(1, 512)).expect("stage");
         // 10 MiB contiguous in 64 KiB frames: one run up to RUN_MAX, then
         // a second; its header is rewritten both in memory and, once the
         // 1 MiB chunk went to the file, in the file.
         let frames = (10 << 20) / piece;
         for i in 0..frames {
-            log.stage_write((1 << 20) + (i * piece) as u64, &data(i as u8, piece))
+            log.stage((1 << 20) + (i * piece) as u64, &data(i as u8, piece))
                 .expect("stage");
         }
         // Not contiguous: a record of its own.
-        log.stage_write(64 << 20, &data(9, piece)).expect("stage");
+        log.stage(64 << 20, &data(9, piece)).expect("stage");
         // Aligned but too small to clone: a plain write.
-        log.stage_write(128 << 20, &data(8, 4096)).expect("stage");
+        log.stage(128 << 20, &data(8, 4096)).expect("stage");
         let batch = log.commit(1, 10).expect("commit");
         let shape: Vec<(u64, u64, bool)> = batch
             .changes
