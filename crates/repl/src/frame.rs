@@ -19,10 +19,10 @@ pub(crate) fn write_crc(offset: u64, data: &[u8]) -> u32 {
 /// Why: the secondary's staging log checksums each record's data, and
 /// hashing the payload a second time was 4.5 % of a secondary's CPU in an
 /// async stream (benches/RESULTS.md, issue 16 "Session 16"). CRC-32 is
-/// linear: `crc(offset ‖ data) = shift_len(crc(offset)) ^ crc(data)`,
-/// where `shift_len` is what appending `len` zero bytes' worth of
-/// combining does to a crc, so `crc(data)` follows from the frame's crc in
-/// O(log len) without touching the data.
+/// linear: zlib's `crc32_combine(a, b, len)` (crc32fast's `combine`) is
+/// `shift(a, len) ^ b`, so `crc(offset ‖ data) = shift(crc(offset), len) ^
+/// crc(data)`, and `crc(data)` is the frame's crc xor `combine(crc(offset),
+/// 0, len)`: O(log len), without touching the data.
 pub(crate) fn data_crc(offset: u64, len: u64, write_crc: u32) -> u32 {
     let mut prefix = crc32fast::Hasher::new();
     prefix.update(&offset.to_le_bytes());

@@ -212,10 +212,11 @@ fn header_fields(kind: u32, a: u64, b: u64) -> [u8; HEADER as usize] {
     h
 }
 
-/// A write record's header from the crc of its `len` data bytes alone
-/// (the same crc as [`header`] over the data, without reading it again).
-fn write_header(kind: u32, a: u64, b: u64, data_crc: u32, len: u64) -> [u8; HEADER as usize] {
-    let mut h = header_fields(kind, a, b);
+/// A write record's header (`KIND_WRITE`: `a` = offset, `b` = length)
+/// from the crc of its data alone: the same crc as [`header`] over the
+/// data, without reading the data again.
+fn write_header(offset: u64, len: u64, data_crc: u32) -> [u8; HEADER as usize] {
+    let mut h = header_fields(KIND_WRITE, offset, len);
     let mut crc = crc32fast::Hasher::new();
     crc.update(&h[..24]);
     crc.combine(&crc32fast::Hasher::new_with_initial_len(data_crc, len));
@@ -438,7 +439,7 @@ impl StagingLog {
         let len = data.len() as u64;
         if !stage_aligned(self.reflink, offset, len) {
             self.run = None;
-            let h = write_header(KIND_WRITE, offset, len, data_crc, len);
+            let h = write_header(offset, len, data_crc);
             let log_pos = self.end + HEADER;
             self.hold(log_pos, data);
             self.append([Piece::Header(h), Piece::Data(data.clone())])?;
