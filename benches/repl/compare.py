@@ -32,6 +32,11 @@ slower mode: the measurement is then of the VM, not of replication.
                 seconds per GiB written of each agent, beside the peer's
                 (the same fio writes into a qemu-nbd at site-a, then
                 nbdcopy --flush to a qemu-nbd at site-b) and the ratio.
+                Also the stream against its design limit (issue 16): the
+                disk ceiling divided by the writes the secondary makes of
+                each byte — 2 (staging log, then volume), or 1 where the
+                data dir can reflink and batches are applied by clone
+                (site-b's `status` says `snapshot_method: reflink`).
   resync        change 1 % of a full volume while replication is paused,
                 resume, time to in-sync vs rsync --inplace --no-whole-file
                 --ignore-times on the image files.
@@ -516,17 +521,31 @@ def bench_stream(lab, tmp, size):
     disk = out["jobs"][0]["write"]["bw_bytes"]
     os.remove(target)
     ceiling = min(net, disk)
+    writes = design_writes(lab)
+    design = disk / writes
     peer_cpu = stream_peer_cpu(tmp, size, lab.placement)
     ember_sum, peer_sum = sum(stream_cpu.values()), sum(peer_cpu.values())
     print(f"stream: {stream / MIB:.0f} MiB/s to the secondary; ceilings: loopback TCP "
           f"{net / MIB:.0f} MiB/s, disk {disk / MIB:.0f} MiB/s; ratio {stream / ceiling:.2f}x "
           f"of the lower ceiling")
+    print(f"stream: design limit {design / MIB:.0f} MiB/s (disk / {writes}: "
+          f"{'clone apply, one write' if writes == 1 else 'staging log then volume, two writes'}); "
+          f"ratio {stream / design:.2f}x (target >= 0.9x)")
     print(f"stream CPU-seconds per GiB written: {fmt_cpu(stream_cpu)}, "
           f"both {ember_sum:.2f}  peer {peer_sum:.2f} ({fmt_cpu(peer_cpu)})  "
           f"ratio ember/peer {ember_sum / peer_sum:.2f}x")
     return {"stream_Bps": stream, "iperf3_Bps": net, "disk_Bps": disk, "ratio": stream / ceiling,
+            "design_writes": writes, "design_limit_Bps": design, "design_ratio": stream / design,
             "cpu_s_per_gib": stream_cpu, "peer_cpu_s_per_gib": peer_cpu,
             "cpu_ratio": ember_sum / peer_sum}
+
+
+def design_writes(lab):
+    """Writes the secondary makes of each streamed byte: 1 where its data
+    dir can reflink (committed batches are applied by cloning the staged
+    blocks), else 2 (the staging log, then the volume)."""
+    method = lab.ctl("site-b", "status").get("snapshot_method")
+    return 1 if method == "reflink" else 2
 
 
 def stream_peer_cpu(tmp, size, placement):
