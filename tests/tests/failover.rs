@@ -346,3 +346,40 @@ fn split_brain_is_refused_until_an_admin_names_the_loser() {
         "{log}"
     );
 }
+
+/// The secondary rewrites its staging log in place, batch after batch,
+/// each under a new epoch (secondary/staging.rs). Killed with -9 again and
+/// again in the middle of an async stream of same-size records — so a torn
+/// new batch ends exactly where an older batch's records go on — it must
+/// never read on into them: forced primary at the end (the old primary
+/// killed too), its image is a prefix of the write history.
+#[test]
+fn a_secondary_killed_again_and_again_mid_stream_stays_a_prefix() {
+    if !tools() {
+        return;
+    }
+    let mut sites = TwoSites::start(&[], &[]);
+    let blocks = 4096;
+    sites.a.create_volume("kp", "64M");
+    sites.a.ctl_json(&[
+        "replica", "enable", "kp", "--peer", "site-b", "--mode", "async",
+    ]);
+    sites.wait_caught_up("kp", Duration::from_secs(60));
+    let history = sites.dir.path().join("history");
+    let mut writer = stamped_writer(&sites.a.uri("kp"), &history, blocks, 10_000_000, false);
+    for pause_ms in [600, 1100, 850, 1300] {
+        std::thread::sleep(Duration::from_millis(pause_ms));
+        sites.b.kill9();
+        sites.b.restart();
+    }
+    std::thread::sleep(Duration::from_millis(1000));
+    sites.b.kill9();
+    sites.a.kill9();
+    wait_exit(&mut writer, Duration::from_secs(30));
+    sites.b.restart();
+    let p = sites.b.ctl_json(&["replica", "promote", "kp", "--force"]);
+    assert_eq!(p["forced"], true, "{p}");
+    let image = snapshot_export(&sites.b.uri("kp"), &sites.dir.path().join("b.img"));
+    let prefix = check_prefix(&image, blocks, &read_history(&history)).unwrap();
+    assert!(prefix > 0, "the promoted image holds none of the writes");
+}

@@ -7,12 +7,25 @@
 //! (replayed at start, idempotently) or an uncommitted tail (discarded): the
 //! volume moves from one consistent image to the next and is never torn.
 //!
-//! Record: `magic u32 | kind u32 | a u64 | b u64 | crc32 u32 | pad u32`
+//! Record: `magic u32 | kind u32 | a u64 | b u64 | crc32 u32 | epoch u32`
 //! then, for writes, `b` bytes of data. Writes: `a` = offset, `b` = length;
 //! zeros: the same without data; commits: `a` = batch seq, `b` = the
-//! primary's consistent-at time (unix ns). The crc covers the first 24
-//! header bytes and the data, so a commit is only trusted when every record
-//! before it reads back intact. *Aligned* writes (kind 4, on a data dir
+//! primary's consistent-at time (unix ns). The crc covers the epoch (when
+//! not 0), the first 24 header bytes and the data, so a commit is only
+//! trusted when every record before it reads back intact.
+//!
+//! *Epochs*: emptying the log rewinds it to offset 0 and the next batch is
+//! written over the old one in place, instead of truncating the file and
+//! allocating its blocks again (on ext4 that allocation — and with online
+//! discard the trim — cost 30–40 % of the stream, benches/RESULTS.md issue
+//! 16 "Session 16"). Records of older batches then stay past the end of a
+//! new one; each rewind takes a new random epoch, every record carries it
+//! (inside its crc), and recovery reads only records of the epoch of the
+//! log's first record, so a torn new batch never runs on into old records.
+//! Epoch 0 is the format before epochs (no epoch in the crc): such logs
+//! recover as they always did. What stays allocated is capped
+//! ([`REWIND_KEEP`]); on a data dir that can share extents the log is
+//! still truncated (its blocks were cloned into the volume). *Aligned* writes (kind 4, on a data dir
 //! that can share extents, [`stage_aligned`]) put their data at the next
 //! 4 KiB boundary after the header (the zero gap is outside the crc), so
 //! applying them clones the log's blocks into the volume
@@ -73,6 +86,10 @@ const IOV_MAX: usize = 1024;
 /// An aligned record grows by contiguous writes up to this size: one
 /// clone (and one volume extent) per run instead of one per 64 KiB frame.
 const RUN_MAX: u64 = 8 << 20;
+/// At a rewind, the log file is cut to this size: the space a large batch
+/// (a catch-up) took is given back, and up to this much stays allocated
+/// to be rewritten in place.
+const REWIND_KEEP: u64 = 64 << 20;
 /// Zeros for the gaps before aligned data.
 static ZEROS: [u8; ALIGN as usize] = [0; ALIGN as usize];
 
@@ -154,16 +171,17 @@ struct Run {
     len: u64,
     /// crc of the run's data so far.
     data_crc: crc32fast::Hasher,
+    /// The log's epoch when the run began.
+    epoch: u32,
 }
 
 impl Run {
     fn header(&self) -> [u8; HEADER as usize] {
-        let mut h = header_fields(KIND_WRITE_ALIGNED, self.offset, self.len);
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(&h[..24]);
-        crc.combine(&self.data_crc);
-        h[24..28].copy_from_slice(&crc.finalize().to_le_bytes());
-        h
+        seal(
+            header_fields(KIND_WRITE_ALIGNED, self.offset, self.len),
+            self.epoch,
+            &self.data_crc,
+        )
     }
 }
 
@@ -201,6 +219,40 @@ pub(crate) struct StagingLog {
     deferred: VecDeque<CommittedBatch>,
     /// Their bytes.
     deferred_bytes: u64,
+    /// The epoch the records written from now on carry (see the module
+    /// docs): never that of records already in the file.
+    epoch: u32,
+}
+
+/// Finishes header `h` (its first 24 bytes set) for epoch `epoch`, given
+/// the crc of the record's data (`amount` = its length).
+fn seal(
+    mut h: [u8; HEADER as usize],
+    epoch: u32,
+    data_crc: &crc32fast::Hasher,
+) -> [u8; HEADER as usize] {
+    let mut crc = crc32fast::Hasher::new();
+    if epoch != 0 {
+        crc.update(&epoch.to_le_bytes());
+    }
+    crc.update(&h[..24]);
+    crc.combine(data_crc);
+    h[24..28].copy_from_slice(&crc.finalize().to_le_bytes());
+    h[28..32].copy_from_slice(&epoch.to_le_bytes());
+    h
+}
+
+/// A new epoch for a rewound log: random, never 0 (the format without
+/// epochs) and never `avoid` (the epoch of what the file holds), so no
+/// record left in the file can pass for one of the new batch's.
+fn new_epoch(avoid: u32) -> u32 {
+    use std::hash::BuildHasher;
+    loop {
+        let e = std::hash::RandomState::new().hash_one(avoid) as u32;
+        if e != 0 && e != avoid {
+            return e;
+        }
+    }
 }
 
 fn header_fields(kind: u32, a: u64, b: u64) -> [u8; HEADER as usize] {
@@ -215,22 +267,18 @@ fn header_fields(kind: u32, a: u64, b: u64) -> [u8; HEADER as usize] {
 /// A write record's header (`KIND_WRITE`: `a` = offset, `b` = length)
 /// from the crc of its data alone: the same crc as [`header`] over the
 /// data, without reading the data again.
-fn write_header(offset: u64, len: u64, data_crc: u32) -> [u8; HEADER as usize] {
-    let mut h = header_fields(KIND_WRITE, offset, len);
-    let mut crc = crc32fast::Hasher::new();
-    crc.update(&h[..24]);
-    crc.combine(&crc32fast::Hasher::new_with_initial_len(data_crc, len));
-    h[24..28].copy_from_slice(&crc.finalize().to_le_bytes());
-    h
+fn write_header(offset: u64, len: u64, data_crc: u32, epoch: u32) -> [u8; HEADER as usize] {
+    seal(
+        header_fields(KIND_WRITE, offset, len),
+        epoch,
+        &crc32fast::Hasher::new_with_initial_len(data_crc, len),
+    )
 }
 
-fn header(kind: u32, a: u64, b: u64, data: &[u8]) -> [u8; HEADER as usize] {
-    let mut h = header_fields(kind, a, b);
-    let mut crc = crc32fast::Hasher::new();
-    crc.update(&h[..24]);
-    crc.update(data);
-    h[24..28].copy_from_slice(&crc.finalize().to_le_bytes());
-    h
+fn header(kind: u32, a: u64, b: u64, data: &[u8], epoch: u32) -> [u8; HEADER as usize] {
+    let mut data_crc = crc32fast::Hasher::new();
+    data_crc.update(data);
+    seal(header_fields(kind, a, b), epoch, &data_crc)
 }
 
 /// Writes every byte of `pieces` at `at` with `pwritev`, resuming after
@@ -284,6 +332,7 @@ impl StagingLog {
             run: None,
             deferred: VecDeque::new(),
             deferred_bytes: 0,
+            epoch: new_epoch(0),
         })
     }
 
@@ -315,6 +364,9 @@ impl StagingLog {
         let mut changes = Vec::new();
         let mut bytes = 0;
         let mut found = Vec::new();
+        // The epoch of the first record is the log's: a record of another
+        // is left from an older batch and ends the log.
+        let mut epoch = None;
         while pos + HEADER <= len {
             let mut h = [0u8; HEADER as usize];
             self.file.read_exact_at(&mut h, pos)?;
@@ -324,6 +376,10 @@ impl StagingLog {
                 break;
             }
             let (kind, a, b) = (u32_at(4), u64_at(8), u64_at(16));
+            let record_epoch = u32_at(28);
+            if *epoch.get_or_insert(record_epoch) != record_epoch {
+                break;
+            }
             let data_len = match kind {
                 KIND_WRITE | KIND_WRITE_ALIGNED => b,
                 _ => 0,
@@ -334,7 +390,7 @@ impl StagingLog {
             }
             let mut data = vec![0u8; data_len as usize];
             self.file.read_exact_at(&mut data, at)?;
-            if header(kind, a, b, &data)[24..28] != h[24..28] {
+            if header(kind, a, b, &data, record_epoch)[24..28] != h[24..28] {
                 break;
             }
             match kind {
@@ -360,6 +416,9 @@ impl StagingLog {
                 _ => break,
             }
             pos = at + data_len;
+        }
+        if epoch == Some(self.epoch) {
+            self.epoch = new_epoch(self.epoch);
         }
         if found.is_empty() {
             self.reset()?;
@@ -439,7 +498,7 @@ impl StagingLog {
         let len = data.len() as u64;
         if !stage_aligned(self.reflink, offset, len) {
             self.run = None;
-            let h = write_header(offset, len, data_crc);
+            let h = write_header(offset, len, data_crc, self.epoch);
             let log_pos = self.end + HEADER;
             self.hold(log_pos, data);
             self.append([Piece::Header(h), Piece::Data(data.clone())])?;
@@ -470,6 +529,7 @@ impl StagingLog {
             offset,
             len,
             data_crc: crc32fast::Hasher::new_with_initial_len(data_crc, len),
+            epoch: self.epoch,
         };
         let gap = (log_pos - header_pos - HEADER) as usize;
         let pieces = [
@@ -513,7 +573,7 @@ impl StagingLog {
     /// Appends a staged zero range.
     pub(crate) fn stage_zero(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
         self.run = None;
-        let h = header(KIND_ZERO, offset, len, &[]);
+        let h = header(KIND_ZERO, offset, len, &[], self.epoch);
         self.append([Piece::Header(h)])?;
         self.changes.push(StagedChange::Zero { offset, len });
         self.staged_bytes += len;
@@ -528,7 +588,13 @@ impl StagingLog {
         consistent_at_unix_ns: i64,
     ) -> std::io::Result<CommittedBatch> {
         self.run = None;
-        let h = header(KIND_COMMIT, seq, consistent_at_unix_ns as u64, &[]);
+        let h = header(
+            KIND_COMMIT,
+            seq,
+            consistent_at_unix_ns as u64,
+            &[],
+            self.epoch,
+        );
         self.append([Piece::Header(h)])?;
         self.write_out()?;
         self.file.sync_data()?;
@@ -592,14 +658,37 @@ impl StagingLog {
     /// uncommitted one). Not synced: a stale committed batch left behind is
     /// recognised by the secondary's record and skipped. Deferred batches
     /// (acknowledged, not yet applied) are kept: only what follows the
-    /// newest of them is dropped. Either way the payloads kept in memory
-    /// go (deferred batches are read back), and so does the space of the
-    /// dropped part (blocks a clone shares with the volume stay the
-    /// volume's).
+    /// newest of them is dropped (cut off the file). With none, on a data
+    /// dir that cannot share extents the log is *rewound*: the next batch
+    /// is written from offset 0 over this one, under a new epoch (module
+    /// docs); the first record is zeroed (its writeback started) so the old
+    /// batch is no longer the log's, as a truncate did, and only what lies
+    /// past [`REWIND_KEEP`] is cut off. Where batches are applied by clone
+    /// the log is truncated to 0 (its blocks went to the volume).
+    /// Either way the payloads kept in memory go (deferred batches are
+    /// read back).
     pub(crate) fn reset(&mut self) -> std::io::Result<()> {
         let keep = self.deferred.back().map_or(0, |b| b.end);
-        // Every committed record is in the file (`commit` wrote it out).
-        self.file.set_len(keep)?;
+        if keep == 0 && self.reflink {
+            // Where batches are applied by clone, the log's blocks become
+            // the volume's: rewriting them in place would copy on write
+            // anyway, so the log gives its space back instead.
+            self.file.set_len(0)?;
+            self.epoch = new_epoch(self.epoch);
+        } else if keep == 0 {
+            let len = self.file.metadata()?.len();
+            if len > REWIND_KEEP {
+                self.file.set_len(REWIND_KEEP)?;
+            }
+            if len >= HEADER {
+                self.file.write_all_at(&[0u8; HEADER as usize], 0)?;
+                start_writeback(&self.file, 0, HEADER);
+            }
+            self.epoch = new_epoch(self.epoch);
+        } else {
+            // Every committed record is in the file (`commit` wrote it out).
+            self.file.set_len(keep)?;
+        }
         self.end = keep;
         self.written = keep;
         self.unwritten.clear();
@@ -784,7 +873,12 @@ mod tests {
         log.pop_deferred();
         assert_eq!(log.deferred_bytes(), 0);
         log.reset().expect("reset");
-        assert_eq!(std::fs::metadata(&path).expect("stat").len(), 0);
+        drop(log);
+        assert_eq!(
+            recovered(&path, false),
+            vec![],
+            "emptied: nothing to replay"
+        );
     }
 
     #[test]
@@ -909,8 +1003,117 @@ mod tests {
                 expect(offset, len)
             );
         }
-        // Emptying the log frees its blocks.
+        // Emptying the log rewinds it: nothing to replay after a restart.
         log.reset().expect("reset");
-        assert_eq!(std::fs::metadata(&path).expect("stat").len(), 0);
+        drop(log);
+        assert_eq!(recovered(&path, true), vec![]);
+    }
+
+    /// What a restart finds in the log at `path`.
+    fn recovered(path: &Path, reflink: bool) -> Vec<CommittedBatch> {
+        let mut log = StagingLog::open(path, reflink).expect("reopen");
+        log.recover().expect("recover")
+    }
+
+    /// Stages `n` writes of `len` bytes (filled with `byte`) from volume
+    /// offset 0; they reach the file once a chunk has gathered.
+    fn stage_n(log: &mut StagingLog, n: u64, len: usize, byte: u8) {
+        for i in 0..n {
+            log.stage(i * len as u64, &data(byte, len)).expect("stage");
+        }
+    }
+
+    /// The hazard of rewriting the log in place: a new batch, torn by a
+    /// crash, ends exactly where an older batch's records continue (same
+    /// record sizes), and that older batch's commit follows. Read on, it
+    /// would pass for one committed batch mixing both. The epoch stops the
+    /// reading at the first older record: nothing is trusted.
+    #[test]
+    fn a_torn_batch_written_over_an_older_one_is_not_read_on_into_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("v.staging");
+        let mut log = StagingLog::open(&path, false).expect("open");
+        assert_eq!(log.recover().expect("recover"), vec![]);
+        let len = 512 << 10;
+        stage_n(&mut log, 6, len, 1);
+        log.commit(1, 100).expect("commit");
+        log.reset().expect("reset");
+        // Four records of the new batch reach the file (two 1 MiB chunks);
+        // then the agent dies: no commit.
+        stage_n(&mut log, 4, len, 2);
+        assert_eq!(log.written, 4 * (HEADER + len as u64));
+        drop(log);
+        assert_eq!(
+            recovered(&path, false),
+            vec![],
+            "a torn batch is never trusted"
+        );
+    }
+
+    /// A shorter batch committed over a longer one is recovered alone.
+    #[test]
+    fn a_batch_committed_over_a_longer_one_is_recovered_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("v.staging");
+        let mut log = StagingLog::open(&path, false).expect("open");
+        assert_eq!(log.recover().expect("recover"), vec![]);
+        let len = 512 << 10;
+        stage_n(&mut log, 6, len, 1);
+        log.commit(1, 100).expect("commit");
+        log.reset().expect("reset");
+        stage_n(&mut log, 2, len, 2);
+        let b = log.commit(2, 200).expect("commit");
+        drop(log);
+        let found = recovered(&path, false);
+        assert_eq!(found, vec![b.clone()]);
+        // And its data is the new batch's.
+        let mut log = StagingLog::open(&path, false).expect("reopen");
+        log.recover().expect("recover");
+        for change in &b.changes {
+            let StagedChange::Write { log_pos, len, .. } = *change else {
+                panic!("a write")
+            };
+            assert!(
+                log.read(log_pos, len)
+                    .expect("read")
+                    .iter()
+                    .all(|&x| x == 2)
+            );
+        }
+    }
+
+    /// After a rewind the old batch is no longer the log's (its first
+    /// record is zeroed), and what lies past `REWIND_KEEP` is cut off.
+    #[test]
+    fn a_rewind_forgets_the_old_batch_and_keeps_at_most_rewind_keep() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("v.staging");
+        let mut log = StagingLog::open(&path, false).expect("open");
+        assert_eq!(log.recover().expect("recover"), vec![]);
+        stage_n(&mut log, REWIND_KEEP / (4 << 20) + 2, 4 << 20, 3);
+        log.commit(1, 100).expect("commit");
+        assert!(std::fs::metadata(&path).expect("stat").len() > REWIND_KEEP);
+        log.reset().expect("reset");
+        assert_eq!(std::fs::metadata(&path).expect("stat").len(), REWIND_KEEP);
+        drop(log);
+        assert_eq!(recovered(&path, false), vec![]);
+    }
+
+    /// A log written before epochs (epoch 0: not in the crc) still
+    /// recovers its committed batch.
+    #[test]
+    fn a_log_from_before_epochs_recovers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("v.staging");
+        let mut log = StagingLog::open(&path, false).expect("open");
+        assert_eq!(log.recover().expect("recover"), vec![]);
+        log.epoch = 0;
+        log.stage(4096, &data(7, 4096)).expect("stage");
+        log.stage_zero(0, 4096).expect("stage");
+        let a = log.commit(9, 900).expect("commit");
+        drop(log);
+        let bytes = std::fs::read(&path).expect("read the log");
+        assert!(bytes[28..32].iter().all(|&b| b == 0), "epoch 0 on disk");
+        assert_eq!(recovered(&path, false), vec![a]);
     }
 }
