@@ -25,7 +25,9 @@
 //! Epoch 0 is the format before epochs (no epoch in the crc): such logs
 //! recover as they always did. What stays allocated is capped
 //! ([`REWIND_KEEP`]); on a data dir that can share extents the log is
-//! still truncated (its blocks were cloned into the volume). *Aligned* writes (kind 4, on a data dir
+//! still truncated (its blocks were cloned into the volume).
+//!
+//! *Aligned* writes (kind 4, on a data dir
 //! that can share extents, [`stage_aligned`]) put their data at the next
 //! 4 KiB boundary after the header (the zero gap is outside the crc), so
 //! applying them clones the log's blocks into the volume
