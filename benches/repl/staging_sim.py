@@ -12,6 +12,8 @@ design limit.
     /usr/bin/python3 benches/repl/staging_sim.py DIR truncate|inplace
 """
 import os, sys, time
+if len(sys.argv) != 3 or sys.argv[2] not in ("truncate", "inplace"):
+    sys.exit("usage: staging_sim.py DIR truncate|inplace")
 d, mode = sys.argv[1], sys.argv[2]
 MiB = 1 << 20
 BATCH, TOTAL = 112 * MiB, 2048 * MiB

@@ -141,6 +141,16 @@ impl TwoSites {
         self.a.ctl_json(&["replica", "status", volume])
     }
 
+    /// Creates `volume` (`size`) on site-a, replicated async to site-b, and
+    /// waits until site-b holds it.
+    pub fn async_volume(&self, volume: &str, size: &str) {
+        self.a.create_volume(volume, size);
+        self.a.ctl_json(&[
+            "replica", "enable", volume, "--peer", "site-b", "--mode", "async",
+        ]);
+        self.wait_caught_up(volume, Duration::from_secs(60));
+    }
+
     /// Waits until site-a reports `state` with zero lag; returns the status.
     pub fn wait_caught_up(&self, volume: &str, timeout: Duration) -> serde_json::Value {
         let deadline = Instant::now() + timeout;

@@ -58,11 +58,7 @@ fn planned_switchover_under_write_load_loses_nothing_and_reverses_without_resync
     }
     let sites = TwoSites::start(&[], &[]);
     let blocks = 4096; // 16 MiB of stamped blocks
-    sites.a.create_volume("sw", "64M");
-    sites.a.ctl_json(&[
-        "replica", "enable", "sw", "--peer", "site-b", "--mode", "async",
-    ]);
-    sites.wait_caught_up("sw", Duration::from_secs(60));
+    sites.async_volume("sw", "64M");
 
     let history = sites.dir.path().join("history");
     let mut writer = stamped_writer(&sites.a.uri("sw"), &history, blocks, 10_000_000, false);
@@ -160,11 +156,7 @@ fn forced_promote_after_kill9_lands_on_a_prefix_and_failback_resends_only_change
     // must hand back.
     let mut sites = TwoSites::start_with_config(&[], &[], "[tracking]\nal_extents = 8\n");
     let blocks = 4096;
-    sites.a.create_volume("fo", "256M");
-    sites.a.ctl_json(&[
-        "replica", "enable", "fo", "--peer", "site-b", "--mode", "async",
-    ]);
-    sites.wait_caught_up("fo", Duration::from_secs(60));
+    sites.async_volume("fo", "256M");
 
     let history = sites.dir.path().join("history");
     let mut writer = stamped_writer(&sites.a.uri("fo"), &history, blocks, 10_000_000, false);
@@ -246,11 +238,7 @@ fn split_brain_is_refused_until_an_admin_names_the_loser() {
         return;
     }
     let sites = TwoSites::start(&[], &[]);
-    sites.a.create_volume("sb", "64M");
-    sites.a.ctl_json(&[
-        "replica", "enable", "sb", "--peer", "site-b", "--mode", "async",
-    ]);
-    sites.wait_caught_up("sb", Duration::from_secs(60));
+    sites.async_volume("sb", "64M");
 
     // Partition: site-a keeps serving (async) and takes writes; site-b is
     // force-promoted and takes other writes.
@@ -360,11 +348,7 @@ fn a_secondary_killed_again_and_again_mid_stream_stays_a_prefix() {
     }
     let mut sites = TwoSites::start(&[], &[]);
     let blocks = 4096;
-    sites.a.create_volume("kp", "64M");
-    sites.a.ctl_json(&[
-        "replica", "enable", "kp", "--peer", "site-b", "--mode", "async",
-    ]);
-    sites.wait_caught_up("kp", Duration::from_secs(60));
+    sites.async_volume("kp", "64M");
     let history = sites.dir.path().join("history");
     let mut writer = stamped_writer(&sites.a.uri("kp"), &history, blocks, 10_000_000, false);
     for pause_ms in [600, 1100, 850, 1300] {

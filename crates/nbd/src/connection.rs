@@ -180,6 +180,8 @@ async fn read_payload<R: AsyncRead + Unpin>(rd: &mut R, len: usize) -> std::io::
     let mut data = Vec::with_capacity(len);
     while data.len() < len {
         let want = (len - data.len()) as u64;
+        // `take`: `with_capacity` may give more than `len`, and nothing
+        // past the payload (the next request) may be read here.
         if (&mut *rd).take(want).read_buf(&mut data).await? == 0 {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }

@@ -713,6 +713,16 @@ mod tests {
         Bytes::from(vec![byte; len])
     }
 
+    /// A new, empty log in a temporary dir (alive while the guard is) and
+    /// its path.
+    fn empty_log(reflink: bool) -> (tempfile::TempDir, PathBuf, StagingLog) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("v.staging");
+        let mut log = StagingLog::open(&path, reflink).expect("open");
+        assert_eq!(log.recover().expect("recover"), vec![]);
+        (dir, path, log)
+    }
+
     impl StagingLog {
         /// Stages `data` with its crc computed here (the agent derives it
         /// from the frame it verified).
@@ -727,9 +737,7 @@ mod tests {
     #[test]
     fn records_staged_with_a_crc_from_the_frame_are_recovered() {
         for reflink in [false, true] {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let path = dir.path().join("v.staging");
-            let mut log = StagingLog::open(&path, reflink).expect("open");
+            let (_dir, path, mut log) = empty_log(reflink);
             let frames = [
                 (0u64, data(1, 512)),
                 (8192, data(2, 65536)),
@@ -755,10 +763,7 @@ mod tests {
 
     #[test]
     fn only_a_fully_intact_committed_batch_is_recovered() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("v.staging");
-        let mut log = StagingLog::open(&path, false).expect("open");
-        assert_eq!(log.recover().expect("recover"), vec![]);
+        let (_dir, path, mut log) = empty_log(false);
         log.stage(4096, &data(7u8, 4096)).expect("stage");
         log.stage_zero(0, 4096).expect("stage");
         // Uncommitted: a restart drops it.
@@ -835,10 +840,7 @@ mod tests {
 
     #[test]
     fn deferred_batches_survive_a_reset_and_a_restart_replays_them_in_order() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("v.staging");
-        let mut log = StagingLog::open(&path, false).expect("open");
-        assert_eq!(log.recover().expect("recover"), vec![]);
+        let (_dir, path, mut log) = empty_log(false);
         log.stage(0, &data(1u8, 4096)).expect("stage");
         let a = log.commit(1, 100).expect("commit");
         assert_eq!(a.bytes, 4096);
@@ -933,10 +935,7 @@ mod tests {
 
     #[test]
     fn contiguous_aligned_writes_stage_as_one_block_aligned_record_that_survives_a_restart() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("v.staging");
-        let mut log = StagingLog::open(&path, true).expect("open");
-        assert_eq!(log.recover().expect("recover"), vec![]);
+        let (_dir, path, mut log) = empty_log(true);
         let piece = 64 << 10;
         // A small write first, so the aligned record does not start at 0.
         log.stage(0, &data(1, 512)).expect("stage");
@@ -1032,10 +1031,7 @@ mod tests {
     /// reading at the first older record: nothing is trusted.
     #[test]
     fn a_torn_batch_written_over_an_older_one_is_not_read_on_into_it() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("v.staging");
-        let mut log = StagingLog::open(&path, false).expect("open");
-        assert_eq!(log.recover().expect("recover"), vec![]);
+        let (_dir, path, mut log) = empty_log(false);
         let len = 512 << 10;
         stage_n(&mut log, 6, len, 1);
         log.commit(1, 100).expect("commit");
@@ -1055,10 +1051,7 @@ mod tests {
     /// A shorter batch committed over a longer one is recovered alone.
     #[test]
     fn a_batch_committed_over_a_longer_one_is_recovered_alone() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("v.staging");
-        let mut log = StagingLog::open(&path, false).expect("open");
-        assert_eq!(log.recover().expect("recover"), vec![]);
+        let (_dir, path, mut log) = empty_log(false);
         let len = 512 << 10;
         stage_n(&mut log, 6, len, 1);
         log.commit(1, 100).expect("commit");
@@ -1088,10 +1081,7 @@ mod tests {
     /// record is zeroed), and what lies past `REWIND_KEEP` is cut off.
     #[test]
     fn a_rewind_forgets_the_old_batch_and_keeps_at_most_rewind_keep() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("v.staging");
-        let mut log = StagingLog::open(&path, false).expect("open");
-        assert_eq!(log.recover().expect("recover"), vec![]);
+        let (_dir, path, mut log) = empty_log(false);
         stage_n(&mut log, REWIND_KEEP / (4 << 20) + 2, 4 << 20, 3);
         log.commit(1, 100).expect("commit");
         assert!(std::fs::metadata(&path).expect("stat").len() > REWIND_KEEP);
@@ -1105,10 +1095,7 @@ mod tests {
     /// recovers its committed batch.
     #[test]
     fn a_log_from_before_epochs_recovers() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("v.staging");
-        let mut log = StagingLog::open(&path, false).expect("open");
-        assert_eq!(log.recover().expect("recover"), vec![]);
+        let (_dir, path, mut log) = empty_log(false);
         log.epoch = 0;
         log.stage(4096, &data(7, 4096)).expect("stage");
         log.stage_zero(0, 4096).expect("stage");
